@@ -1,0 +1,43 @@
+# One-command entry points. Everything installs into .venv with torch pinned to the CPU wheel
+# through constraints.txt, so no resolver ever pulls a CUDA torch or torchvision.
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN      = $(VENV)/bin
+STAMP    = $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PYTHONHASHSEED := 0
+
+.PHONY: install repro test test-fast ui bench clean-runs
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0+cpu
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## run the whole pipeline on the embedded default (offline, CPU)
+repro: install
+	@test -d .git || (git init -q && git add -A && git commit -qm "initial import" || true)
+	@test -d .dvc || (dvc init -q && dvc config core.analytics false)
+	dvc repro
+
+## the test suite (one process; includes an end-to-end `dvc repro` on a miniature params file)
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+## MLflow dashboard on http://127.0.0.1:5000
+ui: install
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server \
+	  --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
+	  --host 127.0.0.1 --port 5000 --workers 1
+
+## benchmarks (print measured ratios; not part of the tests)
+bench: install
+	$(BIN)/python bench/stage_times.py
+	$(BIN)/python bench/quant_core.py

@@ -1,0 +1,481 @@
+"""Typed parameters for every stage, loaded from ``params.yaml`` and validated before any compute.
+
+Each stage reads one section of ``params.yaml`` into a dataclass below. Validation is strict and
+names the offending key: unknown keys, wrong types, values outside an allowed set and unsupported
+bit settings all raise :class:`ConfigError` with a message such as
+``params.yaml: quantize.settings[1]: unsupported bit setting 'W9A8' (weights 2-8 bits, ...)``.
+
+Only the standard library and PyYAML are imported here, so stages can validate their parameters
+and print an error within a fraction of a second, before torch is imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+BACKBONES = ("unet", "dit", "pixart")
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
+ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)  # 16/32 mean "activations stay in floating point"
+
+
+class ConfigError(ValueError):
+    """A parameter is missing, unknown, of the wrong type or outside its allowed values."""
+
+
+def choice(*values: Any, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field whose value must be one of ``values``."""
+    meta = {"choices": tuple(values)}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# bit settings
+# ----------------------------------------------------------------------------------------------
+_SETTING_RE = re.compile(r"^W(\d+)A(\d+)$")
+
+
+@dataclass(frozen=True)
+class BitSetting:
+    """A uniform bit setting such as ``W4A8`` (4-bit weights, 8-bit activations)."""
+
+    wbits: int
+    abits: int
+
+    @property
+    def name(self) -> str:
+        return f"W{self.wbits}A{self.abits}"
+
+    @property
+    def act_quantized(self) -> bool:
+        return self.abits < 16
+
+    def __str__(self) -> str:  # pragma: no cover - convenience
+        return self.name
+
+
+def parse_setting(text: Any, where: str = "setting") -> BitSetting:
+    """Parse ``'W4A8'`` into a :class:`BitSetting`, with an error naming ``where`` on bad input."""
+    m = _SETTING_RE.match(str(text).strip().upper()) if isinstance(text, str) else None
+    if not m:
+        raise ConfigError(
+            f"{where}: {text!r} is not a bit setting; write it as W<bits>A<bits>, e.g. 'W4A8'"
+        )
+    w, a = int(m.group(1)), int(m.group(2))
+    if w not in WEIGHT_BITS or a not in ACT_BITS:
+        raise ConfigError(
+            f"{where}: unsupported bit setting {text!r} (weight bits must be one of "
+            f"{list(WEIGHT_BITS)}, activation bits one of {list(ACT_BITS)}; A16/A32 = FP activations)"
+        )
+    return BitSetting(w, a)
+
+
+# ----------------------------------------------------------------------------------------------
+# generic loading
+# ----------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        out = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads '1e-3' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def from_dict(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}.{unknown[0]}: unknown key (allowed keys: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: missing required key")
+            continue
+        value = _convert(data[name], hints[name], key)
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            values = value if isinstance(value, list) else [value]
+            for i, v in enumerate(values):
+                if v not in choices:
+                    where = f"{key}[{i}]" if isinstance(value, list) else key
+                    raise ConfigError(
+                        f"{where}: {v!r} is not allowed (allowed values: "
+                        f"{', '.join(map(str, choices))})"
+                    )
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check(prefix)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data view of a config (for logging and hashing)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def read_params(path: str | Path = "params.yaml") -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: parameter file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_section(section: str, cls: type, path: str | Path = "params.yaml") -> Any:
+    """Read ``section`` of ``params.yaml`` into ``cls``; errors are prefixed with the file name."""
+    data = read_params(path)
+    if section not in data:
+        raise ConfigError(f"{path}: missing section '{section}'")
+    try:
+        return from_dict(cls, data[section], section)
+    except ConfigError as exc:
+        raise ConfigError(f"{Path(path).name}: {exc}") from None
+
+
+def _check_backbones(values: list[str], key: str) -> None:
+    if not values:
+        raise ConfigError(f"{key}: list at least one backbone ({', '.join(BACKBONES)})")
+    for i, b in enumerate(values):
+        if b not in BACKBONES:
+            raise ConfigError(
+                f"{key}[{i}]: unknown backbone {b!r} (allowed values: {', '.join(BACKBONES)})"
+            )
+
+
+def _check_positive(obj: Any, prefix: str, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{prefix}.{n}: must be > 0, got {v!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PrepareConfig:
+    """``prepare``: the dataset. ``source: digits`` is scikit-learn's bundled 8x8 digits;
+    any other value is a local image folder with one sub-folder per class."""
+
+    source: str = "digits"
+    image_size: int = 8
+    channels: int = 1
+    reference_fraction: float = 0.25
+    seed: int = 0
+
+    def validate(self, p: str) -> None:
+        _check_positive(self, p, "image_size")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"{p}.channels: must be 1 or 3, got {self.channels}")
+        if not 0.0 < self.reference_fraction < 1.0:
+            raise ConfigError(f"{p}.reference_fraction: must be in (0, 1), got {self.reference_fraction}")
+
+
+@dataclass
+class DiffusionConfig:
+    """``diffusion``: the forward process shared by training, calibration, QAT and evaluation."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = choice("linear", "scaled_linear", "squaredcos_cap_v2", default="squaredcos_cap_v2")
+    beta_start: float = 1.0e-4
+    beta_end: float = 0.02
+
+    def validate(self, p: str) -> None:
+        _check_positive(self, p, "num_train_timesteps")
+
+
+@dataclass
+class SamplingConfig:
+    """``sampling``: the sampler used to draw images (calibration, QAT, evaluation)."""
+
+    scheduler: str = choice("ddim", "ddpm", "dpm", default="ddim")
+    steps: int = 20
+    eta: float = 0.0
+
+    def validate(self, p: str) -> None:
+        _check_positive(self, p, "steps")
+        if self.eta < 0:
+            raise ConfigError(f"{p}.eta: must be >= 0, got {self.eta}")
+
+
+@dataclass
+class UNetArch:
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    attention_levels: list[bool] = field(default_factory=lambda: [False, True])
+    norm_num_groups: int = 8
+
+    def validate(self, p: str) -> None:
+        if len(self.block_out_channels) != len(self.attention_levels):
+            raise ConfigError(f"{p}.attention_levels: needs one entry per block_out_channels entry")
+
+
+@dataclass
+class DiTArch:
+    num_layers: int = 6
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    patch_size: int = 2
+
+
+@dataclass
+class PixArtArch:
+    num_layers: int = 6
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    patch_size: int = 2
+    caption_channels: int = 32
+    caption_length: int = 4
+
+
+@dataclass
+class BackboneModel:
+    """One backbone: ``source`` (a local diffusers model directory; null = train the embedded one)
+    and the architecture used when training."""
+
+    source: Optional[str] = None
+    unet: UNetArch = field(default_factory=UNetArch)
+    dit: DiTArch = field(default_factory=DiTArch)
+    pixart: PixArtArch = field(default_factory=PixArtArch)
+
+
+@dataclass
+class ModelConfig:
+    """``model``: which backbones the pipeline runs and how each is built or loaded."""
+
+    backbones: list[str] = field(default_factory=lambda: ["unet", "dit"])
+    unet: BackboneModel = field(default_factory=BackboneModel)
+    dit: BackboneModel = field(default_factory=BackboneModel)
+    pixart: BackboneModel = field(default_factory=BackboneModel)
+
+    def validate(self, p: str) -> None:
+        _check_backbones(self.backbones, f"{p}.backbones")
+
+
+@dataclass
+class TrainRun:
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2.0e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    seed: int = 0
+
+    def validate(self, p: str) -> None:
+        _check_positive(self, p, "steps", "batch_size", "lr")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"{p}.ema_decay: must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class TrainFPConfig:
+    """``train_fp``: Lightning training of each embedded FP backbone."""
+
+    unet: TrainRun = field(default_factory=TrainRun)
+    dit: TrainRun = field(default_factory=TrainRun)
+    pixart: TrainRun = field(default_factory=TrainRun)
+
+
+@dataclass
+class TrainEvaluatorsConfig:
+    """``train_evaluators``: the digit classifier (FID features, conditional accuracy) and tiny CLIP."""
+
+    classifier_steps: int = 1500
+    clip_steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2.0e-3
+    seed: int = 0
+
+    def validate(self, p: str) -> None:
+        _check_positive(self, p, "classifier_steps", "clip_steps", "batch_size", "lr")
+
+
+@dataclass
+class CalibrateConfig:
+    """``calibrate``: FP trajectories whose model inputs every method calibrates on."""
+
+    n_samples: int = 64
+    n_timesteps: int = 10
+    selection: str = choice("uniform", "random", default="uniform")
+    batch_size: int = 64
+    seed: int = 7
+
+    def validate(self, p: str) -> None:
+        _check_positive(self, p, "n_samples", "n_timesteps", "batch_size")
+
+
+@dataclass
+class NaivePTQConfig:
+    """Parameters of the naive PTQ baseline (min-max; W per output channel, A per tensor)."""
+
+    weight_init: str = choice("minmax", "mse", default="minmax")
+    act_init: str = choice("minmax", "mse", default="minmax")
+    keep_first_last_bits: int = 8  # 0 = keep first/last layers in FP
+    calib_batches: int = 4
+
+    def validate(self, p: str) -> None:
+        if self.keep_first_last_bits not in (0, *WEIGHT_BITS):
+            raise ConfigError(
+                f"{p}.keep_first_last_bits: must be 0 (FP) or one of {list(WEIGHT_BITS)}, "
+                f"got {self.keep_first_last_bits}"
+            )
+
+
+@dataclass
+class QuantizeConfig:
+    """``quantize``: the PTQ matrix (method x bit setting), each over ``backbones``."""
+
+    methods: list[str] = field(default_factory=lambda: ["naive"])
+    settings: list[str] = field(default_factory=lambda: ["W8A8", "W4A8", "W4A4"])
+    backbones: list[str] = field(default_factory=lambda: ["unet", "dit"])
+    naive: NaivePTQConfig = field(default_factory=NaivePTQConfig)
+
+    def validate(self, p: str) -> None:
+        _check_backbones(self.backbones, f"{p}.backbones")
+        for i, s in enumerate(self.settings):
+            parse_setting(s, f"{p}.settings[{i}]")
+        # method names are checked against the registry by the stage (it imports the methods)
+
+    @property
+    def bit_settings(self) -> list[BitSetting]:
+        return [parse_setting(s) for s in self.settings]
+
+
+@dataclass
+class FIDConfig:
+    backend: str = choice("torchmetrics", "clean-fid", default="torchmetrics")
+    inception_weights: Optional[str] = None  # local file -> standard Inception features
+
+
+@dataclass
+class CLIPEvalConfig:
+    model_dir: Optional[str] = None  # local transformers CLIP directory; null = embedded tiny CLIP
+
+
+@dataclass
+class HPSConfig:
+    checkpoint: Optional[str] = None  # local HPSv2 (OpenCLIP ViT-H/14) checkpoint; null = skipped
+    tokenizer_dir: Optional[str] = None  # local CLIP tokenizer directory (default: eval.clip.model_dir)
+
+
+@dataclass
+class EvalConfig:
+    """``eval``: one protocol for every model (same noise, labels, evaluators, reference set)."""
+
+    n_samples: int = 500
+    batch_size: int = 250
+    seed: int = 1234
+    grid_size: int = 10
+    fid: FIDConfig = field(default_factory=FIDConfig)
+    clip: CLIPEvalConfig = field(default_factory=CLIPEvalConfig)
+    hps: HPSConfig = field(default_factory=HPSConfig)
+
+    def validate(self, p: str) -> None:
+        _check_positive(self, p, "n_samples", "batch_size", "grid_size")
+
+
+@dataclass
+class ReportConfig:
+    """``report``: the summary table and plots."""
+
+    primary_metric: str = choice("fid", "accuracy", "clip_score", default="fid")
+
+
+@dataclass
+class TrackingConfig:
+    """``tracking``: MLflow settings (a local SQLite database in the repository by default)."""
+
+    experiment: str = "diffusion-quant"
+    uri: str = "sqlite:///mlflow.db"

@@ -1,0 +1,53 @@
+"""Naive PTQ: round-to-nearest with min-max ranges — the baseline every method is compared with.
+
+What it quantizes: every ``nn.Linear`` / ``nn.Conv2d`` of the backbone to W<b> integer weights with one
+asymmetric min-max range per output channel, their input activations to A<b> integers with one
+asymmetric min-max range per tensor (static, from the calibration set), and — so that "A<b>" means the
+same thing as in the methods it is compared with — the attention matmul operands (Q, K, softmax
+probabilities, V) with the same per-tensor static quantizers.
+
+Choices where the task is silent (ours):
+- input / output layers and the embedding paths (timestep, class, patch) stay at
+  ``keep_first_last_bits`` (8 by default), as in Q-Diffusion / EfficientDM research code;
+- activation ranges come from ``calib_batches`` batches of the shared calibration file (all selected
+  timesteps mixed), min-max over everything seen; no timestep-specific ranges (that is what the
+  stronger methods add).
+"""
+from __future__ import annotations
+
+
+import torch
+
+from ..config import NaivePTQConfig
+from . import MethodContext, QuantResult, register
+
+
+def naive_spec(setting, cfg: NaivePTQConfig):
+    from ..quant.surgery import LayerQuant, QuantSpec, default_rules
+
+    abits = setting.abits if setting.act_quantized else None
+    default = LayerQuant(
+        w_bits=setting.wbits, w_format="int", w_granularity="channel", w_symmetric=False,
+        w_init=cfg.weight_init, a_bits=abits, a_format="int", a_mode="static" if abits else "none",
+        a_symmetric=False, a_init=cfg.act_init, attn_bits=abits,
+    )
+    keep = cfg.keep_first_last_bits or None
+    return QuantSpec(default=default, rules=default_rules(keep))
+
+
+@register("naive", NaivePTQConfig, description="round-to-nearest min-max PTQ (W per channel, A per tensor)")
+def quantize(backbone, calib, setting, cfg: NaivePTQConfig, ctx: MethodContext) -> QuantResult:
+    """Min-max round-to-nearest PTQ."""
+    from ..quant.surgery import calibrate_activations, quantize_model, quant_state
+
+    spec = naive_spec(setting, cfg)
+    layers = quantize_model(backbone.net, spec, timesteps=calib.timesteps)
+    if setting.act_quantized:
+        def run():
+            with torch.no_grad():
+                for x, t, y in calib.batches(64, ctx.device, shuffle=True, limit=cfg.calib_batches):
+                    backbone(x, t, y)
+
+        calibrate_activations(backbone.net, run)
+    quant_state(backbone.net, weight=True, act=setting.act_quantized)
+    return QuantResult(backbone, spec, {"n_quant_layers": sum(1 for v in layers.values() if v is not None)})
