@@ -1,0 +1,144 @@
+"""ONE sampling loop over diffusers schedulers, shared by calibration, QAT and evaluation.
+
+The forward process (betas) comes from :class:`pipeline.config.DiffusionConfig`, the sampler from
+:class:`pipeline.config.SamplingConfig`. Initial noise is drawn on a CPU generator so every model,
+method and machine starts sample ``i`` from the same ``x_T`` (FP and quantized images are paired).
+
+Choices where the configs are silent:
+
+* ``timestep_spacing="trailing"`` for every sampler: the first step starts at t = T-1 (pure noise),
+  which the "leading" default of DDIM skips (Lin et al. 2024, "Common Diffusion Noise Schedules and
+  Sample Steps are Flawed").
+* DDIM/DDPM clip the predicted x0 to [-1, 1] (the data range), diffusers' default.
+* DDIM uses ``set_alpha_to_one=True`` (the last step lands on the clean image).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from pipeline.config import DiffusionConfig, SamplingConfig
+
+StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+SCHEDULERS = ("ddim", "ddpm", "dpm")
+
+
+def _betas_kwargs(diffusion: DiffusionConfig) -> dict:
+    return dict(
+        num_train_timesteps=diffusion.num_train_timesteps,
+        beta_schedule=diffusion.beta_schedule,
+        beta_start=diffusion.beta_start,
+        beta_end=diffusion.beta_end,
+        prediction_type="epsilon",
+    )
+
+
+def make_training_scheduler(diffusion: DiffusionConfig):
+    """The DDPM forward process (``add_noise``) matching :func:`make_scheduler`'s betas."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**_betas_kwargs(diffusion))
+
+
+def make_scheduler(diffusion: DiffusionConfig, sampling: SamplingConfig):
+    """A diffusers scheduler for ``sampling.scheduler`` with ``sampling.steps`` timesteps set."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    kw = _betas_kwargs(diffusion)
+    if sampling.scheduler == "ddim":
+        sched = DDIMScheduler(**kw, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
+    elif sampling.scheduler == "ddpm":
+        sched = DDPMScheduler(**kw, clip_sample=True, timestep_spacing="trailing")
+    elif sampling.scheduler == "dpm":
+        sched = DPMSolverMultistepScheduler(
+            **kw, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
+        )
+    else:
+        raise ValueError(
+            f"sampling.scheduler: {sampling.scheduler!r} is not allowed (allowed values: {', '.join(SCHEDULERS)})"
+        )
+    if not 0 < sampling.steps <= diffusion.num_train_timesteps:
+        raise ValueError(
+            f"sampling.steps: must be in 1..{diffusion.num_train_timesteps} (diffusion.num_train_timesteps), "
+            f"got {sampling.steps}"
+        )
+    sched.set_timesteps(sampling.steps)
+    return sched
+
+
+def timestep_values(diffusion: DiffusionConfig, sampling: SamplingConfig) -> list[int]:
+    """The sampler's timesteps, noisy end first."""
+    return [int(t) for t in make_scheduler(diffusion, sampling).timesteps]
+
+
+def initial_noise(n: int, sample_shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Standard normal ``x_T`` [n, *sample_shape] from a seeded CPU generator (identical everywhere)."""
+    if n < 1:
+        raise ValueError(f"n: must be >= 1, got {n}")
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn((int(n), *(int(s) for s in sample_shape)), generator=g, dtype=torch.float32)
+
+
+def eval_labels(n: int, num_classes: int) -> torch.Tensor:
+    """Balanced labels ``i % num_classes`` (int64 [n])."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
+    return torch.arange(int(n), dtype=torch.long) % int(num_classes)
+
+
+def sample(
+    backbone: torch.nn.Module,
+    noise: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    diffusion: DiffusionConfig,
+    sampling: SamplingConfig,
+    step_hook: Optional[StepHook] = None,
+    progress: bool = False,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Run the reverse process from ``noise`` -> images in [-1, 1] (on the backbone's device).
+
+    ``step_hook(step_index, t [B], x_t, labels)`` runs before the model predicts at each step; the
+    model call itself runs under ``torch.no_grad()`` (a hook may enable grad for its own work).
+    The backbone is put in eval mode for the loop (diffusers' DiT would otherwise drop labels) and
+    its previous mode is restored afterwards. ``seed`` drives the extra noise of stochastic samplers
+    (DDPM, DDIM with eta > 0) so their runs are repeatable too.
+    """
+    if noise.ndim != 4:
+        raise ValueError(f"noise: expected [B, C, H, W], got shape {tuple(noise.shape)}")
+    if labels is not None and labels.shape[0] != noise.shape[0]:
+        raise ValueError(f"labels: expected {noise.shape[0]} labels (one per noise sample), got {labels.shape[0]}")
+    try:
+        device = next(backbone.parameters()).device
+    except StopIteration:
+        device = noise.device
+    sched = make_scheduler(diffusion, sampling)
+    x = noise.to(device=device, dtype=torch.float32)
+    labels = labels.to(device) if labels is not None else None
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    step_kw: dict = {}
+    if sampling.scheduler == "ddim":
+        step_kw = {"eta": sampling.eta, "generator": gen}
+    elif sampling.scheduler == "ddpm":
+        step_kw = {"generator": gen}
+    timesteps = sched.timesteps
+    it = enumerate(timesteps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(list(it), desc="sampling", leave=False)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for i, t in it:
+            t_batch = torch.full((x.shape[0],), int(t), dtype=torch.long, device=device)
+            if step_hook is not None:
+                step_hook(i, t_batch, x, labels)
+            with torch.no_grad():
+                model_in = sched.scale_model_input(x, t)
+                eps = backbone(model_in, t_batch, labels)
+                x = sched.step(eps, t, x, **step_kw).prev_sample
+    finally:
+        backbone.train(was_training)
+    return x.clamp(-1.0, 1.0)

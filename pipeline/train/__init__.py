@@ -1,0 +1,1 @@
+"""Lightning training modules: FP backbone training, distillation and reconstruction losses."""
