@@ -123,7 +123,8 @@ class Evaluator:
         if cfg.hps.checkpoint:
             from .metrics.hps import HPSv2Metric
 
-            self.hps = HPSv2Metric(cfg.hps.checkpoint, tokenizer_dir=cfg.hps.tokenizer_dir or clip_dir)
+            self.hps = HPSv2Metric(cfg.hps.checkpoint, tokenizer_dir=cfg.hps.tokenizer_dir or clip_dir,
+                                   device=device)
             self.hps_reason = ""
 
     def evaluate(self, entry: ModelEntry) -> tuple[dict[str, Any], torch.Tensor]:
