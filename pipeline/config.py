@@ -413,24 +413,48 @@ class NaivePTQConfig:
             )
 
 
+MATRIX_KEYS = ("methods", "settings", "backbones")
+
+
 @dataclass
-class QuantizeConfig:
-    """``quantize``: the PTQ matrix (method x bit setting), each over ``backbones``."""
+class MatrixConfig:
+    """The section of a quantizing stage (``quantize``, and each method family's stage): a DVC matrix
+    of ``methods`` x bit ``settings``, each item run on every listed backbone the method supports.
+    Every other key of the section is the options sub-section of a method (its ``config_section`` in the
+    method registry); the stage validates those against the method's own config class."""
 
     methods: list[str] = field(default_factory=lambda: ["naive"])
     settings: list[str] = field(default_factory=lambda: ["W8A8", "W4A8", "W4A4"])
     backbones: list[str] = field(default_factory=lambda: ["unet", "dit"])
-    naive: NaivePTQConfig = field(default_factory=NaivePTQConfig)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, p: str) -> None:
+        if not self.methods:
+            raise ConfigError(f"{p}.methods: list at least one method")
         _check_backbones(self.backbones, f"{p}.backbones")
         for i, s in enumerate(self.settings):
             parse_setting(s, f"{p}.settings[{i}]")
-        # method names are checked against the registry by the stage (it imports the methods)
+        # method names and option sub-sections are checked against the registry by the stage
 
     @property
     def bit_settings(self) -> list[BitSetting]:
         return [parse_setting(s) for s in self.settings]
+
+
+def load_matrix(section: str, path: str | Path = "params.yaml") -> MatrixConfig:
+    """Read a quantizing stage's section: the matrix keys are typed, the rest kept as method options."""
+    data = read_params(path)
+    if section not in data:
+        raise ConfigError(f"{Path(path).name}: missing section '{section}'")
+    raw = data[section] or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{Path(path).name}: {section}: expected a mapping, got {raw!r}")
+    try:
+        cfg = from_dict(MatrixConfig, {k: v for k, v in raw.items() if k in MATRIX_KEYS}, section)
+    except ConfigError as exc:
+        raise ConfigError(f"{Path(path).name}: {exc}") from None
+    cfg.options = {k: v for k, v in raw.items() if k not in MATRIX_KEYS}
+    return cfg
 
 
 @dataclass
@@ -466,11 +490,34 @@ class EvalConfig:
         _check_positive(self, p, "n_samples", "batch_size", "grid_size")
 
 
+REPORT_COLUMNS = ("fid", "fid_ratio", "accuracy", "clip_score", "hps", "bitops_g", "model_mb", "sec_per_image",
+                  "method_seconds")
+
+
+@dataclass
+class ReportTable:
+    """One focused table of the report (e.g. a paper's ablation): rows = methods x settings of one backbone."""
+
+    title: str
+    backbone: str
+    methods: list[str] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)
+    columns: list[str] = choice(*REPORT_COLUMNS, default_factory=lambda: ["fid_ratio", "accuracy", "clip_score",
+                                                                         "model_mb", "method_seconds"])
+    note: str = ""
+
+    def validate(self, p: str) -> None:
+        _check_backbones([self.backbone], f"{p}.backbone")
+        for i, s in enumerate(self.settings):
+            parse_setting(s, f"{p}.settings[{i}]")
+
+
 @dataclass
 class ReportConfig:
-    """``report``: the summary table and plots."""
+    """``report``: the summary table, focused comparison tables and plots."""
 
     primary_metric: str = choice("fid", "accuracy", "clip_score", default="fid")
+    tables: list[ReportTable] = field(default_factory=list)
 
 
 @dataclass

@@ -162,6 +162,13 @@ class Evaluator:
             "sec_per_image": seconds / n,
             "n_samples": n,
         }
+        info_file = Path(entry.quant_dir or "") / "info.json"
+        if entry.quant_dir is not None and info_file.exists():
+            from .io import read_json
+
+            info = read_json(info_file)
+            row["method_seconds"] = sum(float(info.get(k, 0.0)) for k in ("init_seconds", "quantize_seconds",
+                                                                            "qat_seconds"))
         if self.hps is not None:
             row["hps"] = self.hps.compute(images, [caption(self.class_names[int(k)]) for k in labels])
         else:

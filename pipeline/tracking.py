@@ -194,3 +194,13 @@ def stage_run(
                 file_handler.close()
                 handle.log_artifact(log_file)
             mlflow.end_run(status=status)
+
+
+def quiet_lightning() -> None:
+    """``import lightning`` attaches its own console handler to the ``lightning`` logger while also
+    propagating to the root logger, so every Lightning line would print twice; keep only ours (which
+    also writes the stage log file)."""
+    lg = logging.getLogger("lightning")
+    for h in list(lg.handlers):
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            lg.removeHandler(h)

@@ -38,7 +38,7 @@ def run(args):
         scratch.rename(plots)
         write_json(out / "summary.json", report.summary(df))
         with atomic_file(out / "results.md") as fh:
-            fh.write(report.markdown_report(df))
+            fh.write(report.markdown_report(df, tables=cfg.tables))
         with atomic_file(out / "results.csv") as fh:
             df[[c for c in report.COLUMNS + ["wbits", "abits", "macs_m", "model_bytes"] if c in df]].to_csv(
                 fh, index=False)

@@ -34,8 +34,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from pipeline.config import DiffusionConfig, TrainRun
 from pipeline.models import DiffusionBackbone
 from pipeline.sampling import make_training_scheduler
+from pipeline.tracking import quiet_lightning
 
 log = logging.getLogger("pipeline")
+quiet_lightning()
 
 
 class RandomBatches(IterableDataset):

@@ -1,0 +1,112 @@
+"""End to end: the real `dvc repro` in a temporary copy of the repository on a miniature params file,
+then the summary table, the MLflow runs, a no-op second repro and a bit-setting sweep."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def miniature(params: dict) -> dict:
+    p = json.loads(json.dumps(params))
+    p["sampling"]["steps"] = 5
+    p["model"]["unet"]["unet"] = {"block_out_channels": [16, 32], "layers_per_block": 1,
+                                  "attention_levels": [False, True], "norm_num_groups": 8}
+    p["model"]["dit"]["dit"] = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "patch_size": 2}
+    for b in ("unet", "dit"):
+        p["train_fp"][b].update(steps=30, batch_size=32, warmup_steps=5)
+    p["train_evaluators"].update(classifier_steps=60, clip_steps=40, batch_size=64)
+    p["calibrate"].update(n_samples=16, n_timesteps=3, batch_size=16)
+    p["quantize"]["settings"] = ["W8A8", "W4A4"]
+    p["quantize"]["naive"]["calib_batches"] = 1
+    p["eval"].update(n_samples=40, batch_size=40, grid_size=4)
+    return p
+
+
+def _run(cmd, cwd, env, timeout=900):
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        src = ROOT / f
+        if src.is_file() and not f.startswith(("reports/", "dvc.lock")):
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (dst / "params.yaml").write_text(yaml.safe_dump(miniature(params), sort_keys=False))
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.invalid")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    _run(["git", "init", "-q"], dst, env)
+    if not (dst / ".dvc").exists():
+        _run(["dvc", "init", "-q"], dst, env)
+    _run(["git", "add", "-A"], dst, env)
+    _run(["git", "commit", "-qm", "e2e"], dst, env)
+    r = _run(["dvc", "repro"], dst, env)
+    return dst, env, r
+
+
+def test_repro_writes_summary_for_every_model(repo):
+    dst, _, _ = repo
+    summary = json.loads((dst / "reports" / "summary.json").read_text())
+    for b in ("unet", "dit"):
+        for m in ("fp/FP32", "naive/W8A8", "naive/W4A4"):
+            row = summary[f"{b}/{m}"]
+            assert row["fid"] >= 0 and 0 <= row["accuracy"] <= 1 and row["bitops_g"] > 0
+        # fewer bits, fewer BitOPs and smaller files
+        assert summary[f"{b}/naive/W4A4"]["bitops_g"] < summary[f"{b}/naive/W8A8"]["bitops_g"] < \
+            summary[f"{b}/fp/FP32"]["bitops_g"]
+        assert summary[f"{b}/naive/W4A4"]["model_mb"] < summary[f"{b}/fp/FP32"]["model_mb"]
+    assert "### unet" in (dst / "reports" / "results.md").read_text()
+    for f in ("fid_vs_wbits.png", "fid_vs_bitops.png", "samples_unet.png", "samples_dit.png"):
+        assert (dst / "reports" / "plots" / f).stat().st_size > 0
+    assert (dst / "data" / "quantized" / "naive" / "W4A4" / "unet" / "packed.safetensors").exists()
+
+
+def test_every_stage_is_an_mlflow_run(repo):
+    import mlflow
+
+    dst, _, _ = repo
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{dst}/mlflow.db")
+    exp = client.get_experiment_by_name("diffusion-quant")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    stages = {r.data.tags.get("stage") for r in runs}
+    assert stages >= {"prepare", "train_fp", "train_evaluators", "calibrate", "quantize", "evaluate", "report"}
+    q = [r for r in runs if r.data.tags.get("stage") == "quantize"]
+    assert len(q) == 4 and all({"backbone", "method", "setting", "git_commit", "params_hash"} <= set(r.data.tags)
+                               for r in q)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    train = [r for r in runs if r.data.tags.get("stage") == "train_fp"]
+    assert any(k.startswith("train_loss") for r in train for k in r.data.metrics)  # Lightning logged into the run
+
+
+def test_second_repro_is_a_noop(repo):
+    dst, env, _ = repo
+    r = _run(["dvc", "repro"], dst, env)
+    assert "Running stage" not in r.stdout
+
+
+def test_sweep_with_exp_run(repo):
+    dst, env, _ = repo
+    _run(["git", "add", "-A"], dst, env)
+    _run(["git", "commit", "-qm", "lock"], dst, env)
+    _run(["dvc", "exp", "run", "-S", "quantize.settings=[W8A8,W2A8]"], dst, env)
+    summary = json.loads((dst / "reports" / "summary.json").read_text())
+    assert "unet/naive/W2A8" in summary and "unet/naive/W4A4" not in summary
+    shown = _run(["dvc", "exp", "show", "--no-pager", "--md"], dst, env).stdout
+    assert "W2A8" in shown or "fid" in shown
