@@ -177,21 +177,23 @@ class Evaluator:
         return row, images
 
 
-def planned_entries(params: dict, fp_root: Path, quant_roots: dict[str, Path]) -> list[ModelEntry]:
+def planned_entries(params: dict, fp_root: Path, layouts: dict[str, str]) -> list[ModelEntry]:
     """Every model the current params ask for: the FP backbones, then each quantizing stage's
-    method x setting x backbone (``quant_roots`` maps a params section to its output folder).
-    Models left on disk by items no longer in params are not evaluated."""
+    method x setting x backbone. ``layouts`` maps a params section (with ``methods``, ``settings``,
+    ``backbones``) to the path template of its outputs, e.g.
+    ``"data/quantized/{method}/{setting}/{backbone}"``. Models left on disk by items no longer in
+    params are not evaluated."""
     from .methods import get_method
 
     backbones = list(params["model"]["backbones"])
     entries = [ModelEntry(b, "fp", "FP32", Path(fp_root) / b) for b in backbones]
-    for section, root in quant_roots.items():
+    for section, layout in layouts.items():
         sec = params.get(section) or {}
         for method_name in sec.get("methods", []):
             method = get_method(method_name)
             for setting in sec.get("settings", []):
                 for b in sec.get("backbones", backbones):
                     if b in backbones and b in method.backbones:
-                        entries.append(ModelEntry(b, method_name, setting, Path(fp_root) / b,
-                                                  Path(root) / method_name / setting / b, section))
+                        path = Path(layout.format(method=method_name, setting=setting, backbone=b))
+                        entries.append(ModelEntry(b, method_name, setting, Path(fp_root) / b, path, section))
     return entries

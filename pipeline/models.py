@@ -250,12 +250,45 @@ def _plain_num_classes(kind: str, config: dict) -> int:
     return int(config.get("num_embeds_ada_norm") or 0) if kind == "dit" else 0
 
 
+def attach_caption_embeddings(backbone, embeddings: torch.Tensor):
+    """Condition a PixArt backbone loaded from a plain diffusers directory (a real PixArt-α/Σ transformer
+    has no caption table) with precomputed caption embeddings, one sequence per class and the null caption
+    last: ``embeddings`` [num_classes + 1, L, caption_channels] (e.g. T5 outputs [K, 120, 4096] computed
+    once, offline, for the captions ``caption(class_name)``). They become the backbone's frozen
+    ``caption_table``, so ``backbone(x, t, labels)`` — and with it calibration, reconstruction and
+    evaluation — works unchanged. Returns the backbone."""
+    if getattr(backbone, "kind", None) != "pixart":
+        raise ValueError(f"backbone.kind: caption embeddings condition a 'pixart' backbone, got "
+                         f"{getattr(backbone, 'kind', None)!r}")
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 3 or embeddings.shape[0] < 2:
+        shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+        raise ValueError(f"embeddings: expected a tensor [num_classes + 1, caption_length, caption_channels] "
+                         f"(null caption last), got {shape}")
+    k, length, channels = embeddings.shape
+    expected = getattr(backbone.net.config, "caption_channels", None)
+    if expected is not None and int(expected) != channels:
+        raise ValueError(f"embeddings: {channels} channels per token, but the PixArt model's caption_channels "
+                         f"is {expected}")
+    weight = embeddings.detach().float().reshape(k, length * channels)
+    table = nn.Embedding.from_pretrained(weight, freeze=True)
+    device = next(backbone.net.parameters()).device
+    backbone.caption_table = table.to(device)
+    backbone.caption_length = int(length)
+    backbone.num_classes = int(k - 1)
+    return backbone
+
+
+CAPTION_EMBEDDINGS_FILE = "caption_embeddings.safetensors"
+
+
 def load_backbone(path: str | Path, device: str | torch.device | None = None) -> DiffusionBackbone:
     """Load a backbone saved by :func:`save_backbone`, or a plain local diffusers model directory.
 
     A plain directory's ``config.json`` must name UNet2DModel, DiTTransformer2DModel or
     PixArtTransformer2DModel. A plain PixArt has no caption table: pass ``encoder_hidden_states`` to
-    ``forward``. The model is returned in eval mode.
+    ``forward``, or put ``caption_embeddings.safetensors`` (key ``caption_embeddings``: one text-encoder
+    output per class, null caption last, computed once offline) beside its ``config.json`` and it is
+    attached as the caption table. The model is returned in eval mode.
     """
     root = Path(path)
     if not root.is_dir():
@@ -286,6 +319,12 @@ def load_backbone(path: str | Path, device: str | torch.device | None = None) ->
         kind = _kind_of(config, root)
         net = _diffusers_class(kind).from_pretrained(str(root), low_cpu_mem_usage=False)
         bb = DiffusionBackbone(net, kind, _plain_num_classes(kind, config), _shape_from_config(config))
+        if kind == "pixart" and (root / CAPTION_EMBEDDINGS_FILE).exists():
+            try:
+                emb = load_file(str(root / CAPTION_EMBEDDINGS_FILE))["caption_embeddings"]
+            except KeyError:
+                raise ValueError(f"{root / CAPTION_EMBEDDINGS_FILE}: no tensor named 'caption_embeddings'") from None
+            attach_caption_embeddings(bb, emb)
     else:
         raise FileNotFoundError(
             f"path: {root} is neither a saved backbone (backbone.json) nor a diffusers model directory (config.json)"

@@ -4,19 +4,22 @@ and labels, same sampler, same evaluators and reference set): FID, conditional a
 HPSv2 (when configured), BitOPs, model bytes, seconds per image, and a sample grid per model."""
 from _common import log_path, main, parser, require
 
-# params section -> folder of the stage that writes its models
-QUANT_ROOTS = {"quantize": "data/quantized"}
+# params section of each quantizing stage -> where its models are (see dvc.yaml)
+LAYOUTS = {"quantize": "data/quantized/{method}/{setting}/{backbone}",
+           "fp4dit": "data/fp4dit/{setting}/{method}/{backbone}"}
 
 
 def run(args):
-    from pipeline.config import (DiffusionConfig, EvalConfig, ModelConfig, QuantizeConfig, SamplingConfig,
-                                 TrackingConfig, load_section, read_params, to_dict)
+    from pipeline.config import (DiffusionConfig, EvalConfig, ModelConfig, SamplingConfig,
+                                 TrackingConfig, load_matrix, load_section, read_params,
+                                 to_dict)
 
     cfg = load_section("eval", EvalConfig, args.params)
     diff_cfg = load_section("diffusion", DiffusionConfig, args.params)
     samp_cfg = load_section("sampling", SamplingConfig, args.params)
     load_section("model", ModelConfig, args.params)
-    load_section("quantize", QuantizeConfig, args.params)
+    for section in LAYOUTS:
+        load_matrix(section, args.params)
     trk = load_section("tracking", TrackingConfig, args.params)
     for path, what in [(args.data, "prepared dataset (stage prepare)"),
                        (args.evaluators, "evaluators (stage train_evaluators)")]:
@@ -40,7 +43,7 @@ def run(args):
 
     log = logging.getLogger("pipeline")
     params = read_params(args.params)
-    entries = planned_entries(params, Path(args.fp), {k: Path(v) for k, v in QUANT_ROOTS.items()})
+    entries = planned_entries(params, Path(args.fp), LAYOUTS)
     for e in entries:
         require(e.fp_dir, f"FP model {e.backbone}")
         if e.quant_dir is not None:

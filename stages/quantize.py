@@ -1,33 +1,37 @@
 #!/usr/bin/env python
-"""quantize: one item of the method x bit-setting matrix. Quantizes every backbone listed in
-``quantize.backbones`` with the method, on the shared calibration file, and stores each result as
-real packed low-bit weights plus its quantization spec."""
+"""quantize: one item of a quantization matrix. Quantizes every backbone listed in the section's
+``backbones`` (that the method supports) on the shared calibration file, and stores each result as
+real packed low-bit weights plus its quantization spec and an info.json.
+
+``--section`` names the params section holding the matrix (``quantize``, the method x setting
+matrix, by default). Without ``--method`` the item runs every method of the section at its bit
+setting (method families whose DVC matrix is over settings only, so ablation variants share one
+process instead of paying ~10 s of imports each); outputs then go to ``<out>/<method>/<backbone>``."""
 from _common import log_path, main, parser, require
 
 
 def run(args):
-    from pipeline.config import (ConfigError, DiffusionConfig, QuantizeConfig, SamplingConfig, TrackingConfig,
-                                 from_dict, load_section, parse_setting, read_params, to_dict)
+    from pipeline.config import (ConfigError, DiffusionConfig, SamplingConfig, TrackingConfig, load_matrix,
+                                 load_section, parse_setting, to_dict)
 
-    cfg = load_section("quantize", QuantizeConfig, args.params)
+    cfg = load_matrix(args.section, args.params)
     diff_cfg = load_section("diffusion", DiffusionConfig, args.params)
     samp_cfg = load_section("sampling", SamplingConfig, args.params)
     trk = load_section("tracking", TrackingConfig, args.params)
     setting = parse_setting(args.setting, "--setting")
 
-    from pipeline.methods import MethodContext, get_method
+    from pipeline.methods import MethodContext, resolve_matrix
 
-    try:
-        method = get_method(args.method)
-    except KeyError as exc:
-        raise ConfigError(f"--method: {exc.args[0]}") from None
-    section = read_params(args.params)["quantize"].get(method.config_section, {})
-    method_cfg = from_dict(method.config_cls, section, f"quantize.{method.config_section}")
-    backbones = [b for b in cfg.backbones if b in method.backbones]
-    if not backbones:
-        raise ConfigError(f"quantize.backbones: method {method.name!r} supports {list(method.backbones)}, "
-                          f"none of which is listed ({cfg.backbones})")
-    for b in backbones:
+    names = [args.method] if args.method else list(cfg.methods)
+    jobs = []  # (method, options, backbones, output folder)
+    for name in names:
+        method, method_cfg = resolve_matrix(cfg, args.section, name)
+        backbones = [b for b in cfg.backbones if b in method.backbones]
+        if not backbones:
+            raise ConfigError(f"{args.section}.backbones: method {method.name!r} supports "
+                              f"{list(method.backbones)}, none of which is listed ({cfg.backbones})")
+        jobs.append((method, method_cfg, backbones, name if not args.method else ""))
+    for b in sorted({b for job in jobs for b in job[2]}):
         require(f"{args.fp}/{b}", f"FP {b} model (stage train_fp@{b})")
         require(f"{args.calib}/{b}", f"calibration set for {b} (stage calibrate@{b})")
 
@@ -44,38 +48,44 @@ def run(args):
 
     log = logging.getLogger("pipeline")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = f"quantize@{method.name}-{setting.name}"
+    calib_sets = {}
     with atomic_dir(args.out) as tmp:
-        for b in backbones:
-            params = {"method": method.name, "setting": setting.name, "backbone": b,
-                      "config": to_dict(method_cfg)}
-            tags = {"backbone": b, "method": method.name, "setting": setting.name,
-                    "wbits": setting.wbits, "abits": setting.abits}
-            with stage_run("quantize", params=params, experiment=trk.experiment, uri=trk.uri,
-                           run_name=f"{name}@{b}", tags=tags, inputs=[f"{args.fp}/{b}", f"{args.calib}/{b}"],
-                           log_file=log_path(f"{name}@{b}")) as run_:
-                t0 = time.time()
-                backbone = models.load_backbone(f"{args.fp}/{b}", device=device)
-                calib = load_calibration(f"{args.calib}/{b}")
-                ctx = MethodContext(device=device, run=run_, diffusion=diff_cfg, sampling=samp_cfg,
-                                    backbone_name=b, workdir=tmp / b)
-                log.info("%s@%s: quantizing with %s", name, b, method.description)
-                result = method.fn(backbone, calib, setting, method_cfg, ctx)
-                seconds = time.time() - t0
-                meta = {"method": method.name, "setting": setting.name, "backbone": b,
-                        "wbits": setting.wbits, "abits": setting.abits, "quantize_seconds": seconds,
-                        "calibration": calib.manifest.get("sha256"), "info": result.info}
-                save_quantized(result.backbone.net, result.spec, tmp / b, extra_meta=meta)
-                write_json(tmp / b / "info.json", meta)
-                run_.log_metrics({"quantize_seconds": seconds, **{k: v for k, v in result.info.items()
-                                                                   if isinstance(v, (int, float))}})
-                run_.log_artifact(tmp / b / "quant_spec.json")
-                log.info("%s@%s: done in %.1f s", name, b, seconds)
+        for method, method_cfg, backbones, sub in jobs:
+            name = f"{args.section}@{method.name}-{setting.name}"
+            for b in backbones:
+                out_dir = tmp / sub / b if sub else tmp / b
+                params = {"method": method.name, "setting": setting.name, "backbone": b,
+                          "config": to_dict(method_cfg), "variant": method.variant}
+                tags = {"backbone": b, "method": method.name, "setting": setting.name, "section": args.section,
+                        "wbits": setting.wbits, "abits": setting.abits}
+                with stage_run(args.section, params=params, experiment=trk.experiment, uri=trk.uri,
+                               run_name=f"{name}@{b}", tags=tags, inputs=[f"{args.fp}/{b}", f"{args.calib}/{b}"],
+                               log_file=log_path(f"{name}@{b}")) as run_:
+                    t0 = time.time()
+                    backbone = models.load_backbone(f"{args.fp}/{b}", device=device)
+                    if b not in calib_sets:
+                        calib_sets[b] = load_calibration(f"{args.calib}/{b}")
+                    calib = calib_sets[b]
+                    ctx = MethodContext(device=device, run=run_, diffusion=diff_cfg, sampling=samp_cfg,
+                                        backbone_name=b, variant=method.variant, workdir=out_dir)
+                    log.info("%s@%s: %s", name, b, method.description)
+                    result = method.fn(backbone, calib, setting, method_cfg, ctx)
+                    seconds = time.time() - t0
+                    meta = {"method": method.name, "setting": setting.name, "backbone": b,
+                            "wbits": setting.wbits, "abits": setting.abits, "quantize_seconds": seconds,
+                            "calibration": calib.manifest.get("sha256"), "info": result.info}
+                    save_quantized(result.backbone.net, result.spec, out_dir, extra_meta=meta)
+                    write_json(out_dir / "info.json", meta)
+                    run_.log_metrics({"quantize_seconds": seconds, **{k: v for k, v in result.info.items()
+                                                                       if isinstance(v, (int, float))}})
+                    run_.log_artifact(out_dir / "quant_spec.json")
+                    log.info("%s@%s: done in %.1f s", name, b, seconds)
 
 
 if __name__ == "__main__":
     p = parser(__doc__)
-    p.add_argument("--method", required=True)
+    p.add_argument("--section", default="quantize")
+    p.add_argument("--method", default=None, help="one method of the section (default: all of them)")
     p.add_argument("--setting", required=True)
     p.add_argument("--fp", default="data/fp")
     p.add_argument("--calib", default="data/calib")

@@ -1,0 +1,511 @@
+"""Block / layer output reconstruction of a quantized model (BRECQ; Q-Diffusion ``block_recon.py`` /
+``layer_recon.py``; FP4DiT's scale-aware FP AdaRound) as a Lightning module.
+
+Algorithm (methods.md §6.2, §3a), for every reconstruction unit in registration order:
+
+1. Unit = a block whose name matches one of ``block_patterns`` (DiT / PixArt transformer blocks, UNet
+   ResNet and attention blocks) and that holds quantized layers, or a quantized layer outside every block
+   (layer-wise reconstruction, as Q-Diffusion does for stand-alone layers).
+2. Cache the unit's inputs and targets on the calibration inputs: inputs from the *quantized-so-far*
+   model (``asym=True``: every earlier unit already carries its hardened rounding), targets = the unit's
+   output in the FP model (BRECQ / Q-Diffusion ``save_inp_oup_data`` with ``asym=True``). Both are taken
+   with forward hooks that stop the model right after the unit, so the cost is a partial forward.
+3. Attach AdaRound to each quantized layer of the unit (``QuantLinear.use_adaround``: integer AdaRound or
+   FP4DiT's scale-aware FP AdaRound, decided by the layer's weight quantizer) and minimise
+
+       L = ‖O_fp − Ô‖² + λ · Σ_layers Σ_w (1 − |2h(V) − 1|^β)
+
+   with Adam over the rounding logits V only (step sizes / clipping values stay fixed, the rest of the unit
+   is frozen). ‖·‖² is BRECQ's ``lp_loss``: squared error summed over dim 1 (tokens for [B, N, C]
+   transformer outputs, channels for [B, C, H, W] conv outputs) and averaged over the rest. β follows
+   :class:`pipeline.quant.adaround.BetaSchedule` (regulariser off during the warm-up, then β 20 → 2).
+4. Harden (h = 1[V ≥ 0]): every weight of the unit lies on its quantizer's grid from then on.
+
+Activation quantization is off while the weights are reconstructed unless ``act_quant`` is set
+(Q-Diffusion's first phase is weight-only; FP4DiT's online activation quantizers have nothing to learn).
+
+Where the papers are silent (ours): the number of iterations defaults to a small value so the embedded
+pipeline stays within its CPU budget (the official 2500 / 20k iterations are a parameter value); each
+iteration draws a random batch of cached inputs (seeded); the unit is kept in eval mode during
+optimisation (diffusers' DiT label embedding would otherwise drop labels at random).
+
+Logging: one Lightning ``Trainer`` per unit; with ``run`` (a :class:`pipeline.tracking.StageRun`) the
+per-step loss, reconstruction error, regulariser and β go to that MLflow run through Lightning's
+``MLFlowLogger(run_id=...)``, as ``recon/<unit>/<metric>``. The logger never terminates the stage's run.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from pipeline.quant.adaround import REG_WEIGHT, BetaSchedule
+from pipeline.quant.layers import QUANT_LAYER_TYPES
+from pipeline.quant.surgery import quant_state
+
+log = logging.getLogger("pipeline")
+
+# transformer blocks (DiT / PixArt), UNet ResNet + attention blocks (Q-Diffusion's block units)
+DEFAULT_BLOCK_PATTERNS = (
+    r"re:(.*\.)?transformer_blocks\.\d+",
+    r"re:(.*\.)?(down_blocks|up_blocks)\.\d+\.(resnets|attentions)\.\d+",
+    r"re:(.*\.)?mid_block\.(resnets|attentions)\.\d+",
+)
+
+
+@dataclass
+class ReconConfig:
+    """Reconstruction hyper-parameters (BRECQ / Q-Diffusion names in brackets).
+
+    iters: optimisation steps per unit [``iters_w``; FP4DiT ``--cali_iters 2500``, Q-Diffusion 20000].
+    batch_size: cached inputs per step [``batch_size``; FP4DiT 16, Q-Diffusion 32].
+    lr: Adam learning rate of the rounding logits [Adam default 1e-3].
+    reg_weight: λ of the rounding regulariser [``weight`` 0.01].
+    beta_start / beta_end / warmup: β schedule [``b_range`` (20, 2), ``warmup`` 0.2].
+    asym: unit inputs from the quantized-so-far model (True) or from the FP model.
+    act_quant: keep activation quantization on while reconstructing (off in Q-Diffusion's weight phase).
+    max_inputs: use at most this many calibration inputs (a seeded random subset; None = all).
+    chunk_size: batch size of the partial forwards that cache inputs / targets.
+    error_inputs: cached inputs (a seeded random subset) on which the unit's output error is reported
+        before (round to nearest) and after reconstruction.
+    seed: batch sampling seed. log_every: Lightning ``log_every_n_steps``.
+    """
+
+    iters: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    reg_weight: float = REG_WEIGHT
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    asym: bool = True
+    act_quant: bool = False
+    max_inputs: Optional[int] = None
+    chunk_size: int = 128
+    error_inputs: int = 128
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "batch_size", "chunk_size", "error_inputs", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ReconConfig.{name}: must be a positive int, got {v!r}")
+        if self.max_inputs is not None and (not isinstance(self.max_inputs, int) or self.max_inputs < 1):
+            raise ValueError(f"ReconConfig.max_inputs: must be a positive int or None, got {self.max_inputs!r}")
+        if not self.lr > 0:
+            raise ValueError(f"ReconConfig.lr: must be > 0, got {self.lr!r}")
+        if self.reg_weight < 0:
+            raise ValueError(f"ReconConfig.reg_weight: must be >= 0, got {self.reg_weight!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"ReconConfig.warmup: must be in [0, 1), got {self.warmup!r}")
+
+
+@dataclass
+class ReconUnit:
+    """One reconstruction unit: ``name`` (relative to the root module), the module, and its quantized
+    layers as (name relative to the root, layer)."""
+
+    name: str
+    module: nn.Module
+    layers: list
+
+    @property
+    def kind(self) -> str:
+        return "layer" if isinstance(self.module, QUANT_LAYER_TYPES) else "block"
+
+
+# ----------------------------------------------------------------------------------------------
+# units
+# ----------------------------------------------------------------------------------------------
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def reconstruction_units(root: nn.Module, block_patterns: Sequence[str] = DEFAULT_BLOCK_PATTERNS) -> list:
+    """The units of ``root`` in registration order: blocks matching ``block_patterns`` (glob or
+    ``re:<regex>`` on the qualified name; the outermost match wins) that contain weight-quantized layers,
+    then every weight-quantized layer outside those blocks as its own unit (ordered by where it sits in
+    the module tree)."""
+    for p in block_patterns:
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"block_patterns: each pattern must be a non-empty string, got {p!r}")
+    units: list = []
+    block_prefixes: list = []
+    for name, mod in root.named_modules():
+        if not name or isinstance(mod, QUANT_LAYER_TYPES):
+            continue
+        if any(name == b or name.startswith(b + ".") for b in block_prefixes):
+            continue  # nested inside a block already taken
+        if any(_matches(p, name) for p in block_patterns):
+            layers = [(f"{name}.{n}", m) for n, m in mod.named_modules()
+                      if isinstance(m, QUANT_LAYER_TYPES) and len(m.weight_quantizers)]
+            block_prefixes.append(name)
+            if layers:
+                units.append(ReconUnit(name, mod, layers))
+    order = {n: i for i, (n, _) in enumerate(root.named_modules())}
+    for name, mod in root.named_modules():
+        if isinstance(mod, QUANT_LAYER_TYPES) and len(mod.weight_quantizers):
+            if not any(name.startswith(b + ".") for b in block_prefixes):
+                units.append(ReconUnit(name, mod, [(name, mod)]))
+    units.sort(key=lambda u: order[u.name])
+    return units
+
+
+# ----------------------------------------------------------------------------------------------
+# caching unit inputs / outputs
+# ----------------------------------------------------------------------------------------------
+class _StopForward(Exception):
+    """Raised by a capture hook once the unit has been seen: the rest of the model is not needed."""
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise TypeError(f"reconstruction unit returned {type(out).__name__}; expected a tensor (or a tuple whose "
+                    "first element is one)")
+
+
+def _detach(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach()
+    if isinstance(v, dict):
+        return {k: _detach(x) for k, x in v.items()}
+    if isinstance(v, (tuple, list)):
+        return type(v)(_detach(x) for x in v)
+    return v
+
+
+def _merge(chunks: list, sizes: list) -> Any:
+    """Concatenate per-chunk values along the batch dim where they carry it; other values must be
+    the same in every chunk (e.g. None, flags) and are kept once."""
+    first = chunks[0]
+    if isinstance(first, torch.Tensor):
+        if all(isinstance(c, torch.Tensor) and c.dim() > 0 and c.shape[0] == s for c, s in zip(chunks, sizes)):
+            return torch.cat(chunks, dim=0)
+        return first
+    if isinstance(first, dict):
+        return {k: _merge([c[k] for c in chunks], sizes) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_merge([c[i] for c in chunks], sizes) for i in range(len(first)))
+    return first
+
+
+def _index(v: Any, idx: torch.Tensor, n: int) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v[idx] if v.dim() > 0 and v.shape[0] == n else v
+    if isinstance(v, dict):
+        return {k: _index(x, idx, n) for k, x in v.items()}
+    if isinstance(v, (tuple, list)):
+        return type(v)(_index(x, idx, n) for x in v)
+    return v
+
+
+@dataclass
+class UnitData:
+    """Cached ``args``/``kwargs`` of the unit's forward (batched along dim 0) and its FP ``target``."""
+
+    args: tuple
+    kwargs: dict
+    target: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.target.shape[0])
+
+    def batch(self, idx: torch.Tensor) -> tuple:
+        n = len(self)
+        idx = idx.to(self.target.device)
+        return _index(self.args, idx, n), _index(self.kwargs, idx, n), self.target[idx]
+
+
+def _split_inputs(inputs: Sequence[torch.Tensor], chunk: int) -> Iterator[tuple]:
+    n = inputs[0].shape[0]
+    for i in range(0, n, chunk):
+        yield tuple(t[i:i + chunk] for t in inputs)
+
+
+@torch.no_grad()
+def _capture(model: Callable, module: nn.Module, inputs: Sequence[torch.Tensor], chunk: int, what: str):
+    """Run ``model`` on ``inputs`` in chunks and capture ``module``'s inputs (``what="inputs"``) or its
+    output (``what="output"``), stopping each forward right there."""
+    got: list = []
+    sizes: list = []
+
+    if what == "inputs":
+        def hook(mod, args, kwargs):
+            got.append((_detach(args), _detach(kwargs)))
+            raise _StopForward
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    else:
+        def hook(mod, args, output):
+            got.append(_first_tensor(output).detach())
+            raise _StopForward
+        handle = module.register_forward_hook(hook)
+    try:
+        for batch in _split_inputs(inputs, chunk):
+            before = len(got)
+            try:
+                model(*batch)
+            except _StopForward:
+                pass
+            if len(got) != before + 1:
+                raise RuntimeError(f"reconstruction: the unit was not called by the model's forward ({what})")
+            sizes.append(batch[0].shape[0])
+    finally:
+        handle.remove()
+    return got, sizes
+
+
+def collect_unit_data(quant_model: Callable, fp_model: Callable, quant_unit: nn.Module, fp_unit: nn.Module,
+                      inputs: Sequence[torch.Tensor], asym: bool = True, chunk_size: int = 128) -> UnitData:
+    """Inputs of ``quant_unit`` while ``quant_model`` runs (``asym``; else of ``fp_unit`` in ``fp_model``)
+    and the output of ``fp_unit`` in ``fp_model``, for every row of ``inputs`` (model arguments batched
+    along dim 0)."""
+    src_model, src_unit = (quant_model, quant_unit) if asym else (fp_model, fp_unit)
+    got, sizes = _capture(src_model, src_unit, inputs, chunk_size, "inputs")
+    args = _merge([g[0] for g in got], sizes)
+    kwargs = _merge([g[1] for g in got], sizes)
+    outs, _ = _capture(fp_model, fp_unit, inputs, chunk_size, "output")
+    return UnitData(tuple(args), dict(kwargs), torch.cat(outs, dim=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# the Lightning module
+# ----------------------------------------------------------------------------------------------
+def output_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BRECQ ``lp_loss`` (p = 2): squared error summed over dim 1, averaged over the other dims."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} does not match target {tuple(target.shape)}")
+    err = (pred - target).pow(2)
+    return err.sum(dim=1).mean() if err.dim() > 1 else err.mean()
+
+
+class _RandomIndexBatches(IterableDataset):
+    """Endless seeded random index batches over ``n`` cached inputs (consecutive permutations)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        pending = torch.empty(0, dtype=torch.long)
+        bs = min(self.batch_size, self.n)
+        while True:
+            while pending.numel() < bs:
+                pending = torch.cat([pending, torch.randperm(self.n, generator=g)])
+            idx, pending = pending[:bs], pending[bs:]
+            yield idx
+
+
+class UnitReconstruction(L.LightningModule):
+    """AdaRound reconstruction of one unit: Adam on the rounding logits, loss = output error + λ·reg."""
+
+    def __init__(self, unit: nn.Module, rounding: Sequence[nn.Module], data: UnitData, cfg: ReconConfig,
+                 name: str = "unit"):
+        super().__init__()
+        self.unit = unit
+        self.rounding = nn.ModuleList(rounding)  # AdaRoundWeight modules (their V are the only parameters trained)
+        self.data = data
+        self.cfg = cfg
+        self.unit_name = name
+        self.schedule = BetaSchedule(cfg.beta_start, cfg.beta_end, cfg.warmup)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.unit.eval()  # dropout / label dropout must stay off: the target is the eval-mode FP output
+        return self
+
+    def regularizer(self, beta: Optional[float]) -> torch.Tensor:
+        if beta is None or self.cfg.reg_weight == 0:
+            return torch.zeros((), device=self.data.target.device)
+        return sum(r.regularizer(beta) for r in self.rounding)
+
+    def training_step(self, idx, batch_idx):
+        args, kwargs, target = self.data.batch(idx)
+        pred = _first_tensor(self.unit(*args, **kwargs))
+        rec = output_error(pred, target)
+        beta = self.schedule(self.global_step, self.cfg.iters)
+        reg = self.regularizer(beta)
+        loss = rec + self.cfg.reg_weight * reg
+        p = f"recon/{self.unit_name}"
+        self.log(f"{p}/loss", loss, on_step=True, batch_size=idx.numel())
+        self.log(f"{p}/rec", rec, on_step=True, batch_size=idx.numel())
+        self.log(f"{p}/reg", reg, on_step=True, batch_size=idx.numel())
+        self.log(f"{p}/beta", 0.0 if beta is None else float(beta), on_step=True, batch_size=idx.numel())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([r.V for r in self.rounding], lr=self.cfg.lr)
+
+    def train_dataloader(self):
+        return DataLoader(_RandomIndexBatches(len(self.data), self.cfg.batch_size, self.cfg.seed), batch_size=None)
+
+
+def _attached_mlflow_logger(run_id: str, uri: str):
+    """Lightning's MLFlowLogger on an existing run, without terminating that run when a fit ends (the
+    stage closes its own run)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class AttachedMLFlowLogger(MLFlowLogger):
+        def finalize(self, status: str = "success") -> None:
+            return None
+
+    return AttachedMLFlowLogger(run_id=run_id, tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    names = ("lightning.pytorch", "lightning.fabric", "lightning")
+    old = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*IterableDataset.*")
+            warnings.filterwarnings("ignore", ".*in eval mode.*")
+            warnings.filterwarnings("ignore", ".*LeafSpec.*")
+            warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+            yield
+    finally:
+        for n, lvl in old.items():
+            logging.getLogger(n).setLevel(lvl)
+
+
+@torch.no_grad()
+def unit_error(unit: nn.Module, data: UnitData, index: Optional[torch.Tensor] = None, chunk: int = 256) -> float:
+    """Mean ``output_error`` of ``unit`` over the cached inputs ``index`` (default: all)."""
+    index = torch.arange(len(data)) if index is None else index
+    total, n = 0.0, index.numel()
+    for i in range(0, n, chunk):
+        idx = index[i:i + chunk]
+        args, kwargs, target = data.batch(idx)
+        total += float(output_error(_first_tensor(unit(*args, **kwargs)), target)) * idx.numel()
+    return total / n
+
+
+@contextlib.contextmanager
+def _frozen_except(module: nn.Module, keep: Sequence[nn.Parameter]):
+    """requires_grad off for every parameter of ``module`` except ``keep`` (restored afterwards)."""
+    keep_ids = {id(p) for p in keep}
+    saved = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(id(p) in keep_ids)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            if id(p) not in keep_ids:
+                p.requires_grad_(flag)
+
+
+def reconstruct_unit(unit: ReconUnit, data: UnitData, cfg: ReconConfig, logger=None,
+                     accelerator: str = "cpu") -> dict:
+    """Attach AdaRound to the unit's layers, optimise the rounding (Lightning), harden. Returns
+    {"error_rtn", "error_recon", "seconds"}: the unit's output error before (round to nearest) and after
+    reconstruction, on ``cfg.error_inputs`` cached inputs."""
+    t0 = time.time()
+    was_training = unit.module.training
+    unit.module.eval()
+    n = len(data)
+    probe = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[:min(n, cfg.error_inputs)]
+    error_rtn = unit_error(unit.module, data, probe)
+    rounding = []
+    for _, layer in unit.layers:
+        rounding.extend(layer.use_adaround())
+    params = [r.V for r in rounding]
+    module = UnitReconstruction(unit.module, rounding, data, cfg, unit.name)
+    with _frozen_except(unit.module, params), _quiet_lightning():
+        trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=cfg.iters, max_epochs=-1,
+                            logger=logger if logger is not None else False, enable_checkpointing=False,
+                            enable_model_summary=False, enable_progress_bar=False,
+                            log_every_n_steps=cfg.log_every, num_sanity_val_steps=0, precision="32-true")
+        trainer.fit(module)
+    for _, layer in unit.layers:
+        layer.harden_adaround()
+    unit.module.eval()
+    error_recon = unit_error(unit.module, data, probe)
+    unit.module.train(was_training)
+    return {"error_rtn": error_rtn, "error_recon": error_recon, "seconds": time.time() - t0}
+
+
+def reconstruct_model(quant_model: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.Tensor],
+                      cfg: ReconConfig, root: str = "net",
+                      block_patterns: Sequence[str] = DEFAULT_BLOCK_PATTERNS, run=None,
+                      tracking_uri: Optional[str] = None) -> dict:
+    """BRECQ-style reconstruction of every unit of ``quant_model`` (see module docstring).
+
+    ``quant_model`` / ``fp_model``: callables with the same signature (e.g. two
+    :class:`pipeline.models.DiffusionBackbone`, the second an FP copy of the first taken before surgery);
+    ``inputs``: their positional arguments batched along dim 0 (e.g. calibration x, t, labels);
+    ``root``: attribute path of the sub-module holding the quantized layers in both (``""`` = the
+    model itself); ``run``: a StageRun (its ``run_id``) to log into. Leaves weight quantization on and
+    activation quantization as it was; returns per-unit errors and times.
+    """
+    if not isinstance(cfg, ReconConfig):
+        raise TypeError(f"cfg must be a ReconConfig, got {type(cfg).__name__}")
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise ValueError("inputs: expected a non-empty sequence of tensors batched along dim 0")
+    n = inputs[0].shape[0]
+    if any(t.shape[0] != n for t in inputs):
+        raise ValueError(f"inputs: every tensor must have the same first dim, got {[t.shape[0] for t in inputs]}")
+    q_root = quant_model.get_submodule(root) if root else quant_model
+    f_root = fp_model.get_submodule(root) if root else fp_model
+    units = reconstruction_units(q_root, block_patterns)
+    if cfg.max_inputs is not None and cfg.max_inputs < n:
+        sel = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_inputs]
+        inputs = [t[sel.to(t.device)] for t in inputs]
+    device = inputs[0].device
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    logger = None
+    if run is not None:
+        from pipeline.tracking import tracking_uri as resolve_uri
+
+        logger = _attached_mlflow_logger(run.run_id, tracking_uri or resolve_uri())
+    act_was_on = any(layer.act_quant for _, layer in _quant_layers(q_root))
+    q_mode, f_mode = quant_model.training, fp_model.training
+    quant_model.eval()
+    fp_model.eval()
+    t0 = time.time()
+    out: dict = {"units": {}}
+    try:
+        quant_state(q_root, weight=True, act=cfg.act_quant)
+        for i, unit in enumerate(units):
+            fp_unit = f_root.get_submodule(unit.name)
+            data = collect_unit_data(quant_model, fp_model, unit.module, fp_unit, inputs, cfg.asym, cfg.chunk_size)
+            res = reconstruct_unit(unit, data, cfg, logger, accelerator)
+            res["kind"] = unit.kind
+            out["units"][unit.name] = res
+            log.info("reconstruction %d/%d %s (%s, %d layers): output error %.4g -> %.4g in %.1f s", i + 1,
+                     len(units), unit.name, unit.kind, len(unit.layers), res["error_rtn"], res["error_recon"],
+                     res["seconds"])
+            del data
+    finally:
+        quant_state(q_root, weight=True, act=act_was_on)
+        quant_model.train(q_mode)
+        fp_model.train(f_mode)
+    out["seconds"] = time.time() - t0
+    out["n_units"] = len(units)
+    out["n_inputs"] = int(inputs[0].shape[0])
+    return out
+
+
+def _quant_layers(root: nn.Module):
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, QUANT_LAYER_TYPES)]
