@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install repro test test-fast ui bench clean-runs
+.PHONY: install repro test test-fast ui bench paper
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,7 @@ ui: install
 bench: install
 	$(BIN)/python bench/stage_times.py
 	$(BIN)/python bench/quant_core.py
+
+## the papers' schedules (MPQ-DM QAT 800 x 20 steps, r=32; FP4DiT 2500 AdaRound iterations): a GPU job
+paper: install
+	dvc exp run -n paper $$(cat presets/paper.args)

@@ -6,7 +6,8 @@ from _common import log_path, main, parser, require
 
 # params section of each quantizing stage -> where its models are (see dvc.yaml)
 LAYOUTS = {"quantize": "data/quantized/{method}/{setting}/{backbone}",
-           "fp4dit": "data/fp4dit/{setting}/{method}/{backbone}"}
+           "fp4dit": "data/fp4dit/{setting}/{method}/{backbone}",
+           "mpq": "data/qat/{setting}/{method}/{backbone}"}
 
 
 def run(args):

@@ -1,0 +1,239 @@
+"""QAT by trajectory distillation: relation losses (TRD, memory queue), feature taps, the teacher cache,
+parameter groups, config validation, and a short QAT run that lowers the distillation loss."""
+import copy
+
+import pytest
+import torch
+
+from pipeline.config import (BackboneModel, BitSetting, CalibrateConfig, ConfigError, DiffusionConfig, DiTArch,
+                             SamplingConfig, UNetArch, from_dict)
+from pipeline.train import relation as rel
+from pipeline.train.qat import (CachedTeacher, QATConfig, distillation_error, find_feature_module,
+                                lora_step_match, parameter_groups, run_qat)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _feats(seed, shape=(2, 6, 4, 4)):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------
+# relation losses
+# ------------------------------------------------------------------------------------------------
+def test_relation_loss_zero_for_identical_positive_otherwise_with_gradient():
+    ft = _feats(0)
+    assert rel.relation_loss(ft, ft.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    fs = _feats(1).requires_grad_(True)
+    loss = rel.relation_loss(ft, fs)
+    assert loss.item() > 0
+    loss.backward()
+    assert fs.grad is not None and fs.grad.abs().sum() > 0
+    # independent reference: explicit cosine-similarity matrix and KL per row
+    pt = torch.nn.functional.normalize(ft.flatten(2), dim=1).transpose(1, 2)
+    ps = torch.nn.functional.normalize(fs.detach().flatten(2), dim=1).transpose(1, 2)
+    p = torch.softmax(pt @ pt.transpose(1, 2), -1)
+    q = torch.softmax(ps @ ps.transpose(1, 2), -1)
+    ref = (p * (p.log() - q.log())).sum(-1).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    # token features [B, N, D] are pixels too
+    tok = torch.randn(2, 5, 7)
+    assert rel.relation_loss(tok, tok).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="same shape"):
+        rel.relation_loss(ft, _feats(2, (2, 6, 2, 2)))
+    with pytest.raises(ValueError, match="expected"):
+        rel.relation_loss(torch.randn(4, 4), torch.randn(4, 4))
+
+
+def test_trd_averages_a_window_and_trains_the_current_student_step():
+    trd = rel.TimeSmoothedRelationLoss(window=2)
+    f1t, f2t = _feats(0), _feats(1)
+    f1s, f2s = _feats(2).requires_grad_(True), _feats(3).requires_grad_(True)
+    assert trd(900, f1t, f1s) is None  # first step of the window
+    loss = trd(800, f2t, f2s)
+    ref = rel.relation_loss((f1t + f2t) / 2, (f1s.detach() + f2s.detach()) / 2)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6) and loss.item() > 0
+    loss.backward()
+    assert f2s.grad is not None and f2s.grad.abs().sum() > 0
+    assert f1s.grad is None  # the earlier step's parameters have been updated since: constant
+    assert trd(700, f1t, f1t.clone()) is None
+    assert trd(600, f2t, f2t.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    # a new trajectory (timestep goes up) restarts the window
+    assert trd(500, f1t, f1s) is None
+    assert trd(950, f1t, f1s) is None
+    with pytest.raises(ValueError, match="window"):
+        rel.TimeSmoothedRelationLoss(window=0)
+
+
+def test_memory_queue_keeps_m_entries_fifo_time_aware_and_trains_student():
+    m = rel.MemoryRelationLoss(memory_length=3)
+    steps = [999, 949, 899, 849, 799, 749]
+    for i, t in enumerate(steps):
+        f = _feats(i)
+        assert m(t, f, f.clone()).item() == pytest.approx(0.0, abs=1e-6)
+        assert len(m.queue) == min(i + 1, 3)
+    assert m.timesteps == steps[-3:]  # FIFO: the three latest, oldest first
+    # queued entries are the normalised pixels of those steps (teacher and student)
+    torch.testing.assert_close(m.queue[-1][1], rel.normalized_pixels(_feats(5)))
+    fs = _feats(42).requires_grad_(True)
+    loss = m(699, _feats(6), fs)
+    assert loss.item() > 0
+    loss.backward()
+    assert fs.grad.abs().sum() > 0 and all(not e[2].requires_grad for e in m.queue)
+    assert m.timesteps == [799, 749, 699]
+    # time-aware: a timestep that does not decrease means a new trajectory: memory emptied first
+    m(999, _feats(0), _feats(0))
+    assert m.timesteps == [999]
+    m(949, _feats(1), _feats(1))
+    assert m.timesteps == [999, 949]
+    # the memory matters: same current features, different history -> different loss
+    a, b = rel.MemoryRelationLoss(2), rel.MemoryRelationLoss(2)
+    a(900, _feats(0), _feats(0))
+    b(900, _feats(0), _feats(7))
+    la, lb = a(800, _feats(1), _feats(2)), b(800, _feats(1), _feats(2))
+    assert la.item() != pytest.approx(lb.item())
+    # M = 0: the single-step relation loss
+    z = rel.MemoryRelationLoss(0)
+    assert z(5, _feats(1), _feats(2)).item() == pytest.approx(rel.relation_loss(_feats(1), _feats(2)).item(), rel=1e-6)
+    assert len(z.queue) == 0
+    with pytest.raises(ValueError, match="memory_length"):
+        rel.MemoryRelationLoss(-1)
+    with pytest.raises(ValueError, match="relation kind"):
+        rel.build_relation_loss("l2")
+
+
+# ------------------------------------------------------------------------------------------------
+# config, features, teacher cache, groups
+# ------------------------------------------------------------------------------------------------
+def test_qat_config_errors_name_the_key():
+    assert from_dict(QATConfig, {"epochs": 3, "lora_lr": None}, "qat").epochs == 3
+    with pytest.raises(ConfigError, match=r"qat\.epochs: must be >= 1"):
+        from_dict(QATConfig, {"epochs": 0}, "qat")
+    with pytest.raises(ConfigError, match=r"qat\.memory_decay"):
+        from_dict(QATConfig, {"memory_decay": 0.0}, "qat")
+    with pytest.raises(ConfigError, match=r"qat\.lr: unknown key"):
+        from_dict(QATConfig, {"lr": 0.1}, "qat")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from pipeline.calibration import collect_calibration
+    from pipeline.methods import MethodContext, get_method
+    from pipeline.methods.mpqdm import MPQConfig
+    from pipeline.models import build_backbone
+
+    torch.manual_seed(0)
+    cfg = BackboneModel(unet=UNetArch(block_out_channels=[8, 16], norm_num_groups=4),
+                        dit=DiTArch(num_layers=1, num_attention_heads=2, attention_head_dim=8, patch_size=4))
+    diff, samp = DiffusionConfig(), SamplingConfig(steps=3)
+    out = {}
+    for kind in ("unet", "dit"):
+        fp = build_backbone(kind, cfg, 8, 1, 10).eval()
+        calib = collect_calibration(fp, CalibrateConfig(n_samples=8, n_timesteps=3, batch_size=8), diff, samp)
+        m = get_method("mpqdm2")
+        student = copy.deepcopy(fp)
+        torch.manual_seed(0)
+        m.fn(student, calib, BitSetting(2, 4), MPQConfig(lora_rank=4, calib_inputs=8, act_calib_batches=1,
+                                                          act_init="minmax", weight_init="minmax"),
+             MethodContext(variant=m.variant, extra={"keep_lora": True}))
+        out[kind] = (fp, student)
+    return out, diff, samp
+
+
+def test_feature_module_found_by_name(tiny):
+    models, _, _ = tiny
+    unet, dit = models["unet"][1].net, models["dit"][1].net
+    assert find_feature_module(unet) == "up_blocks.1"
+    assert find_feature_module(dit) == "transformer_blocks.0"
+    assert find_feature_module(unet, "mid_block") == "mid_block"
+    with pytest.raises(ValueError, match="feature_module"):
+        find_feature_module(unet, "nope")
+    with pytest.raises(ValueError, match="feature_module"):
+        find_feature_module(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_cached_teacher_runs_the_teacher_once_per_step(tiny):
+    models, _, _ = tiny
+    fp = models["unet"][0]
+    calls = []
+    h = fp.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        cached = CachedTeacher(fp)
+        x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 5]), torch.tensor([1, 2])
+        eps = fp(x, t, y)
+        cached.cache = (x, t, eps)
+        assert cached(x, t, y) is eps and len(calls) == 1
+        other = cached(x + 1, t, y)  # not the cached input: runs the teacher
+        assert len(calls) == 2 and not torch.equal(other, eps)
+    finally:
+        h.remove()
+
+
+def test_parameter_groups_have_three_kinds_with_their_rates(tiny):
+    from pipeline.quant.surgery import quant_layers
+
+    models, _, _ = tiny
+    student = copy.deepcopy(models["unet"][1])
+    cfg = QATConfig(lora_lr=None, lora_lr_scale=0.5, weight_quant_lr=1e-5, act_quant_lr=2e-3, match_lora_step=False)
+    groups, summary = parameter_groups(student.net, cfg)
+    kinds = {g["name"] for g in groups}
+    assert kinds == {"lora", "weight_quant", "act_quant"}
+    assert summary["lora_params"] > 0 and summary["weight_quant_params"] > 0 and summary["act_quant_params"] > 0
+    layer = next(l for _, l in quant_layers(student.net) if l.lora_A is not None)
+    g = next(g for g in groups if g["params"][0] is layer.lora_A)
+    mean_step = torch.cat([q.scale.detach()[q.channel_mask] if q.channel_mask is not None else q.scale.detach()
+                           for q in layer.weight_quantizers]).mean().item()
+    assert g["lr"] == pytest.approx(0.5 * mean_step, rel=1e-5)
+    assert next(g for g in groups if g["name"] == "act_quant")["lr"] == 2e-3
+    trainable = {id(p) for p in student.net.parameters() if p.requires_grad}
+    assert trainable == {id(p) for g in groups for p in g["params"]}
+    assert not any(l.weight.requires_grad for _, l in quant_layers(student.net))
+    # SVD-initialised factors (non-zero B) get a smaller rate, matched to the Kaiming / zero-B start
+    f = lora_step_match(layer)
+    assert 0 < f < 1
+    matched, _ = parameter_groups(student.net, QATConfig(lora_lr=1e-3))
+    assert next(g for g in matched if g["params"][0] is layer.lora_A)["lr"] == pytest.approx(1e-3 * f)
+    with torch.no_grad():
+        layer.lora_B.zero_()
+    assert lora_step_match(layer) == 1.0
+
+
+@pytest.mark.parametrize("relation", ["memory", "trd"])
+def test_short_qat_lowers_the_distillation_loss(tiny, relation):
+    models, diff, samp = tiny
+    fp, student0 = models["unet"]
+    student = copy.deepcopy(student0)
+    before = distillation_error(student, fp, diff, samp, n=8)
+    cfg = QATConfig(epochs=2, batch_size=8, lora_lr=2e-3, weight_quant_lr=1e-4, act_quant_lr=2e-3,
+                    relation_weight=1.0, memory_length=2)
+    summary = run_qat(student, fp, diff, samp, cfg, relation=relation, progress=False)
+    after = distillation_error(student, fp, diff, samp, n=8)
+    assert summary["updates"] == 2 * samp.steps
+    assert after < 0.95 * before
+    rels = [h["relation"] for h in summary["history"]]
+    if relation == "trd":  # every 2nd step completes a window
+        assert rels[0] != rels[0] and rels[1] == rels[1]
+    else:
+        assert all(r == r and r >= 0 for r in rels)
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_qat_runs_on_the_dit_and_moves_the_lora(tiny):
+    from pipeline.quant.surgery import quant_layers
+
+    models, diff, samp = tiny
+    fp, student0 = models["dit"]
+    student = copy.deepcopy(student0)
+    summary = run_qat(student, fp, diff, samp, QATConfig(epochs=1, batch_size=4, lora_lr=1e-3), relation="memory",
+                      progress=False)
+    assert summary["feature_module"] == "transformer_blocks.0" and summary["updates"] == samp.steps
+    assert all(h["eps_mse"] == h["eps_mse"] and h["relation"] >= 0 for h in summary["history"])
+    moved = [not torch.equal(a.lora_B, b.lora_B) for (_, a), (_, b) in
+             zip(quant_layers(student.net), quant_layers(student0.net)) if a.lora_B is not None]
+    assert moved and all(moved)
