@@ -26,6 +26,12 @@ def miniature(params: dict) -> dict:
     p["calibrate"].update(n_samples=16, n_timesteps=3, batch_size=16)
     p["quantize"]["settings"] = ["W8A8", "W4A4"]
     p["quantize"]["naive"]["calib_batches"] = 1
+    p["fp4dit"].update(methods=["fp4dit", "int_adaround"], settings=["W4A8"])
+    p["fp4dit"]["fp4dit"].update(recon_iters=3, recon_batch_size=8)
+    p["mpq"].update(methods=["mpqdm", "mpqdm2"], settings=["W3A4"])
+    p["mpq"]["mpqdm"].update(lora_rank=2, calib_inputs=16, act_calib_batches=1, act_mse_samples=256,
+                             omq_fractions=[0.0, 0.1])
+    p["qat"].update(epochs=1, batch_size=4, check_samples=0)
     p["eval"].update(n_samples=40, batch_size=40, grid_size=4)
     return p
 
@@ -68,6 +74,9 @@ def test_repro_writes_summary_for_every_model(repo):
         for m in ("fp/FP32", "naive/W8A8", "naive/W4A4"):
             row = summary[f"{b}/{m}"]
             assert row["fid"] >= 0 and 0 <= row["accuracy"] <= 1 and row["bitops_g"] > 0
+        for m in (["fp4dit/W4A8", "int_adaround/W4A8"] if b == "dit" else ["mpqdm/W3A4", "mpqdm2/W3A4"]):
+            row = summary[f"{b}/{m}"]
+            assert row["fid"] >= 0 and 0 <= row["accuracy"] <= 1 and row["bitops_g"] > 0
         # fewer bits, fewer BitOPs and smaller files
         assert summary[f"{b}/naive/W4A4"]["bitops_g"] < summary[f"{b}/naive/W8A8"]["bitops_g"] < \
             summary[f"{b}/fp/FP32"]["bitops_g"]
@@ -86,13 +95,16 @@ def test_every_stage_is_an_mlflow_run(repo):
     exp = client.get_experiment_by_name("diffusion-quant")
     runs = client.search_runs([exp.experiment_id], max_results=500)
     stages = {r.data.tags.get("stage") for r in runs}
-    assert stages >= {"prepare", "train_fp", "train_evaluators", "calibrate", "quantize", "evaluate", "report"}
+    assert stages >= {"prepare", "train_fp", "train_evaluators", "calibrate", "quantize", "fp4dit", "mpq_init",
+                      "qat", "evaluate", "report"}
     q = [r for r in runs if r.data.tags.get("stage") == "quantize"]
     assert len(q) == 4 and all({"backbone", "method", "setting", "git_commit", "params_hash"} <= set(r.data.tags)
                                for r in q)
     assert all(r.info.status == "FINISHED" for r in runs)
     train = [r for r in runs if r.data.tags.get("stage") == "train_fp"]
     assert any(k.startswith("train_loss") for r in train for k in r.data.metrics)  # Lightning logged into the run
+    qat = [r for r in runs if r.data.tags.get("stage") == "qat"]
+    assert len(qat) == 2 and all(r.data.metrics.get("qat_seconds", 0) > 0 for r in qat)
 
 
 def test_second_repro_is_a_noop(repo):
