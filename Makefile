@@ -26,6 +26,7 @@ repro: install
 
 ## the test suite (one process; includes an end-to-end `dvc repro` on a miniature params file)
 test: install
+	$(BIN)/ruff check pipeline stages tests bench
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install

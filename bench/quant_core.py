@@ -22,9 +22,8 @@ def main() -> None:
     import torch
 
     from pipeline import models
-    from pipeline.config import (BackboneModel, DiffusionConfig, ModelConfig, NaivePTQConfig, SamplingConfig,
-                                 load_section, parse_setting)
-    from pipeline.methods.naive_ptq import naive_spec
+    from pipeline.config import DiffusionConfig, ModelConfig, SamplingConfig, load_section, parse_setting
+    from pipeline.methods.naive_ptq import NaivePTQConfig, naive_spec
     from pipeline.quant.packing import packed_bytes, save_quantized, theoretical_bytes
     from pipeline.quant.surgery import LayerQuant, QuantSpec, calibrate_activations, default_rules, quantize_model
     from pipeline.sampling import eval_labels, initial_noise, sample
@@ -47,7 +46,7 @@ def main() -> None:
         fp.eval()
         noise, labels = initial_noise(n, fp.sample_shape, 0), eval_labels(n, fp.num_classes)
 
-        def timed(m):
+        def timed(m, noise=noise, labels=labels):
             best = float("inf")
             for _ in range(reps):
                 t0 = time.perf_counter()
@@ -68,7 +67,7 @@ def main() -> None:
             t = torch.randint(0, diff.num_train_timesteps, (32,))
             y = torch.randint(0, fp.num_classes, (32,))
             with torch.no_grad():
-                calibrate_activations(q.net, lambda: q(x, t, y))
+                calibrate_activations(q.net, lambda q=q, x=x, t=t, y=y: q(x, t, y))
             ratio = timed(q) / t_fp
             with tempfile.TemporaryDirectory() as d:
                 save_quantized(q.net, spec, d)

@@ -36,7 +36,7 @@ def main() -> None:
     for b in ("unet", "dit"):
         cells = []
         for s in ("W8A8", "W4A8", "W4A4"):
-            row = summary.get(f"{b}/naive/{s}")
+            row = summary.get(f"{b}/naive/naive/{s}")
             cells.append(f"{s} {row['fid_ratio']:.2f}" if row else f"{s} (not run)")
         print(f"  {b:5s} " + "   ".join(cells))
 

@@ -396,65 +396,46 @@ class CalibrateConfig:
         _check_positive(self, p, "n_samples", "n_timesteps", "batch_size")
 
 
-@dataclass
-class NaivePTQConfig:
-    """Parameters of the naive PTQ baseline (min-max; W per output channel, A per tensor)."""
-
-    weight_init: str = choice("minmax", "mse", default="minmax")
-    act_init: str = choice("minmax", "mse", default="minmax")
-    keep_first_last_bits: int = 8  # 0 = keep first/last layers in FP
-    calib_batches: int = 4
-
-    def validate(self, p: str) -> None:
-        if self.keep_first_last_bits not in (0, *WEIGHT_BITS):
-            raise ConfigError(
-                f"{p}.keep_first_last_bits: must be 0 (FP) or one of {list(WEIGHT_BITS)}, "
-                f"got {self.keep_first_last_bits}"
-            )
-
-
-MATRIX_KEYS = ("methods", "settings", "backbones")
+MATRIX_KEYS = ("variants", "settings", "backbones")
 
 
 @dataclass
-class MatrixConfig:
-    """The section of a quantizing stage (``quantize``, and each method family's stage): a DVC matrix
-    of ``methods`` x bit ``settings``, each item run on every listed backbone the method supports.
-    Every other key of the section is the options sub-section of a method (its ``config_section`` in the
-    method registry); the stage validates those against the method's own config class."""
+class FamilyMatrix:
+    """The matrix keys of a method family's section: which ``variants`` (rows) at which bit ``settings``
+    on which ``backbones``. Every other key of the section is an option of the family's own config class
+    (validated against it by :func:`pipeline.validation.load_family`)."""
 
-    methods: list[str] = field(default_factory=lambda: ["naive"])
-    settings: list[str] = field(default_factory=lambda: ["W8A8", "W4A8", "W4A4"])
+    variants: list[str] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)
     backbones: list[str] = field(default_factory=lambda: ["unet", "dit"])
-    options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, p: str) -> None:
-        if not self.methods:
-            raise ConfigError(f"{p}.methods: list at least one method")
+        if not self.variants:
+            raise ConfigError(f"{p}.variants: list at least one variant")
+        if not self.settings:
+            raise ConfigError(f"{p}.settings: list at least one bit setting")
         _check_backbones(self.backbones, f"{p}.backbones")
+        for key in ("variants", "settings", "backbones"):
+            values = getattr(self, key)
+            for i, v in enumerate(values):
+                if values.index(v) != i:
+                    raise ConfigError(f"{p}.{key}[{i}]: {v!r} is listed twice")
         for i, s in enumerate(self.settings):
             parse_setting(s, f"{p}.settings[{i}]")
-        # method names and option sub-sections are checked against the registry by the stage
 
     @property
     def bit_settings(self) -> list[BitSetting]:
         return [parse_setting(s) for s in self.settings]
 
 
-def load_matrix(section: str, path: str | Path = "params.yaml") -> MatrixConfig:
-    """Read a quantizing stage's section: the matrix keys are typed, the rest kept as method options."""
-    data = read_params(path)
-    if section not in data:
-        raise ConfigError(f"{Path(path).name}: missing section '{section}'")
-    raw = data[section] or {}
+def split_family_section(section: str, raw: Any) -> tuple[FamilyMatrix, dict]:
+    """``(matrix, options)`` of a family's raw params section; errors name the key."""
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{Path(path).name}: {section}: expected a mapping, got {raw!r}")
-    try:
-        cfg = from_dict(MatrixConfig, {k: v for k, v in raw.items() if k in MATRIX_KEYS}, section)
-    except ConfigError as exc:
-        raise ConfigError(f"{Path(path).name}: {exc}") from None
-    cfg.options = {k: v for k, v in raw.items() if k not in MATRIX_KEYS}
-    return cfg
+        raise ConfigError(f"{section}: expected a mapping, got {raw!r}")
+    matrix = from_dict(FamilyMatrix, {k: v for k, v in raw.items() if k in MATRIX_KEYS}, section)
+    return matrix, {k: v for k, v in raw.items() if k not in MATRIX_KEYS}
 
 
 @dataclass
@@ -495,29 +476,10 @@ REPORT_COLUMNS = ("fid", "fid_ratio", "accuracy", "clip_score", "hps", "bitops_g
 
 
 @dataclass
-class ReportTable:
-    """One focused table of the report (e.g. a paper's ablation): rows = methods x settings of one backbone."""
-
-    title: str
-    backbone: str
-    methods: list[str] = field(default_factory=list)
-    settings: list[str] = field(default_factory=list)
-    columns: list[str] = choice(*REPORT_COLUMNS, default_factory=lambda: ["fid_ratio", "accuracy", "clip_score",
-                                                                         "model_mb", "method_seconds"])
-    note: str = ""
-
-    def validate(self, p: str) -> None:
-        _check_backbones([self.backbone], f"{p}.backbone")
-        for i, s in enumerate(self.settings):
-            parse_setting(s, f"{p}.settings[{i}]")
-
-
-@dataclass
 class ReportConfig:
-    """``report``: the summary table, focused comparison tables and plots."""
+    """``report``: the summary table and plots (comparison tables are declared by the method families)."""
 
     primary_metric: str = choice("fid", "accuracy", "clip_score", default="fid")
-    tables: list[ReportTable] = field(default_factory=list)
 
 
 @dataclass

@@ -11,8 +11,9 @@ and is scored by the same evaluators against the same held-out reference set:
 - HPSv2 (only when a local checkpoint is configured; otherwise skipped with the reason recorded),
 - BitOPs (MACs x b_w x b_a summed over all sampling steps), model bytes on disk, seconds per image.
 
-Results are cached by content: the key hashes the model files, the evaluation / sampling params,
-the evaluators, the reference data and the library code, so a re-run only evaluates what changed.
+Which models exist comes from the method families' manifests (:func:`discover_entries`). Results are
+cached by content (:func:`evaluate_all`): the key hashes the model files, the evaluation / sampling
+params, the evaluators, the reference data and the library code, so a re-run only evaluates what changed.
 """
 from __future__ import annotations
 
@@ -32,30 +33,34 @@ log = logging.getLogger("pipeline")
 @dataclass
 class ModelEntry:
     backbone: str
-    method: str  # "fp" for the full-precision model
+    family: str  # "fp" for the full-precision model
+    variant: str  # "fp" for the full-precision model
     setting: str  # "FP32" for the full-precision model
     fp_dir: Path
     quant_dir: Optional[Path] = None
-    family: str = "fp"  # which params section / stage produced it
 
     @property
     def label(self) -> str:
-        return f"{self.backbone}/{self.method}/{self.setting}"
+        return f"{self.backbone}/{self.family}/{self.variant}/{self.setting}"
 
     @property
     def slug(self) -> str:
-        return f"{self.backbone}__{self.method}__{self.setting}"
+        return f"{self.backbone}__{self.family}__{self.variant}__{self.setting}"
 
 
 def code_hash(root: Path) -> str:
-    """Hash of the library code: a code change invalidates cached evaluations."""
-    return tree_hash(root / "pipeline")[:16]
+    """Hash of the library's Python sources: a code change invalidates cached evaluations."""
+    from .runner import code_hash as _code_hash
+
+    return _code_hash(Path(root) / "pipeline")
 
 
 def entry_key(entry: ModelEntry, context: dict[str, Any]) -> str:
     parts = {"fp": tree_hash(entry.fp_dir), "context": context}
     if entry.quant_dir is not None:
-        parts["quant"] = tree_hash(entry.quant_dir)
+        # the model files only: info.json holds timings, which differ between identical results
+        parts["quant"] = [tree_hash(p) for p in sorted(Path(entry.quant_dir).glob("*"))
+                          if p.is_file() and p.name != "info.json"]
     return data_hash(parts)[:24]
 
 
@@ -106,7 +111,7 @@ class Evaluator:
         from . import data
         from .metrics.clip import CLIPScoreMetric
         from .metrics.fid import FIDMetric
-        from .train.evaluators import load_classifier
+        from .train.classifier import load_classifier
 
         self.cfg, self.diffusion, self.sampling, self.device = cfg, diffusion, sampling, device
         meta = data.load_meta(data_dir)
@@ -151,8 +156,8 @@ class Evaluator:
             macs = count_macs(backbone.net, lambda: backbone(x0, t0_, y0))
         per_image_macs = {k: v / 2 for k, v in macs.items()}
         row: dict[str, Any] = {
-            "backbone": entry.backbone, "method": entry.method, "setting": entry.setting,
-            "family": entry.family,
+            "backbone": entry.backbone, "family": entry.family, "variant": entry.variant,
+            "setting": entry.setting,
             "fid": self.fid.compute(images),
             "accuracy": conditional_accuracy(self.classifier, images.to(self.device), labels.to(self.device)),
             "clip_score": self.clip.compute(images, [caption(self.class_names[int(k)]) for k in labels]),
@@ -167,8 +172,7 @@ class Evaluator:
             from .io import read_json
 
             info = read_json(info_file)
-            row["method_seconds"] = sum(float(info.get(k, 0.0)) for k in ("init_seconds", "quantize_seconds",
-                                                                            "qat_seconds"))
+            row["method_seconds"] = float(info.get("method_seconds", 0.0))
         if self.hps is not None:
             row["hps"] = self.hps.compute(images, [caption(self.class_names[int(k)]) for k in labels])
         else:
@@ -177,23 +181,84 @@ class Evaluator:
         return row, images
 
 
-def planned_entries(params: dict, fp_root: Path, layouts: dict[str, str]) -> list[ModelEntry]:
-    """Every model the current params ask for: the FP backbones, then each quantizing stage's
-    method x setting x backbone. ``layouts`` maps a params section (with ``methods``, ``settings``,
-    ``backbones``) to the path template of its outputs, e.g.
-    ``"data/quantized/{method}/{setting}/{backbone}"``. Models left on disk by items no longer in
-    params are not evaluated."""
-    from .methods import get_method
+def discover_entries(families: list[str], backbones: list[str], fp_root: Path, quant_root: Path):
+    """Every model to evaluate: the FP backbones, then each listed family's models as its manifest
+    (``<quant_root>/<family>/manifest.json``) lists them. Returns ``(entries, failed, tables)``: failed
+    jobs (as rows with their error) and the families' comparison-table declarations."""
+    from .runner import read_manifest
 
-    backbones = list(params["model"]["backbones"])
-    entries = [ModelEntry(b, "fp", "FP32", Path(fp_root) / b) for b in backbones]
-    for section, layout in layouts.items():
-        sec = params.get(section) or {}
-        for method_name in sec.get("methods", []):
-            method = get_method(method_name)
-            for setting in sec.get("settings", []):
-                for b in sec.get("backbones", backbones):
-                    if b in backbones and b in method.backbones:
-                        path = Path(layout.format(method=method_name, setting=setting, backbone=b))
-                        entries.append(ModelEntry(b, method_name, setting, Path(fp_root) / b, path, section))
-    return entries
+    entries = [ModelEntry(b, "fp", "fp", "FP32", Path(fp_root) / b) for b in backbones]
+    failed, tables = [], []
+    for fam in families:
+        manifest = read_manifest(Path(quant_root) / fam)
+        tables += manifest.get("tables", [])
+        for m in manifest["models"]:
+            if m["backbone"] not in backbones:
+                continue
+            if m["status"] != "ok":
+                failed.append({"backbone": m["backbone"], "family": fam, "variant": m["variant"],
+                               "setting": m["setting"], "status": m["status"], "error": m.get("error", "")})
+                continue
+            entries.append(ModelEntry(m["backbone"], fam, m["variant"], m["setting"], Path(fp_root) / m["backbone"],
+                                      Path(quant_root) / fam / m["path"]))
+    return entries, failed, tables
+
+
+def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, data_dir: Path, evaluators_dir: Path,
+                 out: Path) -> list[dict]:
+    """Evaluate ``entries`` into ``out`` (``results.json``, ``grids/``, a content-addressed ``cache/``).
+    A model whose key (its files, the protocol params, evaluators, reference data, library code) is in
+    the previous output's cache is not re-evaluated. One MLflow run for the stage, one nested run per
+    newly evaluated model."""
+    import shutil
+
+    import mlflow
+
+    from .config import to_dict
+    from .io import atomic_dir, read_json, write_json
+    from .tracking import stage_run
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    context = {"eval": to_dict(cfg), "sampling": to_dict(sampling), "diffusion": to_dict(diffusion),
+               "evaluators": tree_hash(evaluators_dir), "data": tree_hash(data_dir),
+               "code": code_hash(Path(__file__).resolve().parents[1])}
+    old_cache = Path(out) / "cache"
+    stage_params = {"eval": to_dict(cfg), "sampling": to_dict(sampling), "n_models": len(entries)}
+    rows: list[dict] = []
+    with stage_run("evaluate", params=stage_params, experiment=tracking.experiment, uri=tracking.uri,
+                   inputs=[data_dir, evaluators_dir], log_file=Path("data") / "logs" / "evaluate.log") as run_:
+        evaluator = None
+        with atomic_dir(out) as tmp:
+            (tmp / "cache").mkdir()
+            (tmp / "grids").mkdir()
+            for i, e in enumerate(entries, 1):
+                key = entry_key(e, context)
+                cached, png = old_cache / f"{key}.json", old_cache / f"{key}.png"
+                if cached.exists() and png.exists():
+                    row = read_json(cached)
+                    shutil.copy(cached, tmp / "cache" / cached.name)
+                    shutil.copy(png, tmp / "cache" / png.name)
+                    log.info("[%d/%d] %s: cached (FID %.3f, acc %.3f)", i, len(entries), e.label, row["fid"],
+                             row["accuracy"])
+                else:
+                    if evaluator is None:
+                        evaluator = Evaluator(cfg, diffusion, sampling, Path(data_dir), Path(evaluators_dir), device)
+                    row, images = evaluator.evaluate(e)
+                    row["key"] = key
+                    save_grid(images[: cfg.grid_size * cfg.grid_size], tmp / "cache" / f"{key}.png", nrow=cfg.grid_size)
+                    write_json(tmp / "cache" / f"{key}.json", row)
+                    tags = {"stage": "evaluate", "backbone": e.backbone, "family": e.family, "variant": e.variant,
+                            "setting": e.setting, "eval_key": key}
+                    with mlflow.start_run(run_name=f"evaluate@{e.label}", nested=True, tags=tags):
+                        mlflow.log_params({**{k: v for k, v in tags.items() if k != "stage"},
+                                           "n_samples": cfg.n_samples})
+                        mlflow.log_metrics({k: float(v) for k, v in row.items()
+                                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                        mlflow.log_artifact(str(tmp / "cache" / f"{key}.png"), "samples")
+                    log.info("[%d/%d] %s: FID %.3f, accuracy %.3f, CLIP %.2f, %.4f s/image", i, len(entries),
+                             e.label, row["fid"], row["accuracy"], row["clip_score"], row["sec_per_image"])
+                shutil.copy(tmp / "cache" / f"{key}.png", tmp / "grids" / f"{e.slug}.png")
+                rows.append(row)
+            write_json(tmp / "results.json", {"rows": rows, "failed": failed, "tables": tables})
+        run_.log_artifact(Path(out) / "results.json")
+    return rows

@@ -92,9 +92,9 @@ def setup_logging(log_file: Optional[Path] = None) -> Optional[logging.Handler]:
 class StageRun:
     """Handle of the MLflow run of one stage execution."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, uri: Optional[str] = None) -> None:
         self.run_id = run_id
-        self.uri = tracking_uri()
+        self.uri = uri or tracking_uri()  # for a Lightning MLFlowLogger(run_id=..., tracking_uri=...)
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         import mlflow
@@ -179,7 +179,7 @@ def stage_run(
         items = list(flat.items())
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
-        handle = StageRun(run.info.run_id)
+        handle = StageRun(run.info.run_id, tracking_uri(uri))
         status = "FINISHED"
         try:
             yield handle

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """report: one table over all evaluations -> reports/summary.json (DVC metrics, keyed by
-backbone/method/setting), reports/results.md, reports/results.csv and plots (FID vs weight bits,
+backbone/family/variant/setting), the comparison tables the families declare, reports/results.md, reports/results.csv and plots (FID vs weight bits,
 FID vs BitOPs, sample montages), all logged to MLflow."""
 from _common import log_path, main, parser, require
 
@@ -24,7 +24,8 @@ def run(args):
     out = Path(args.out)
     with stage_run("report", params=to_dict(cfg), experiment=trk.experiment, uri=trk.uri,
                    inputs=[results], log_file=log_path("report")) as run_:
-        df = report.results_frame(read_json(results, "evaluation results")["rows"])
+        res = read_json(results, "evaluation results")
+        df = report.results_frame(res["rows"])
         # plots first (into a scratch folder), then the metric files, each replaced atomically
         scratch = out / ".plots-tmp"
         shutil.rmtree(scratch, ignore_errors=True)
@@ -38,7 +39,7 @@ def run(args):
         scratch.rename(plots)
         write_json(out / "summary.json", report.summary(df))
         with atomic_file(out / "results.md") as fh:
-            fh.write(report.markdown_report(df, tables=cfg.tables))
+            fh.write(report.markdown_report(df, tables=res.get("tables"), failed=res.get("failed")))
         with atomic_file(out / "results.csv") as fh:
             df[[c for c in report.COLUMNS + ["wbits", "abits", "macs_m", "model_bytes"] if c in df]].to_csv(
                 fh, index=False)

@@ -18,7 +18,8 @@ def run(args):
     from pipeline.io import atomic_dir
     from pipeline.metrics.accuracy import conditional_accuracy
     from pipeline.tracking import stage_run
-    from pipeline.train import evaluators as ev
+    from pipeline.train import classifier as clf_mod
+    from pipeline.train import tiny_clip
 
     log = logging.getLogger("pipeline")
     with stage_run("train_evaluators", params=to_dict(cfg), experiment=trk.experiment, uri=trk.uri,
@@ -28,16 +29,16 @@ def run(args):
         rx, ry = data.load_split(args.data, "reference")
         names = meta["class_names"]
         t0 = time.time()
-        clf = ev.train_classifier(x, y, len(names), cfg.classifier_steps, cfg.batch_size, cfg.lr, cfg.seed)
+        clf = clf_mod.train_classifier(x, y, len(names), cfg.classifier_steps, cfg.batch_size, cfg.lr, cfg.seed)
         acc = conditional_accuracy(clf, rx, ry)
         t1 = time.time()
         log.info("classifier: reference accuracy %.4f (%.0f s)", acc, t1 - t0)
-        clip, tok, proc = ev.train_clip(x, y, names, cfg.clip_steps, cfg.batch_size, cfg.lr, cfg.seed)
-        zs = ev.clip_zero_shot_accuracy(clip, tok, proc, rx, ry, names)
+        clip, tok, proc = tiny_clip.train_clip(x, y, names, cfg.clip_steps, cfg.batch_size, cfg.lr, cfg.seed)
+        zs = tiny_clip.clip_zero_shot_accuracy(clip, tok, proc, rx, ry, names)
         log.info("tiny CLIP: zero-shot reference accuracy %.4f (%.0f s)", zs, time.time() - t1)
         with atomic_dir(args.out) as tmp:
-            ev.save_classifier(clf, tmp / "classifier")
-            ev.save_clip(clip, tok, proc, tmp / "clip")
+            clf_mod.save_classifier(clf, tmp / "classifier")
+            tiny_clip.save_clip(clip, tok, proc, tmp / "clip")
         run_.log_metrics({"classifier_accuracy": acc, "clip_zero_shot_accuracy": zs,
                           "classifier_seconds": t1 - t0, "clip_seconds": time.time() - t1})
 

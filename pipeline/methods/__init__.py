@@ -1,12 +1,25 @@
-"""Quantization methods, registered by name.
+"""Quantization method families, registered by name.
 
-A method is a config dataclass plus one function
+A *family* is one module of this package that declares, in one :class:`Family` object passed to
+:func:`register_family`:
 
-    quantize(backbone, calib, setting, cfg, ctx) -> QuantResult
+- ``name``: its params section in ``params.yaml`` and its output folder ``data/quantized/<name>``;
+- ``config_cls``: the dataclass of its options (the section's keys besides ``variants``, ``settings`` and
+  ``backbones``; nested dataclasses for sub-configs);
+- ``variants``: its rows in the results table (the method and its ablations), each a name, a
+  description and fixed ``switches`` that the method reads from ``ctx.variant``;
+- its phases: ``quantize(backbone, calib, setting, cfg, ctx) -> QuantResult`` (calibration-based PTQ,
+  or the initialisation of a fine-tuned method) and, optionally,
+  ``finetune(student, teacher, setting, cfg, ctx) -> dict`` (e.g. QAT). ``finetune_field`` names the
+  sub-config only the fine-tune phase reads, so changing it never redoes the first phase;
+- ``backbones`` it supports, ``tables``: the comparison tables of the report it wants, and optionally
+  ``check_setting(setting, cfg, switches)``, raising ValueError for a bit setting it cannot run (so the
+  refusal comes from the ``validate`` stage, before any compute).
 
-registered with :func:`register`. Stages look methods up by name (``get_method``); nothing else in
-the code base branches on a method's name. Variants of one paper (ablations) are registered under
-their own names so each appears as a row of the results table.
+The generic runner (:mod:`pipeline.runner`) does everything else: validation, job planning,
+MLflow runs, caching, saving (the core's packed format; a fine-tuned family's first phase is kept as
+the core's unpacked student checkpoint), manifests. No stage imports a family module; no code outside
+this package branches on a family's or variant's name.
 """
 from __future__ import annotations
 
@@ -14,6 +27,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+MATRIX_KEYS = ("variants", "settings", "backbones")
 
 
 @dataclass
@@ -25,8 +39,10 @@ class QuantResult:
 
 @dataclass
 class MethodContext:
-    """What a method may use besides its inputs: the device, an MLflow run to log into, and the
-    sampling / diffusion configs (for methods that train along trajectories)."""
+    """What a method may use besides its inputs: the device, the MLflow run of the job (``run.run_id``,
+    ``run.uri`` for a Lightning logger), the sampling / diffusion configs (methods that train along
+    trajectories), the backbone's name, the variant's switches and a scratch folder for extra outputs
+    (files written there are kept next to the model)."""
 
     device: Any = "cpu"
     run: Any = None
@@ -35,80 +51,92 @@ class MethodContext:
     backbone_name: str = ""
     variant: dict = field(default_factory=dict)
     workdir: Any = None
-    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    switches: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Table:
+    """A comparison table of the report, declared by its family. Rows: the FP model of ``backbone``,
+    then for every bit setting the family ran, the ``baselines`` (``"family/variant"`` rows of other
+    families at the same setting, when they ran) and the family's ``variants`` (default: all it ran)."""
+
+    title: str
+    backbone: str
+    columns: tuple = ("fid_ratio", "accuracy", "clip_score", "model_mb", "method_seconds")
+    baselines: tuple = ()
+    variants: tuple = ()
+    note: str = ""
+
+    def as_dict(self, family: str) -> dict:
+        return {"family": family, "title": self.title, "backbone": self.backbone, "columns": list(self.columns),
+                "baselines": list(self.baselines), "variants": list(self.variants), "note": self.note}
 
 
 @dataclass
-class Method:
+class Family:
     name: str
-    fn: Callable[..., QuantResult]
-    config_section: str  # key of its parameters inside its stage's params section
     config_cls: type
-    backbones: tuple[str, ...]
+    variants: tuple
+    quantize: Callable[..., QuantResult]
     description: str = ""
-    variant: dict = field(default_factory=dict)  # fixed switches of an ablation variant
+    backbones: tuple = ("unet", "dit", "pixart")
+    finetune: Optional[Callable[..., dict]] = None
+    finetune_field: Optional[str] = None
+    tables: tuple = ()
+    check_setting: Optional[Callable[..., None]] = None  # (setting, cfg, switches); ValueError = unsupported
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(f"family {self.name!r} has no variant {name!r} "
+                       f"(variants: {', '.join(v.name for v in self.variants)})")
+
+    @property
+    def variant_names(self) -> list[str]:
+        return [v.name for v in self.variants]
 
 
-_REGISTRY: dict[str, Method] = {}
+_REGISTRY: dict[str, Family] = {}
 
 
-def register(name: str, config_cls: type, *, config_section: Optional[str] = None,
-             backbones: tuple[str, ...] = ("unet", "dit", "pixart"), description: str = "",
-             variant: Optional[dict] = None):
-    """Decorator: register ``fn`` as method ``name``. Ablation variants of one method register the same
-    function several times under different names, each with its fixed ``variant`` switches (the
-    function finds them in ``ctx.variant``)."""
-
-    def deco(fn: Callable[..., QuantResult]) -> Callable[..., QuantResult]:
-        if name in _REGISTRY:
-            raise ValueError(f"method {name!r} is registered twice")
-        _REGISTRY[name] = Method(name, fn, config_section or name, config_cls, tuple(backbones),
-                                 description or (fn.__doc__ or "").strip().splitlines()[0], dict(variant or {}))
-        return fn
-
-    return deco
+def register_family(family: Family) -> Family:
+    """Register ``family`` (called once at the bottom of its module). Checks the declaration itself."""
+    if family.name in _REGISTRY:
+        raise ValueError(f"family {family.name!r} is registered twice")
+    if family.name in ("fp", *MATRIX_KEYS):
+        raise ValueError(f"family name {family.name!r} is reserved")
+    names = [v.name for v in family.variants]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"family {family.name!r}: variants must be non-empty and unique, got {names}")
+    if (family.finetune is None) != (family.finetune_field is None):
+        raise ValueError(f"family {family.name!r}: finetune and finetune_field go together")
+    _REGISTRY[family.name] = family
+    return family
 
 
 def _load_all() -> None:
-    """Import every module of this package once: each registers its methods (kept lazy because
-    the method modules import torch)."""
+    """Import every module of this package once: each registers its family (kept lazy because the
+    method modules import torch)."""
     import pkgutil
 
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
 
 
-def available() -> list[str]:
+def families() -> dict[str, Family]:
     _load_all()
-    return sorted(_REGISTRY)
+    return dict(sorted(_REGISTRY.items()))
 
 
-def get_method(name: str) -> Method:
+def get_family(name: str) -> Family:
     _load_all()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown method {name!r} (registered methods: {', '.join(sorted(_REGISTRY))})")
+        raise KeyError(f"unknown method family {name!r} (registered: {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[name]
-
-
-def resolve_matrix(matrix, section: str, method_name: str):
-    """Check a quantizing stage's section against the registry and return ``(method, options)``:
-    the method, and its options parsed into its config class. Errors name the key."""
-    from ..config import MATRIX_KEYS, ConfigError, from_dict
-
-    _load_all()
-    option_keys = sorted({m.config_section for m in _REGISTRY.values()})
-    for key in matrix.options:
-        if key not in option_keys:
-            raise ConfigError(f"{section}.{key}: unknown key (allowed keys: {', '.join(MATRIX_KEYS)}, "
-                              f"and method option sections: {', '.join(option_keys)})")
-    for i, name in enumerate(matrix.methods):
-        if name not in _REGISTRY:
-            raise ConfigError(f"{section}.methods[{i}]: unknown method {name!r} "
-                              f"(registered methods: {', '.join(sorted(_REGISTRY))})")
-    if method_name not in _REGISTRY:
-        raise ConfigError(f"--method: unknown method {method_name!r} (registered methods: "
-                          f"{', '.join(sorted(_REGISTRY))})")
-    method = _REGISTRY[method_name]
-    options = from_dict(method.config_cls, matrix.options.get(method.config_section, {}),
-                        f"{section}.{method.config_section}")
-    return method, options

@@ -3,7 +3,7 @@
 Paper: Chen, Mills, Niu, "FP4DiT: Towards Effective Floating Point Quantization for Diffusion
 Transformers", arXiv 2503.15465 (TMLR 2025); official code ``cccrrrccc/FP4DiT`` (Q-Diffusion based).
 What it quantizes: weights to 4-bit floating point (ExMy), activations to 6/8-bit floating point
-computed online per token, attention matmul operands included. Spec: ``references/methods.md`` §3, §6.
+computed online per token, attention matmul operands included (github.com/cccrrrccc/FP4DiT).
 
 Algorithm (top to bottom, as :func:`quantize` runs it):
 
@@ -16,7 +16,7 @@ Algorithm (top to bottom, as :func:`quantize` runs it):
    than the group size has one group per row (the core zero-pads the short group; 0 is on every grid,
    so this equals per-row absmax). A format is the choice for its own width: in bit sweeps, a setting
    whose weight width differs from a format's width uses the core's default ExMy split for that width
-   (``FP_WEIGHT_SPLITS``: W3 E1M1, W5 E2M2, W6 E2M3, W8 E4M3) and per-pattern formats of another width
+   (``pipeline.quant.primitives.FP_WEIGHT_FORMATS``: W3 E1M1, W5 E2M2, W6 E2M3, W8 E4M3) and per-pattern formats of another width
    are not applied (ours; the paper only runs W4).
 2. Exclusions [CODE ``quant_model.py``, adapted to diffusers names]: patch embedding (``pos_embed``),
    timestep / class / caption embeddings (``*emb*``, ``adaln_single``, ``caption_projection``), the
@@ -27,7 +27,7 @@ Algorithm (top to bottom, as :func:`quantize` runs it):
    transformer blocks and layer by layer elsewhere (:mod:`pipeline.train.recon`): loss = block-output
    MSE + λ·Σ(1 − |2h − 1|^β), λ = 0.01, β 20 → 2 after a 20 % warm-up, Adam on the rounding logits only,
    inputs from the quantized-so-far model, targets from the FP model, hard rounding at the end.
-   The official schedule is ``recon_iters: 2500`` (batch 16); the default here is short (CPU budget).
+   The official schedule is ``recon.iters: 2500`` (batch 16); the default here is short (CPU budget).
 4. Online activation quantization [CODE ``online_per_tensor_quant``]: every quantized linear's input
    is FP-quantized per token with α = the token's absmax at run time (A6 = E2M3, A8 = E3M4), no
    activation calibration. Attention: Q, K before Q·Kᵀ and P, V before P·V with their own per-token
@@ -59,12 +59,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 
 from pipeline.models import attach_caption_embeddings  # noqa: F401  (re-exported)
 
 from ..config import ConfigError
-from . import MethodContext, QuantResult, register
+from ..train.configs import ReconConfig
+from . import Family, MethodContext, QuantResult, Table, Variant, register_family
 
 _FORMAT_RE = re.compile(r"^E(\d+)M(\d+)$")
 
@@ -77,19 +77,6 @@ DEFAULT_EXCLUDE = [
     "proj_out*",  # final layer (DiT proj_out_1 / proj_out_2, PixArt proj_out)
     "norm_out*",
 ]
-
-
-def _matches_any(patterns, name: str) -> bool:
-    """True when ``name`` matches one of the glob / ``re:`` patterns (the QuantSpec pattern syntax)."""
-    import fnmatch
-
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.fullmatch(p[3:], name):
-                return True
-        elif fnmatch.fnmatchcase(name, p):
-            return True
-    return False
 
 
 def parse_format(text: str, key: str) -> tuple[int, int]:
@@ -106,15 +93,16 @@ def parse_format(text: str, key: str) -> tuple[int, int]:
 
 @dataclass
 class FP4DiTConfig:
-    """Options of FP4DiT and its variants (params: ``fp4dit.fp4dit``).
+    """Options of FP4DiT and its variants (params section ``fp4dit``).
 
     Formats: ``weight_format`` (default layers), ``ffn1_format`` for ``ffn1_pattern`` (first FFN linear),
     ``weight_format_rules`` (more ``pattern: format`` pairs, applied after the FFN-1 rule),
     ``act_format`` (null = A6 -> E2M3, A8 -> E3M4, other widths the core's default split),
     ``softmax_bits`` (null = the setting's activation bits). ``group_size``: weights per clipping value.
-    ``exclude``: module-name patterns kept in FP. Reconstruction: ``recon_*`` (see
-    :class:`pipeline.train.recon.ReconConfig`; the paper's setting is ``recon_iters: 2500``,
-    ``recon_batch_size: 16``). ``recon_max_inputs``: cap on calibration inputs used (null = all).
+    ``exclude``: module-name patterns kept in FP. ``recon``: the block reconstruction
+    (:class:`pipeline.train.configs.ReconConfig`; the paper's setting is ``recon.iters: 2500``,
+    ``recon.batch_size: 16``; ``recon.max_inputs`` caps the calibration inputs used, null = all;
+    ``recon.seed`` the batch order).
     ``int_weight_symmetric``: symmetric INT weights for the INT variants (default asymmetric min-max).
     ``static_act_init``: absmax ("minmax") or MSE for the static-activation variant.
     """
@@ -127,19 +115,9 @@ class FP4DiTConfig:
     softmax_bits: Optional[int] = None
     group_size: int = 128
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
-    recon_iters: int = 80
-    recon_batch_size: int = 16
-    recon_lr: float = 1e-3
-    recon_reg_weight: float = 0.01
-    recon_beta_start: float = 20.0
-    recon_beta_end: float = 2.0
-    recon_warmup: float = 0.2
-    recon_asym: bool = True
-    recon_act_quant: bool = False
-    recon_max_inputs: Optional[int] = None
+    recon: ReconConfig = field(default_factory=lambda: ReconConfig(iters=80, batch_size=16))
     int_weight_symmetric: bool = False
     static_act_init: str = "minmax"
-    seed: int = 0
 
     def validate(self, p: str) -> None:
         parse_format(self.weight_format, f"{p}.weight_format")
@@ -148,19 +126,13 @@ class FP4DiTConfig:
             parse_format(fmt, f"{p}.weight_format_rules.{pat}")
         if self.act_format is not None:
             parse_format(self.act_format, f"{p}.act_format")
-        if self.softmax_bits is not None and not 3 <= self.softmax_bits <= 16:
-            raise ConfigError(f"{p}.softmax_bits: must be null or in 3..16, got {self.softmax_bits}")
+        from ..quant.act import FP_ACT_BITS
+
+        if self.softmax_bits is not None and self.softmax_bits not in FP_ACT_BITS:
+            raise ConfigError(f"{p}.softmax_bits: must be null or in {FP_ACT_BITS[0]}..{FP_ACT_BITS[-1]}, "
+                              f"got {self.softmax_bits}")
         if self.group_size < 1:
             raise ConfigError(f"{p}.group_size: must be a positive int, got {self.group_size}")
-        for name in ("recon_iters", "recon_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{p}.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.recon_lr <= 0:
-            raise ConfigError(f"{p}.recon_lr: must be > 0, got {self.recon_lr}")
-        if not 0.0 <= self.recon_warmup < 1.0:
-            raise ConfigError(f"{p}.recon_warmup: must be in [0, 1), got {self.recon_warmup}")
-        if self.recon_max_inputs is not None and self.recon_max_inputs < 1:
-            raise ConfigError(f"{p}.recon_max_inputs: must be null or >= 1, got {self.recon_max_inputs}")
         if self.static_act_init not in ("minmax", "mse"):
             raise ConfigError(f"{p}.static_act_init: {self.static_act_init!r} is not allowed "
                               "(allowed values: minmax, mse)")
@@ -168,48 +140,39 @@ class FP4DiTConfig:
             if not pat:
                 raise ConfigError(f"{p}.exclude[{i}]: empty pattern")
 
-    def recon_config(self):
-        from ..train.recon import ReconConfig
-
-        return ReconConfig(iters=self.recon_iters, batch_size=self.recon_batch_size, lr=self.recon_lr,
-                           reg_weight=self.recon_reg_weight, beta_start=self.recon_beta_start,
-                           beta_end=self.recon_beta_end, warmup=self.recon_warmup, asym=self.recon_asym,
-                           act_quant=self.recon_act_quant, max_inputs=self.recon_max_inputs, seed=self.seed)
-
 
 # fixed switches of the registered variants
 VARIANT_DEFAULTS = {"grid": "fp", "adaround": True, "act_mode": "token", "ffn1": True}
-# FP4DiT's activation formats; other widths fall back to the core's default split
-PAPER_ACT_FORMATS = {6: (2, 3), 8: (3, 4)}
 
 
 def format_at_width(text: str, bits: int, key: str) -> Optional[tuple[int, int]]:
     """(E, M) of format ``text`` when it is a signed ``bits``-bit format (1 + E + M == bits), else None:
     a format is a choice for its own width; at other widths (bit sweeps) the core's default split
-    applies (``pipeline.quant.surgery.FP_WEIGHT_SPLITS`` / ``FP_ACT_SPLITS``)."""
+    applies (``pipeline.quant.primitives.FP_WEIGHT_FORMATS`` / ``FP_ACT_FORMATS``)."""
     e, m = parse_format(text, key)
     return (e, m) if 1 + e + m == bits else None
 
 
 def act_split(setting, cfg: FP4DiTConfig) -> tuple[int, int]:
-    """Activation ExMy split: ``act_format`` when it has the setting's width, else FP4DiT's (A6 E2M3,
-    A8 E3M4), else the core's default split."""
-    from ..quant.surgery import FP_ACT_SPLITS
+    """Activation ExMy split: ``act_format`` when it has the setting's width, else the core's table
+    (``pipeline.quant.primitives.FP_ACT_FORMATS``: FP4DiT's A6 E2M3 and A8 E3M4, our split elsewhere)."""
+    from ..quant.primitives import FP_ACT_FORMATS
 
     if cfg.act_format is not None:
         chosen = format_at_width(cfg.act_format, setting.abits, "act_format")
         if chosen is not None:
             return chosen
-    if setting.abits in PAPER_ACT_FORMATS:
-        return PAPER_ACT_FORMATS[setting.abits]
-    if setting.abits not in FP_ACT_SPLITS:
+    if setting.abits not in FP_ACT_FORMATS:
         raise ValueError(f"setting {setting.name}: no FP activation format for {setting.abits} bits "
-                         f"(supported widths: {sorted(FP_ACT_SPLITS)})")
-    return FP_ACT_SPLITS[setting.abits]
+                         f"(supported widths: {sorted(FP_ACT_FORMATS)})")
+    return FP_ACT_FORMATS[setting.abits]
 
 
 def fp4dit_spec(setting, cfg: FP4DiTConfig, variant: Optional[dict] = None):
-    """The :class:`pipeline.quant.surgery.QuantSpec` of FP4DiT (or a variant) at ``setting``."""
+    """The :class:`pipeline.quant.surgery.QuantSpec` of FP4DiT (or a variant) at ``setting``. P (post-softmax)
+    at ``softmax_bits`` is a spec field (``attn_p_bits``; unsigned, its own split: the core's table for widths
+    up to 8, E5 beyond); an INT grid wider than the integer range keeps P in FP (``attn_p_format: none``)."""
+    from ..quant.primitives import FP_WEIGHT_FORMATS, INT_BITS
     from ..quant.surgery import LayerQuant, QuantSpec
 
     v = {**VARIANT_DEFAULTS, **(variant or {})}
@@ -222,15 +185,18 @@ def fp4dit_spec(setting, cfg: FP4DiTConfig, variant: Optional[dict] = None):
     common = dict(w_bits=setting.wbits, w_granularity="group", group_size=cfg.group_size,
                   a_bits=setting.abits if act else None, a_mode=a_mode,
                   attn_bits=setting.abits if act else None, a_init="minmax")
+    if act and cfg.softmax_bits is not None and cfg.softmax_bits != setting.abits:
+        if v["grid"] == "int" and cfg.softmax_bits > max(INT_BITS):
+            common["attn_p_format"] = "none"
+        else:
+            common["attn_p_bits"] = cfg.softmax_bits
     rules: list = []
     if v["grid"] == "fp":
-        from ..quant.surgery import FP_WEIGHT_SPLITS
-
-        if setting.wbits not in FP_WEIGHT_SPLITS:
-            raise ValueError(f"setting {setting.name}: FP weights need {min(FP_WEIGHT_SPLITS)}..."
-                             f"{max(FP_WEIGHT_SPLITS)} bits, got {setting.wbits}")
+        if setting.wbits not in FP_WEIGHT_FORMATS:
+            raise ValueError(f"setting {setting.name}: FP weights need {min(FP_WEIGHT_FORMATS)}..."
+                             f"{max(FP_WEIGHT_FORMATS)} bits, got {setting.wbits}")
         we, wm = (format_at_width(cfg.weight_format, setting.wbits, "weight_format")
-                  or FP_WEIGHT_SPLITS[setting.wbits])
+                  or FP_WEIGHT_FORMATS[setting.wbits])
         default = LayerQuant(w_format="fp", w_exp_bits=we, w_man_bits=wm, w_init="minmax", **common, **a_fp)
         overrides = [(cfg.ffn1_pattern, cfg.ffn1_format, "ffn1_format")] if v["ffn1"] else []
         overrides += [(pat, fmt, f"weight_format_rules.{pat}") for pat, fmt in cfg.weight_format_rules.items()]
@@ -247,28 +213,6 @@ def fp4dit_spec(setting, cfg: FP4DiTConfig, variant: Optional[dict] = None):
         default = dataclasses.replace(default, a_init=cfg.static_act_init)
     rules += [(pat, {"skip": True}) for pat in cfg.exclude]
     return QuantSpec(default=default, rules=rules)
-
-
-def softmax_quantizer(setting, cfg: FP4DiTConfig, grid: str, act_mode: str):
-    """The unsigned quantizer of the post-softmax probabilities P at ``softmax_bits`` (None: keep P FP,
-    which only happens for INT grids wider than 8 bits)."""
-    from ..quant import act as act_mod
-
-    bits = cfg.softmax_bits
-    if grid == "int":
-        if bits > 8:
-            return None
-        if act_mode == "static":
-            return act_mod.StaticActQuantizer(bits, symmetric=False, init=cfg.static_act_init)
-        return act_mod.OnlineTokenActQuantizer(bits, fmt="int", signed=False, rows="last_dim")
-    if bits <= 8:
-        e, m = act_mod.resolve_fp_split(bits, None, None, signed=False)
-    else:
-        e, m = 5, bits - 5  # fp16-like range without the sign bit
-    if act_mode == "static":
-        return act_mod.StaticActQuantizer(bits, fmt="fp", exp_bits=e, man_bits=m, signed=False,
-                                          init=cfg.static_act_init)
-    return act_mod.OnlineTokenActQuantizer(bits, fmt="fp", exp_bits=e, man_bits=m, signed=False, rows="last_dim")
 
 
 def _calibration_inputs(calib, device, cfg: FP4DiTConfig):
@@ -292,9 +236,6 @@ def quantize(backbone, calib, setting, cfg: FP4DiTConfig, ctx: MethodContext) ->
     # 1-2. spec: FP (or INT) group weights, E3M0 FFN-1, online per-token activations, exclusions
     spec = fp4dit_spec(setting, cfg, v)
     quantize_model(backbone.net, spec, timesteps=calib.timesteps)
-    if setting.act_quantized and cfg.softmax_bits is not None and cfg.softmax_bits != setting.abits:
-        for _, proc in quant_attention(backbone.net):
-            proc.p_quantizer = softmax_quantizer(setting, cfg, v["grid"], v["act_mode"])
     quant_state(backbone.net, weight=True, act=False)
     info: dict = {"n_quant_layers": sum(1 for _ in quant_layers(backbone.net)),
                   "n_quant_attention": sum(1 for _ in quant_attention(backbone.net))}
@@ -308,7 +249,7 @@ def quantize(backbone, calib, setting, cfg: FP4DiTConfig, ctx: MethodContext) ->
 
     # 3. block-wise scale-aware AdaRound (weights only, activations off; official first phase)
     if v["adaround"]:
-        rec = reconstruct_model(backbone, fp_backbone, inputs, cfg.recon_config(), root="net", run=ctx.run)
+        rec = reconstruct_model(backbone, fp_backbone, inputs, cfg.recon, root="net", run=ctx.run)
         errs = list(rec["units"].values())
         info.update(recon_seconds=rec["seconds"], recon_units=rec["n_units"], recon_inputs=rec["n_inputs"],
                     recon_error_rtn=sum(e["error_rtn"] for e in errs) / max(1, len(errs)),
@@ -330,22 +271,32 @@ def quantize(backbone, calib, setting, cfg: FP4DiTConfig, ctx: MethodContext) ->
     return QuantResult(backbone, spec, info)
 
 
-_DIT = ("dit", "pixart")
-register("fp4dit", FP4DiTConfig, config_section="fp4dit", backbones=_DIT,
-         description="FP4DiT: FP group-128 weights (E2M1, E3M0 FFN-1), scale-aware FP AdaRound, online "
-                     "per-token FP activations")(quantize)
-register("fp4dit_no_adaround", FP4DiTConfig, config_section="fp4dit", backbones=_DIT,
-         description="FP4DiT without AdaRound (round to nearest on the FP grid)",
-         variant={"adaround": False})(quantize)
-register("fp4dit_static_act", FP4DiTConfig, config_section="fp4dit", backbones=_DIT,
-         description="FP4DiT with static per-tensor FP activations instead of online per-token ones",
-         variant={"act_mode": "static"})(quantize)
-register("fp4dit_ffn_e2m1", FP4DiTConfig, config_section="fp4dit", backbones=_DIT,
-         description="FP4DiT with E2M1 in the first FFN linear instead of E3M0",
-         variant={"ffn1": False})(quantize)
-register("int_adaround", FP4DiTConfig, config_section="fp4dit", backbones=_DIT,
-         description="INT group weights + INT per-token activations with the same AdaRound reconstruction",
-         variant={"grid": "int"})(quantize)
-register("int_no_adaround", FP4DiTConfig, config_section="fp4dit", backbones=_DIT,
-         description="INT group weights + INT per-token activations, round to nearest",
-         variant={"grid": "int", "adaround": False})(quantize)
+def check_setting(setting, cfg: FP4DiTConfig, switches: dict) -> None:
+    """Refuse (ValueError) a bit setting this variant has no format for, before any compute."""
+    fp4dit_spec(setting, cfg, switches)
+
+
+register_family(Family(
+    name="fp4dit", config_cls=FP4DiTConfig, quantize=quantize, check_setting=check_setting,
+    backbones=("dit", "pixart"),
+    description="FP4DiT (arXiv 2503.15465) and INT twins through the same pipeline",
+    variants=(
+        Variant("fp4dit", "FP4DiT: FP group-128 weights (E2M1, E3M0 FFN-1), scale-aware FP AdaRound, online "
+                          "per-token FP activations"),
+        Variant("fp4dit_no_adaround", "FP4DiT without AdaRound (round to nearest on the FP grid)",
+                {"adaround": False}),
+        Variant("fp4dit_static_act", "FP4DiT with static per-tensor FP activations instead of online per-token "
+                                     "ones", {"act_mode": "static"}),
+        Variant("fp4dit_ffn_e2m1", "FP4DiT with E2M1 in the first FFN linear instead of E3M0", {"ffn1": False}),
+        Variant("int_adaround", "INT group weights + INT per-token activations with the same AdaRound "
+                                "reconstruction", {"grid": "int"}),
+        Variant("int_no_adaround", "INT group weights + INT per-token activations, round to nearest",
+                {"grid": "int", "adaround": False}),
+    ),
+    tables=(Table(
+        title="FP4DiT vs INT at the same bits (DiT)", backbone="dit", baselines=("naive/naive",),
+        columns=("fid_ratio", "accuracy", "clip_score", "bitops_g", "model_mb", "method_seconds"),
+        note="naive = min-max INT PTQ (per-channel W, static per-tensor A); int_* = FP4DiT's pipeline (group-128 W, "
+             "online per-token A) on an INT grid, with/without the same AdaRound; method_seconds = calibration + "
+             "reconstruction time."),),
+))

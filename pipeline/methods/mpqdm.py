@@ -2,7 +2,7 @@
 
 Papers: MPQ-DM, Feng et al., AAAI 2025, arXiv 2412.11549 (official code ``cantbebetter2/MPQ-DM``);
 MPQ-DMv2, arXiv 2507.04290 (no public code; only the abstract/introduction could be read — every v2
-component below is our reasoned design, methods.md §1B [INFER]).
+component below is our reasoned design, marked [INFER]).
 What it quantizes: every nn.Linear / nn.Conv2d to W<b> integers (asymmetric, per output channel, learnable
 step and zero point, MSE init) with intra-layer mixed precision, their inputs and the attention matmul
 operands to A<b> integers with one learnable (Δ_t, z_t) per sampling step; input/output layers and the
@@ -13,7 +13,7 @@ embedding paths stay at 8 bits without LoRA (MPQ-DM's ``set_first_last_layer_to_
 Algorithm (``quantize`` below, in this order):
 
 1. Surgery: wrap the layers (``quantize_model``) with timestep-indexed activation quantizers over the
-   sampler's timesteps (EfficientDM TALSQ / DilateQuant TPQ indexing, methods.md §6.4).
+   sampler's timesteps (EfficientDM TALSQ, arXiv 2310.03270 / DilateQuant TPQ, arXiv 2409.14307).
 2. Pre-scale (MPQ-DM OMQ step 1, official code): per input channel j, s_j = sqrt(max|X_j| / max|W_j|) from
    the layer's calibration inputs X; the layer computes Q_a(X / s) ⊛ Q_w(W · diag(s)) (core ``in_scale``).
    We take the max over ``calib_inputs`` calibration inputs (the code uses its first batch of 32).
@@ -46,23 +46,20 @@ Algorithm (``quantize`` below, in this order):
      weight knows is lost, and both factors are non-zero and span the error's principal subspace, so
      fine-tuning starts in the directions where quantization hurts instead of in a random subspace).
      Merging after QAT is exact (the core's ``merge_lora``).
-8. The QAT stage (``pipeline.train.qat``) fine-tunes LoRA, the weight quantizers (Δ, z, α) and the
-   activation quantizers along the FP teacher's DDIM trajectories with ε-MSE + a relation loss:
-   ``relation="trd"`` (MPQ-DM TRD) or ``relation="memory"`` (MPQ-DMv2 MTRD) — see
-   :mod:`pipeline.train.relation`.
+8. The fine-tune phase (:func:`finetune`, the loop in :mod:`pipeline.train.qat`) trains LoRA, the weight
+   quantizers (Δ, z, α) and the activation quantizers along the FP teacher's DDIM trajectories with
+   ε-MSE + a relation loss: ``relation="trd"`` (MPQ-DM TRD) or ``relation="memory"`` (MPQ-DMv2 MTRD) —
+   see :mod:`pipeline.train.relation` — and merges LoRA exactly before packing.
 
-Registered variants (each a results row): ``mpqdm`` (v1: OMQ + TRD, zero-init LoRA), ``mpqdm2`` (residual +
-SVD init + memory), and v2 with one component replaced by its MPQ-DM counterpart: ``mpqdm2_no_residual``
-(OMQ's b+1-bit salient group), ``mpqdm2_no_lora_init`` (zero-init LoRA), ``mpqdm2_no_memory`` (TRD).
-All share the option section ``mpqdm`` (:class:`MPQConfig`). When one of them is run by the plain
-``quantize`` stage (no QAT), LoRA is merged before returning (it is zero/exact there), so the result is the
-MPQ initialisation alone; the ``mpq_init`` stage keeps LoRA un-merged (``ctx.extra["keep_lora"]``) and saves
-a student checkpoint (:func:`save_student` / :func:`load_student`) that the ``qat`` stage rebuilds exactly.
+Family ``mpq`` (params section ``mpq``, options :class:`MPQConfig`, QAT options under ``mpq.qat``).
+Variants (each a results row): ``mpqdm`` (v1: OMQ + TRD, zero-init LoRA), ``mpqdm2`` (residual + SVD init +
+memory), and v2 with one component replaced by its MPQ-DM counterpart: ``mpqdm2_no_residual`` (OMQ's
+b+1-bit salient group), ``mpqdm2_no_lora_init`` (zero-init LoRA), ``mpqdm2_no_memory`` (TRD). The first
+phase (steps 1-7) ends with LoRA un-merged; the runner keeps it as the core's student checkpoint and
+rebuilds it exactly for the fine-tune phase, so changing ``mpq.qat`` never redoes steps 1-7.
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -72,11 +69,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import WEIGHT_BITS, ConfigError, choice
-from . import MethodContext, QuantResult, register
+from ..train.configs import QATConfig
+from . import Family, MethodContext, QuantResult, Table, Variant, register_family
 
-CHECKPOINT_FILE = "student.safetensors"
-STRUCTURE_FILE = "student.json"
-CHECKPOINT_VERSION = 1
 SALIENT_MODES = ("extra_bit", "residual")
 LORA_INITS = ("zero", "svd")
 RELATIONS = ("trd", "memory", "none")
@@ -84,7 +79,7 @@ RELATIONS = ("trd", "memory", "none")
 
 @dataclass
 class MPQConfig:
-    """Options of the MPQ-DM family (params section ``mpq.mpqdm``), shared by all variants.
+    """Options of the MPQ-DM family (params section ``mpq``), shared by all variants.
 
     lora_rank: LoRA rank r (paper 32 on LDM-4; capped per layer at min(out, in)).
     omq_fractions: candidate fractions of output channels for the salient / demoted groups (k search).
@@ -94,7 +89,9 @@ class MPQConfig:
     calib_inputs: calibration inputs used for the pre-scale and the k search (MPQ-DM: 32).
     act_calib_batches: batches of 64 calibration inputs for the activation ranges.
     act_mse_samples: values kept per timestep (per quantizer) for the activation MSE search (core default 4096).
-    seed: which calibration inputs are drawn.
+    seed: which calibration inputs are drawn (and LoRA A's Kaiming init).
+    qat: the fine-tune phase (:class:`pipeline.train.configs.QATConfig`); changing it never redoes the
+        calibration-based first phase.
     """
 
     lora_rank: int = 8
@@ -107,6 +104,7 @@ class MPQConfig:
     act_calib_batches: int = 4
     act_mse_samples: int = 1024
     seed: int = 0
+    qat: QATConfig = field(default_factory=QATConfig)
 
     def validate(self, p: str) -> None:
         if self.lora_rank < 0:
@@ -286,13 +284,13 @@ def omq_search(layer, inputs: torch.Tensor, bits: int, fractions: Sequence[float
         w_scaled = layer.effective_weight().detach()
         kurt = channel_kurtosis(w_scaled)
         x = inputs.to(w_fp.device)
-        y_fp = layer._op(x, w_fp)
-        x_s = x if layer.in_scale is None else x / layer._in_scale_input_view(x)
+        y_fp = layer.op(x, w_fp)
+        x_s = x if layer.in_scale is None else x / layer.in_scale_input_view(x)
         errors, best, cache = {}, None, {}
         for k in candidate_ks(w_fp.shape[0], fractions):
             qs, res = build_mixed_quantizers(w_scaled, bits, kurt, k, salient, symmetric=symmetric, init=init,
                                              params=cache)
-            err = float(F.mse_loss(layer._op(x_s, quantized_from(qs, res, w_scaled)), y_fp))
+            err = float(F.mse_loss(layer.op(x_s, quantized_from(qs, res, w_scaled)), y_fp))
             errors[k] = err
             if best is None or err < errors[best[0]]:
                 best = (k, qs, res)
@@ -378,12 +376,7 @@ def mpq_spec(setting, cfg: MPQConfig):
 
 def _minmax_spec(spec):
     """The same spec with min-max weight init (for a surgery whose weight ranges are replaced anyway)."""
-    import dataclasses
-
-    from ..quant.surgery import QuantSpec
-
-    return QuantSpec(default=dataclasses.replace(spec.default, w_init="minmax"),
-                     rules=[(p, {k: v for k, v in o.items() if k != "w_init"}) for p, o in spec.rules])
+    return spec.with_fields(w_init="minmax")
 
 
 def capture_layer_inputs(backbone, layers: dict, calib, n_inputs: int, device, seed: int = 0) -> dict:
@@ -456,10 +449,6 @@ def _quantize(backbone, calib, setting, cfg: MPQConfig, ctx: MethodContext) -> Q
     if cfg.lora_rank > 0:
         for name, layer in targets.items():
             ranks[name] = init_lora(layer, cfg.lora_rank, variant["lora_init"])
-    if not (ctx.extra or {}).get("keep_lora", False):
-        from ..quant.packing import merge_lora
-
-        merge_lora(net)
     n_params = sum(l.weight.numel() for l in targets.values())
     avg_bits = sum(l.w_bits * l.weight.numel() for l in targets.values()) / max(n_params, 1)
     info = {
@@ -476,105 +465,53 @@ def _quantize(backbone, calib, setting, cfg: MPQConfig, ctx: MethodContext) -> Q
     return QuantResult(backbone, spec, info)
 
 
-def _register_variants() -> None:
-    descriptions = {
-        "mpqdm": "MPQ-DM: OMQ mixed precision + TRD, zero-init LoRA QAT",
-        "mpqdm2": "MPQ-DMv2: residual mixed quantization + SVD LoRA init + memory relation QAT",
-        "mpqdm2_no_residual": "MPQ-DMv2 without the binary residual (OMQ b+1-bit salient group)",
-        "mpqdm2_no_lora_init": "MPQ-DMv2 without the low-rank initialisation (zero-init LoRA)",
-        "mpqdm2_no_memory": "MPQ-DMv2 without the memory queue (TRD relation loss)",
-    }
-    for name, variant in VARIANTS.items():
-        register(name, MPQConfig, config_section="mpqdm", backbones=("unet", "dit"),
-                 description=descriptions[name], variant=variant)(_quantize)
-
-
-_register_variants()
 quantize = _quantize
 
 
-# ------------------------------------------------------------------------------------------------
-# student checkpoint (un-merged LoRA; rebuilt exactly by the QAT stage)
-# ------------------------------------------------------------------------------------------------
-def _quantizer_desc(q) -> dict:
-    return {"bits": q.bits, "symmetric": q.symmetric, "granularity": q.granularity, "group_size": q.group_size,
-            "init": q.init, "learnable": q.learnable, "masked": q.channel_mask is not None}
+def finetune(student, teacher, setting, cfg: MPQConfig, ctx: MethodContext) -> dict:
+    """The QAT phase: trajectory distillation of the student (un-merged LoRA, rebuilt from the first
+    phase's checkpoint) against the FP teacher with the variant's relation loss (Lightning, logged into
+    the job's MLflow run), then the exact LoRA merge. Writes ``history.json`` (losses per update)."""
+    from ..io import write_json
+    from ..quant.packing import merge_lora
+    from ..train.qat import distillation_error, run_qat
+
+    qcfg = cfg.qat
+    relation = check_variant(ctx.variant)["relation"]
+    n_check = qcfg.check_samples
+    before = distillation_error(student, teacher, ctx.diffusion, ctx.sampling, n=n_check) if n_check else None
+    logger = None
+    if ctx.run is not None:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        logger = MLFlowLogger(run_id=ctx.run.run_id, tracking_uri=ctx.run.uri)
+    summary = run_qat(student, teacher, ctx.diffusion, ctx.sampling, qcfg, relation=relation, logger=logger)
+    after = distillation_error(student, teacher, ctx.diffusion, ctx.sampling, n=n_check) if n_check else None
+    merge_lora(student.net)
+    history = summary.pop("history")
+    if ctx.workdir is not None:
+        write_json(Path(ctx.workdir) / "history.json", {"updates": history})
+    return {"qat": summary, "relation": relation, "eps_mse_before": before, "eps_mse_after": after,
+            "qat_seconds": summary["qat_seconds"]}
 
 
-def save_student(net: nn.Module, spec, out_dir, meta: Optional[dict] = None) -> None:
-    """Write ``student.safetensors`` (the full state dict of the wrapped net: frozen weights, LoRA, weight
-    and activation quantizer parameters, masks, pre-scales, residual α) and ``student.json`` (spec,
-    timesteps, per-layer structure, ``meta``) into ``out_dir`` (created; not atomic — stages wrap it)."""
-    from safetensors.torch import save_file
+_DESCRIPTIONS = {
+    "mpqdm": "MPQ-DM: OMQ mixed precision + TRD, zero-init LoRA QAT",
+    "mpqdm2": "MPQ-DMv2: residual mixed quantization + SVD LoRA init + memory relation QAT",
+    "mpqdm2_no_residual": "MPQ-DMv2 without the binary residual (OMQ b+1-bit salient group)",
+    "mpqdm2_no_lora_init": "MPQ-DMv2 without the low-rank initialisation (zero-init LoRA)",
+    "mpqdm2_no_memory": "MPQ-DMv2 without the memory queue (TRD relation loss)",
+}
 
-    from ..quant.surgery import quant_layers
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    layers = {}
-    for name, layer in quant_layers(net):
-        layers[name] = {
-            "quantizers": [_quantizer_desc(q) for q in layer.weight_quantizers],
-            "residual": None if layer.residual is None else {"masked": layer.residual.channel_mask is not None},
-            "in_scale": layer.in_scale is not None,
-            "lora_rank": layer.lora_rank,
-            "weight_quant": bool(layer.weight_quant), "act_quant": bool(layer.act_quant),
-        }
-    structure = {"version": CHECKPOINT_VERSION, "spec": spec.to_dict(),
-                 "timesteps": getattr(net, "_quant_timesteps", None), "layers": layers, "meta": meta or {}}
-    json.dumps(structure)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
-    save_file(tensors, str(out / CHECKPOINT_FILE))
-    (out / STRUCTURE_FILE).write_text(json.dumps(structure, indent=2, sort_keys=True) + "\n")
-
-
-def load_student(fp_net: nn.Module, out_dir):
-    """Rebuild the student saved by :func:`save_student` on a fresh FP net of the same architecture
-    (modified in place). Returns (net, spec, meta). Errors name the file / layer."""
-    from safetensors.torch import load_file
-
-    from ..quant.layers import QUANT_LAYER_TYPES
-    from ..quant.primitives import BinaryResidual, IntQuantizer
-    from ..quant.surgery import QuantSpec, quantize_model
-
-    out = Path(out_dir)
-    for f in (STRUCTURE_FILE, CHECKPOINT_FILE):
-        if not (out / f).is_file():
-            raise FileNotFoundError(f"{out}: missing {f} (not an mpq_init student checkpoint; run stage mpq_init)")
-    structure = json.loads((out / STRUCTURE_FILE).read_text())
-    if structure.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{out / STRUCTURE_FILE}: unsupported version {structure.get('version')!r} "
-                         f"(expected {CHECKPOINT_VERSION})")
-    tensors = load_file(str(out / CHECKPOINT_FILE))
-    spec = QuantSpec.from_dict(structure["spec"])
-    quantize_model(fp_net, _minmax_spec(spec), timesteps=structure.get("timesteps"))  # ranges come from the file
-    for name, entry in structure["layers"].items():
-        try:
-            layer = fp_net.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{out / STRUCTURE_FILE}: layer {name!r} does not exist in the model") from None
-        if not isinstance(layer, QUANT_LAYER_TYPES):
-            raise ValueError(f"{out / STRUCTURE_FILE}: layer {name!r} is not quantized by the saved spec")
-        qs = []
-        for g, d in enumerate(entry["quantizers"]):
-            mask = tensors.get(f"{name}.weight_quantizers.{g}.channel_mask") if d["masked"] else None
-            if d["masked"] and mask is None:
-                raise ValueError(f"{out / CHECKPOINT_FILE}: layer {name!r} quantizer {g}: channel mask missing")
-            qs.append(IntQuantizer(d["bits"], symmetric=d["symmetric"], granularity=d["granularity"],
-                                   group_size=d["group_size"], ch_axis=0, init=d["init"], learnable=d["learnable"],
-                                   channel_mask=mask).to(layer.weight.device))
-        residual = None
-        if entry["residual"] is not None:
-            mask = tensors.get(f"{name}.residual.channel_mask") if entry["residual"]["masked"] else None
-            residual = BinaryResidual(layer.num_out_channels, mask).to(layer.weight.device)
-        layer.set_weight_quantizers(qs, residual, calibrate=False)
-        if entry["in_scale"]:
-            layer.set_in_scale(torch.ones(layer.weight.shape[1], device=layer.weight.device))
-        if entry["lora_rank"]:
-            layer.add_lora(int(entry["lora_rank"]))
-        layer.weight_quant, layer.act_quant = bool(entry["weight_quant"]), bool(entry["act_quant"])
-    try:
-        fp_net.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{out / CHECKPOINT_FILE}: does not fit the rebuilt student: {exc}") from None
-    return fp_net, spec, structure.get("meta", {})
+register_family(Family(
+    name="mpq", config_cls=MPQConfig, quantize=_quantize, finetune=finetune, finetune_field="qat",
+    backbones=("unet", "dit"),
+    description="MPQ-DM (arXiv 2412.11549) / MPQ-DMv2 (arXiv 2507.04290): mixed-precision init + LoRA QAT",
+    variants=tuple(Variant(n, _DESCRIPTIONS[n], v) for n, v in VARIANTS.items()),
+    tables=(Table(
+        title="MPQ-DM / MPQ-DMv2 ablation (UNet)", backbone="unet", baselines=("naive/naive",),
+        columns=("fid_ratio", "accuracy", "clip_score", "model_mb", "method_seconds"),
+        note="mpqdm = v1 (OMQ b±1 groups + time-smoothed relation distillation, zero-init LoRA); mpqdm2 = residual "
+             "salient channels + SVD-initialised LoRA + memory relation distillation; mpqdm2_no_* = v2 with one "
+             "component switched back. method_seconds = init + QAT wall time."),),
+))

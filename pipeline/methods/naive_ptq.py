@@ -15,11 +15,34 @@ Choices where the task is silent (ours):
 """
 from __future__ import annotations
 
-
 import torch
 
-from ..config import NaivePTQConfig
-from . import MethodContext, QuantResult, register
+from dataclasses import dataclass
+
+from ..config import WEIGHT_BITS, ConfigError, choice
+from . import Family, MethodContext, QuantResult, Variant, register_family
+
+
+@dataclass
+class NaivePTQConfig:
+    """Options of the naive PTQ baseline (params section ``naive``).
+
+    weight_init / act_init: range init (min-max, or the MSE search of the core).
+    keep_first_last_bits: bits of the input/output/embedding layers (0 = keep them FP).
+    calib_batches: batches of 64 calibration inputs used for the activation ranges.
+    """
+
+    weight_init: str = choice("minmax", "mse", default="minmax")
+    act_init: str = choice("minmax", "mse", default="minmax")
+    keep_first_last_bits: int = 8
+    calib_batches: int = 4
+
+    def validate(self, p: str) -> None:
+        if self.keep_first_last_bits not in (0, *WEIGHT_BITS):
+            raise ConfigError(f"{p}.keep_first_last_bits: must be 0 (FP) or one of {list(WEIGHT_BITS)}, "
+                              f"got {self.keep_first_last_bits}")
+        if self.calib_batches < 1:
+            raise ConfigError(f"{p}.calib_batches: must be >= 1, got {self.calib_batches}")
 
 
 def naive_spec(setting, cfg: NaivePTQConfig):
@@ -35,7 +58,6 @@ def naive_spec(setting, cfg: NaivePTQConfig):
     return QuantSpec(default=default, rules=default_rules(keep))
 
 
-@register("naive", NaivePTQConfig, description="round-to-nearest min-max PTQ (W per channel, A per tensor)")
 def quantize(backbone, calib, setting, cfg: NaivePTQConfig, ctx: MethodContext) -> QuantResult:
     """Min-max round-to-nearest PTQ."""
     from ..quant.surgery import calibrate_activations, quantize_model, quant_state
@@ -51,3 +73,11 @@ def quantize(backbone, calib, setting, cfg: NaivePTQConfig, ctx: MethodContext) 
         calibrate_activations(backbone.net, run)
     quant_state(backbone.net, weight=True, act=setting.act_quantized)
     return QuantResult(backbone, spec, {"n_quant_layers": sum(1 for v in layers.values() if v is not None)})
+
+
+register_family(Family(
+    name="naive", config_cls=NaivePTQConfig, quantize=quantize,
+    description="round-to-nearest min-max PTQ (W per output channel, A per tensor, static)",
+    variants=(Variant("naive", "round-to-nearest min-max PTQ (W per channel, A per tensor)"),),
+    backbones=("unet", "dit", "pixart"),
+))

@@ -1,11 +1,12 @@
 """Class-conditional accuracy: how often a generated image is recognised as the class it was
-sampled for, judged by the reference-trained :class:`~pipeline.train.evaluators.DigitClassifier`."""
+sampled for, judged by the reference-trained :class:`~pipeline.train.classifier.DigitClassifier`."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from pipeline.train.evaluators import check_images, predict_labels
+from pipeline.images import check_images
+from pipeline.train.classifier import predict_labels
 
 
 def conditional_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,

@@ -2,7 +2,7 @@
 
 CLIPScore = max(100 * mean_i cos(E_image_i, E_caption_i), 0) (torchmetrics clamps the mean).
 The model comes from a local directory written by ``save_pretrained``: the embedded tiny CLIP
-trained by :func:`pipeline.train.evaluators.train_clip`, or a real CLIP (``eval.clip.model_dir``,
+trained by :func:`pipeline.train.tiny_clip.train_clip`, or a real CLIP (``eval.clip.model_dir``,
 e.g. a downloaded ``openai/clip-vit-base-patch16`` for paper-comparable numbers). Nothing is
 fetched from a hub.
 
@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from pipeline.train.evaluators import check_images, match_channels, to_uint8
+from pipeline.images import check_images, match_channels, to_uint8
 
 
 class CLIPModelV5Compat(CLIPModel):

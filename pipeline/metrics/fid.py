@@ -5,7 +5,7 @@ of the reference set (r) and the generated set (g).
 
 Feature extractor (one per metric object):
 
-* default: the :class:`~pipeline.train.evaluators.DigitClassifier`'s penultimate embedding
+* default: the :class:`~pipeline.train.classifier.DigitClassifier`'s penultimate embedding
   (``features``), trained on the reference data -- a pipeline-internal FID, not comparable to
   published numbers;
 * ``inception_weights``: the standard FID Inception-v3 (:mod:`pipeline.metrics.inception`) loaded
@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from pipeline.train.evaluators import check_images, match_channels, to_uint8
+from pipeline.images import check_images, match_channels, to_uint8
 
 log = logging.getLogger("pipeline")
 

@@ -54,7 +54,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.train.evaluators import check_images, match_channels, to_uint8
+from pipeline.images import check_images, match_channels, to_uint8
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -153,7 +153,7 @@ def openclip_to_transformers(state: dict) -> dict:
         out[dst] = fn(t) if fn is not None else t
         used.add(src)
 
-    for tower, src_prefix, dst_prefix in (("vision", "visual.transformer.resblocks.", "vision_model.encoder.layers."),
+    for _tower, src_prefix, dst_prefix in (("vision", "visual.transformer.resblocks.", "vision_model.encoder.layers."),
                                           ("text", "transformer.resblocks.", "text_model.encoder.layers.")):
         for i in range(_num_blocks(state, src_prefix)):
             s, d = f"{src_prefix}{i}.", f"{dst_prefix}{i}."

@@ -8,7 +8,8 @@ through unchanged), ``observe(x)``, ``finish_calibration()``.
   or FP, min-max or MSE init from statistics gathered over all calibration batches.
 - :class:`TimestepActQuantizer`: one (Δ_t, z_t) per sampling timestep, gathered per sample from the
   timesteps of the current forward (DilateQuant TPQ style, stateless; covers EfficientDM/MPQ-DM's
-  TALSQ, whose stateful step pointer breaks under batches that mix timesteps — methods.md §6.4).
+  TALSQ, whose stateful step pointer breaks under batches that mix timesteps; DilateQuant:
+  github.com/BienLuky/DilateQuant, MPQ-DM: github.com/cantbebetter2/MPQ-DM).
 - :class:`OnlineTokenActQuantizer`: dynamic per-token scale from each token's absmax at run time
   (FP4DiT online activation quantization; int = symmetric absmax, fp = ExMy with maxval = absmax).
 
@@ -22,13 +23,14 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .primitives import (LP_NORM, MSE_CANDIDATES, MSE_STEP, FPQuantizer, IntQuantizer, _int_qparams,
-                         check_fp_format, check_int_bits, fake_quant_int, fp_quantize, int_range)
+from .primitives import (FP_ACT_FORMATS, LP_NORM, MSE_CANDIDATES, MSE_STEP, FPQuantizer, IntQuantizer,
+                         check_fp_format, check_int_bits, fake_quant_int, fp_quantize, int_qparams, int_range)
 
 _TIMESTEP_KEYS = ("t", "timestep", "timesteps")
 _SAMPLE_KEYS = ("x", "sample", "hidden_states", "x_t")
-# default ExMy split for an FP activation of a given width (FP4DiT: A6 -> E2M3, A8 -> E3M4)
-_DEFAULT_FP_SPLIT = {4: (2, 1), 5: (2, 2), 6: (2, 3), 7: (3, 3), 8: (3, 4)}
+# widths an FP activation quantizer accepts with an explicit ExMy split (up to fp16-like 16-bit formats, e.g.
+# FP4DiT's 16-bit softmax); the default split (primitives.FP_ACT_FORMATS) covers 3..8
+FP_ACT_BITS = tuple(range(3, 17))
 
 
 def _check_init(init) -> str:
@@ -45,13 +47,14 @@ def _check_fmt(fmt) -> str:
 
 def resolve_fp_split(bits: int, exp_bits: Optional[int], man_bits: Optional[int], signed: bool) -> tuple[int, int]:
     """ExMy split of a ``bits``-wide FP format: from the given E/M, or the default table
-    (4: E2M1, 5: E2M2, 6: E2M3, 7: E3M3, 8: E3M4; unsigned formats spend the sign bit on the mantissa)."""
+    :data:`pipeline.quant.primitives.FP_ACT_FORMATS` (3: E1M1, 4: E2M1, 5: E2M2, 6: E2M3, 7: E3M3, 8: E3M4;
+    unsigned formats spend the sign bit on the mantissa)."""
     sign = 1 if signed else 0
     if exp_bits is None and man_bits is None:
-        if bits not in _DEFAULT_FP_SPLIT:
-            raise ValueError(f"bits must be one of {sorted(_DEFAULT_FP_SPLIT)} for an FP activation format "
+        if bits not in FP_ACT_FORMATS:
+            raise ValueError(f"bits must be one of {sorted(FP_ACT_FORMATS)} for an FP activation format "
                              f"without exp_bits/man_bits, got {bits}")
-        exp_bits, man_bits = _DEFAULT_FP_SPLIT[bits]
+        exp_bits, man_bits = FP_ACT_FORMATS[bits]
         man_bits += 1 - sign
     elif man_bits is None:
         man_bits = bits - sign - exp_bits
@@ -69,8 +72,8 @@ def _check_act_bits(bits, fmt: str) -> int:
         raise TypeError(f"bits must be an int, got {bits!r}")
     if fmt == "int":
         return check_int_bits(bits)
-    if not 3 <= bits <= 16:
-        raise ValueError(f"bits must be in 3..16 for an FP activation format, got {bits}")
+    if bits not in FP_ACT_BITS:
+        raise ValueError(f"bits must be in {FP_ACT_BITS[0]}..{FP_ACT_BITS[-1]} for an FP activation format, got {bits}")
     return bits
 
 
@@ -174,10 +177,10 @@ def _mse_search_rows(samples: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, 
     """Per-row (Δ, z) minimising Σ|x − x̂|^2.4 over 80 shrunk ranges. samples: [R, S] (zero padding
     is harmless: 0 is exact); lo/hi: [R, 1]."""
     best_err = torch.full_like(lo, float("inf"))
-    best_s, best_z = _int_qparams(lo, hi, qmin, qmax, symmetric)
+    best_s, best_z = int_qparams(lo, hi, qmin, qmax, symmetric)
     for i in range(MSE_CANDIDATES):
         f = 1.0 - MSE_STEP * i
-        s, z = _int_qparams(lo * f, hi * f, qmin, qmax, symmetric)
+        s, z = int_qparams(lo * f, hi * f, qmin, qmax, symmetric)
         err = (fake_quant_int(samples, s, z, qmin, qmax) - samples).abs().pow(LP_NORM).sum(dim=1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -402,7 +405,7 @@ class TimestepActQuantizer(nn.Module):
             samples[:, -2:] = torch.cat([lo_o, hi_o], dim=1)  # the observed extremes count too
             s_o, z_o = _mse_search_rows(samples, lo_o, hi_o, self.qmin, self.qmax, self.symmetric)
         else:
-            s_o, z_o = _int_qparams(lo_o, hi_o, self.qmin, self.qmax, self.symmetric)
+            s_o, z_o = int_qparams(lo_o, hi_o, self.qmin, self.qmax, self.symmetric)
         # unobserved timesteps borrow from the nearest observed timestep
         vals = self.timestep_values.to(lo.device)
         nearest = (vals.reshape(-1, 1) - vals[obs_idx].reshape(1, -1)).abs().argmin(dim=1)

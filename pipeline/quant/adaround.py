@@ -1,5 +1,6 @@
 """AdaRound: learned up/down rounding of weights (Nagel et al. 2020; BRECQ / Q-Diffusion form) and the
-scale-aware floating-point variant of FP4DiT (methods.md §3a, §6.2).
+scale-aware floating-point variant of FP4DiT (arXiv 2503.15465; official code github.com/cccrrrccc/FP4DiT,
+``adaptive_rounding.py``).
 
 Integer grid (plain AdaRound)
     ŵ = Δ·(clamp(⌊w/Δ⌋ + h(V) + ⌊z⌉, qmin, qmax) − ⌊z⌉),  h(V) = clip(σ(V)(ζ − γ) + γ, 0, 1),
@@ -25,7 +26,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .primitives import FPQuantizer, IntQuantizer, _fp_clip, _fp_step, fp_grid_max
+from .primitives import FPQuantizer, IntQuantizer, fp_clip, fp_grid_max, fp_step
 
 ZETA = 1.1
 GAMMA = -0.1
@@ -76,8 +77,8 @@ class AdaRoundWeight(nn.Module):
                 self.register_buffer("step", None)
             else:
                 wv, self._meta, maxval, mask = quantizer.grid_params(w)
-                w_c = _fp_clip(wv, maxval, quantizer.signed)
-                step, _ = _fp_step(w_c.abs(), maxval, quantizer.exp_bits, quantizer.man_bits)
+                w_c = fp_clip(wv, maxval, quantizer.signed)
+                step, _ = fp_step(w_c.abs(), maxval, quantizer.exp_bits, quantizer.man_bits)
                 ws = w_c / step
                 w_floor = torch.floor(ws)
                 rest = ws - w_floor
@@ -111,22 +112,22 @@ class AdaRoundWeight(nn.Module):
         q = self.quantizer
         dtype = self.w_floor.dtype
         if self.fmt == "int":
-            lay = q._layout()
+            lay = q.layout()
             scale = lay.param_view(q.scale).to(dtype)
             z = torch.round(lay.param_view(q.zero_point).to(dtype))
             codes = torch.clamp(self.w_floor + h + z, q.qmin, q.qmax)
             out = (codes - z) * scale
         else:
-            lay = q._layout()
+            lay = q.layout()
             maxval = lay.param_view(q.maxval).to(dtype)
             # clip to the grid's top value (not maxval itself, which may be 1 ulp off the grid)
             top = fp_grid_max(maxval.clamp_min(1e-20), q.exp_bits, q.man_bits)
-            out = _fp_clip(self.step * (self.w_floor + h), top, q.signed)
+            out = fp_clip(self.step * (self.w_floor + h), top, q.signed)
         mask = q.channel_mask
         if mask is not None:
             out = torch.where(mask.to(out.device).reshape(-1, 1, 1), out,
                               torch.zeros((), dtype=out.dtype, device=out.device))
-        return q._layout().unview(out, self._meta)
+        return q.layout().unview(out, self._meta)
 
     def forward(self) -> torch.Tensor:
         """Soft-rounded weight (differentiable in V), or the hard one after :meth:`harden`."""
@@ -159,7 +160,7 @@ class AdaRoundWeight(nn.Module):
         q = self.quantizer
         if self.fmt == "fp":
             return q.encode(self.quantized_weight())
-        lay = q._layout()
+        lay = q.layout()
         z = torch.round(lay.param_view(q.zero_point).to(self.w_floor.dtype))
         codes = torch.clamp(self.w_floor + self.hard_rounding() + z, q.qmin, q.qmax)
         if q.channel_mask is not None:

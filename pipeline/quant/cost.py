@@ -1,4 +1,5 @@
-"""Cost accounting: MACs, BitOPs and theoretical model bytes (methods.md §6.6, TMPQ-DM ``bitops.py``).
+"""Cost accounting: MACs, BitOPs and theoretical model bytes (BitOPs as in TMPQ-DM's ``bitops.py``,
+github.com/sihouzi21c/TMPQ-DM).
 
 - MACs of one forward (whatever ``run_fn`` runs; use a batch of one for per-image numbers):
   Linear ``in_features · out_elements``; Conv2d ``out_elements · C_in/groups · kh · kw``;
@@ -19,10 +20,10 @@ import torch
 import torch.nn as nn
 
 from pipeline.quant.attention import QuantAttnProcessor, attention_matmul_macs, is_attention_module
-from pipeline.quant.layers import QUANT_LAYER_TYPES, QuantLinear, _quantizer_channels
+from pipeline.quant.layers import QUANT_LAYER_TYPES, QuantLinear, quantizer_channels
 from pipeline.quant.primitives import IntQuantizer
 
-FP_BITS = 32
+FP_OPERAND_BITS = 32  # bits an unquantized (floating-point) operand counts as
 ATTN_SUFFIXES = ("qk", "pv")
 
 
@@ -86,12 +87,12 @@ def count_macs(model: nn.Module, run_fn: Callable[[], Any]) -> dict:
 def layer_bits(module: nn.Module) -> tuple:
     """(b_w, b_a) a layer runs with right now (32 for FP operands)."""
     if isinstance(module, QUANT_LAYER_TYPES):
-        b_w = module.w_bits if (module.weight_quant and module.w_bits is not None) else FP_BITS
+        b_w = module.w_bits if (module.weight_quant and module.w_bits is not None) else FP_OPERAND_BITS
         aq = module.act_quantizer
         active = module.act_quant and aq is not None and getattr(aq, "enabled", True)
-        b_a = module.a_bits if active else FP_BITS
+        b_a = module.a_bits if active else FP_OPERAND_BITS
         return float(b_w), float(b_a)
-    return float(FP_BITS), float(FP_BITS)
+    return float(FP_OPERAND_BITS), float(FP_OPERAND_BITS)
 
 
 def attention_bits(attn: nn.Module, matmul: str) -> tuple:
@@ -99,8 +100,8 @@ def attention_bits(attn: nn.Module, matmul: str) -> tuple:
     proc = getattr(attn, "processor", None)
     ops = ("q", "k") if matmul == "qk" else ("p", "v")
     if not isinstance(proc, QuantAttnProcessor):
-        return float(FP_BITS), float(FP_BITS)
-    return tuple(float(proc.operand_bits(o) or FP_BITS) for o in ops)
+        return float(FP_OPERAND_BITS), float(FP_OPERAND_BITS)
+    return tuple(float(proc.operand_bits(o) or FP_OPERAND_BITS) for o in ops)
 
 
 def bitops(model: nn.Module, macs: dict, n_steps: int = 1) -> float:
@@ -152,13 +153,13 @@ def quantized_layer_bytes(layer: nn.Module) -> float:
     else:
         total = 0.0
         for q in layer.weight_quantizers:
-            rows = int(_quantizer_channels(q, c).sum())
+            rows = int(quantizer_channels(q, c).sum())
             total += rows * row_len * q.bits / 8
             entries = _param_entries(q, rows)
             per_entry = 4 * (2 if isinstance(q, IntQuantizer) and not q.symmetric else 1)
             total += entries * per_entry
         if layer.residual is not None:
-            rows = int(_quantizer_channels(layer.residual, c).sum())
+            rows = int(quantizer_channels(layer.residual, c).sum())
             total += rows * row_len / 8 + rows * 4
     if layer.in_scale is not None:
         total += layer.in_scale.numel() * 4

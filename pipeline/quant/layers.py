@@ -41,7 +41,7 @@ from pipeline.quant.primitives import BinaryResidual, FPQuantizer, IntQuantizer
 WEIGHT_QUANTIZER_TYPES = (IntQuantizer, FPQuantizer)
 
 
-def _quantizer_channels(q: nn.Module, num_channels: int) -> torch.Tensor:
+def quantizer_channels(q: nn.Module, num_channels: int) -> torch.Tensor:
     """Bool mask [C] of the output channels a weight quantizer covers (all when it has no mask)."""
     mask = getattr(q, "channel_mask", None)
     if mask is None:
@@ -97,7 +97,7 @@ class _QuantLayer(nn.Module):
                                  "weights need 'tensor', 'channel' or 'group'")
             if q.ch_axis != 0:
                 raise ValueError(f"weight_quantizers[{i}]: ch_axis must be 0 (output channel), got {q.ch_axis}")
-            mask = _quantizer_channels(q, c)
+            mask = quantizer_channels(q, c)
             if mask.numel() != c:
                 raise ValueError(f"weight_quantizers[{i}]: channel_mask has {mask.numel()} entries, "
                                  f"layer has {c} output channels")
@@ -197,7 +197,7 @@ class _QuantLayer(nn.Module):
         if delta is not None:
             w = w + delta
         if self.in_scale is not None:
-            w = w * self._in_scale_weight_view()
+            w = w * self.in_scale_weight_view()
         return w
 
     def _sum_groups(self, w: torch.Tensor) -> torch.Tensor:
@@ -221,12 +221,12 @@ class _QuantLayer(nn.Module):
             return self.packed_weight
         if torch.is_grad_enabled():
             self._wq_cache = None
-            return self._compute_quantized_weight()
+            return self.compute_quantized_weight()
         key = self._weight_state_key()
         cache = getattr(self, "_wq_cache", None)
         if cache is not None and cache[0] == key:
             return cache[1]
-        w_q = self._compute_quantized_weight()
+        w_q = self.compute_quantized_weight()
         self._wq_cache = (key, w_q)
         return w_q
 
@@ -238,7 +238,8 @@ class _QuantLayer(nn.Module):
         hard = tuple(bool(getattr(a, "hardened", False)) for a in (self.adaround or ()))
         return tensors + flags + hard
 
-    def _compute_quantized_weight(self) -> torch.Tensor:
+    def compute_quantized_weight(self) -> torch.Tensor:
+        """Ŵ computed now (no cache, no packed weight): Σ_g Q_g(W') (+ residual), or W' without quantizers."""
         w = self.effective_weight()
         if not len(self.weight_quantizers):
             return w
@@ -257,9 +258,9 @@ class _QuantLayer(nn.Module):
         c = self.num_out_channels
         total = 0.0
         for q in self.weight_quantizers:
-            total += q.bits * float(_quantizer_channels(q, c).sum())
+            total += q.bits * float(quantizer_channels(q, c).sum())
         if self.residual is not None:
-            total += float(_quantizer_channels(self.residual, c).sum())
+            total += float(quantizer_channels(self.residual, c).sum())
         return total / c
 
     @property
@@ -272,14 +273,14 @@ class _QuantLayer(nn.Module):
         quant_a = self.act_quant and self.act_quantizer is not None
         if not quant_w and not quant_a:
             if self.lora_A is None:
-                return self._op(x, self.weight)  # the original module's forward, bit for bit
-            return self._op(x, self.weight + self.lora_delta())
+                return self.op(x, self.weight)  # the original module's forward, bit for bit
+            return self.op(x, self.weight + self.lora_delta())
         w = self.quantized_weight() if quant_w else self.effective_weight()
         if self.in_scale is not None:
-            x = x / self._in_scale_input_view(x)
+            x = x / self.in_scale_input_view(x)
         if quant_a:
             x = self.act_quantizer(x)
-        return self._op(x, w)
+        return self.op(x, w)
 
     def extra_repr(self) -> str:
         parts = [self._shape_repr(), f"weight_quant={self.weight_quant}", f"act_quant={self.act_quant}"]
@@ -312,13 +313,16 @@ class QuantLinear(_QuantLayer):
         layer.act_quantizer = act_quantizer
         return layer
 
-    def _op(self, x, w):
+    def op(self, x, w):
+        """The wrapped module's computation with weight ``w``: ``F.linear(x, w, bias)``."""
         return F.linear(x, w, self.bias)
 
-    def _in_scale_weight_view(self):
+    def in_scale_weight_view(self):
+        """``in_scale`` shaped to multiply the weight's input columns ([1, in])."""
         return self.in_scale.reshape(1, -1)
 
-    def _in_scale_input_view(self, x):
+    def in_scale_input_view(self, x):
+        """``in_scale`` shaped (and typed) to divide an input ``x`` (last dim)."""
         return self.in_scale.to(x.dtype)
 
     def _lora_shapes(self, rank):
@@ -359,17 +363,19 @@ class QuantConv2d(_QuantLayer):
         layer.act_quantizer = act_quantizer
         return layer
 
-    def _op(self, x, w):
-        # same calls as nn.Conv2d._conv_forward
+    def op(self, x, w):
+        """The wrapped module's computation with weight ``w`` (the same calls as ``nn.Conv2d._conv_forward``)."""
         if self.padding_mode != "zeros":
             return F.conv2d(F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode),
                             w, self.bias, self.stride, (0, 0), self.dilation, self.groups)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _in_scale_weight_view(self):
+    def in_scale_weight_view(self):
+        """``in_scale`` shaped to multiply the weight's input channels ([1, in, 1, 1])."""
         return self.in_scale.reshape(1, -1, 1, 1)
 
-    def _in_scale_input_view(self, x):
+    def in_scale_input_view(self, x):
+        """``in_scale`` shaped (and typed) to divide an input ``x`` [B, C, H, W]."""
         return self.in_scale.to(x.dtype).reshape(1, -1, 1, 1)
 
     def _lora_shapes(self, rank):

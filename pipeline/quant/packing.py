@@ -1,4 +1,5 @@
-"""Real low-bit storage of a fake-quantized model and its exact reload.
+"""Real low-bit storage of a fake-quantized model and its exact reload (model level; the bit streams
+themselves are :mod:`pipeline.quant.bitstream`).
 
 ``save_quantized(model, spec, out_dir)`` writes two files:
 
@@ -36,113 +37,25 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from pipeline.quant import act as act_mod
 from pipeline.quant.attention import QuantAttnProcessor, check_supported, is_attention_module
+from pipeline.quant.bitstream import pack_bits, pack_mask, packed_size, unpack_bits, unpack_mask
 from pipeline.quant.cost import quantized_layer_bytes
-from pipeline.quant.layers import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear, _quantizer_channels
-from pipeline.quant.primitives import BinaryResidual, FPQuantizer, IntQuantizer
-from pipeline.quant.surgery import QuantSpec, ensure_timestep_context, quant_attention, quant_layers
+from pipeline.quant.layers import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear, quantizer_channels
+from pipeline.quant.primitives import BinaryResidual, IntQuantizer, weight_quantizer_desc, weight_quantizer_from_desc
+from pipeline.quant.surgery import (QuantSpec, ensure_timestep_context, model_timesteps, quant_attention, quant_layers,
+                                    set_model_timesteps)
 
 PACKED_FILE = "packed.safetensors"
 SPEC_FILE = "quant_spec.json"
 FORMAT_VERSION = 1
-_CHUNK_CODES = 1 << 20  # codes per packing chunk (multiple of 8 keeps chunks byte aligned)
 _ACT_TYPES = ("StaticActQuantizer", "TimestepActQuantizer", "OnlineTokenActQuantizer")
-
-
-# ------------------------------------------------------------------------------------------------
-# bit streams
-# ------------------------------------------------------------------------------------------------
-def _check_width(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an int in 1..8 for bit packing, got {bits!r}")
-    return bits
-
-
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integers < 2^bits into a dense little-endian bit stream (uint8, ⌈n·bits/8⌉ bytes).
-
-    Code i occupies stream bits [i·bits, (i+1)·bits), least significant bit first; stream bit j is bit
-    j % 8 of byte j // 8. 8-bit codes are returned as plain uint8.
-    """
-    bits = _check_width(bits)
-    v = values.reshape(-1).to(torch.int64)
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 2 ** bits):
-        raise ValueError(f"pack_bits: values must lie in [0, {2 ** bits - 1}] for bits={bits}, "
-                         f"got range [{int(v.min())}, {int(v.max())}]")
-    if bits == 8:
-        return v.to(torch.uint8)
-    shifts = torch.arange(bits, device=v.device)
-    byte_w = torch.arange(8, device=v.device)
-    out = []
-    for start in range(0, v.numel(), _CHUNK_CODES):
-        chunk = v[start:start + _CHUNK_CODES]
-        stream = ((chunk.unsqueeze(1) >> shifts) & 1).reshape(-1)
-        pad = (-stream.numel()) % 8
-        if pad:
-            stream = F.pad(stream, (0, pad))
-        out.append((stream.reshape(-1, 8) << byte_w).sum(dim=1).to(torch.uint8))
-    if not out:
-        return torch.zeros(0, dtype=torch.uint8, device=v.device)
-    return torch.cat(out)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``count`` codes (int64)."""
-    bits = _check_width(bits)
-    need = -(-count * bits // 8)
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
-        raise ValueError(f"unpack_bits: expected a 1-D uint8 stream of {need} bytes for {count} {bits}-bit codes, "
-                         f"got {packed.dtype} of shape {tuple(packed.shape)}")
-    p = packed.to(torch.int64)
-    if bits == 8:
-        return p
-    shifts = torch.arange(bits, device=p.device)
-    byte_w = torch.arange(8, device=p.device)
-    out = []
-    bytes_per_chunk = _CHUNK_CODES * bits // 8
-    for start in range(0, p.numel(), bytes_per_chunk):
-        stream = ((p[start:start + bytes_per_chunk].unsqueeze(1) >> byte_w) & 1).reshape(-1)
-        n = min(_CHUNK_CODES, count - (start * 8) // bits)
-        out.append((stream[:n * bits].reshape(n, bits) << shifts).sum(dim=1))
-    if not out:
-        return torch.zeros(0, dtype=torch.int64, device=p.device)
-    return torch.cat(out)
-
-
-def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    return pack_bits(mask.reshape(-1).to(torch.int64), 1)
-
-
-def _unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
-    return unpack_bits(packed, 1, n).bool()
 
 
 # ------------------------------------------------------------------------------------------------
 # describing quantizers
 # ------------------------------------------------------------------------------------------------
-def _weight_quantizer_desc(q: nn.Module, rows: int) -> dict:
-    if isinstance(q, IntQuantizer):
-        return {"format": "int", "bits": q.bits, "symmetric": q.symmetric, "granularity": q.granularity,
-                "group_size": q.group_size, "init": q.init, "learnable": q.learnable,
-                "masked": q.channel_mask is not None, "rows": rows}
-    return {"format": "fp", "bits": q.bits, "exp_bits": q.exp_bits, "man_bits": q.man_bits, "signed": q.signed,
-            "granularity": q.granularity, "group_size": q.group_size, "init": q.init, "learnable": q.learnable,
-            "masked": q.channel_mask is not None, "rows": rows}
-
-
-def _build_weight_quantizer(desc: dict, mask: Optional[torch.Tensor]) -> nn.Module:
-    if desc["format"] == "int":
-        return IntQuantizer(desc["bits"], symmetric=desc["symmetric"], granularity=desc["granularity"],
-                            group_size=desc["group_size"], ch_axis=0, init=desc["init"],
-                            learnable=desc["learnable"], channel_mask=mask)
-    return FPQuantizer(desc["exp_bits"], desc["man_bits"], signed=desc["signed"], granularity=desc["granularity"],
-                       group_size=desc["group_size"], ch_axis=0, channel_mask=mask, init=desc["init"],
-                       learnable=desc["learnable"])
-
-
 def act_quantizer_desc(q: nn.Module) -> dict:
     """Type name + constructor arguments of an activation quantizer (JSON)."""
     name = type(q).__name__
@@ -229,7 +142,7 @@ def _pack_layer(name: str, layer: nn.Module) -> tuple:
             w = layer.effective_weight().detach()
             w_q = None
             for g, q in enumerate(layer.weight_quantizers):
-                mask = _quantizer_channels(q, c).to(w.device)
+                mask = quantizer_channels(q, c).to(w.device)
                 rows = int(mask.sum())
                 if layer.adaround is not None:
                     group_w = layer.adaround[g]()
@@ -253,21 +166,21 @@ def _pack_layer(name: str, layer: nn.Module) -> tuple:
                 else:
                     tensors[f"{p}.w{g}.maxval"] = _rows_params(q.maxval, q.granularity, mask).contiguous()
                 if q.channel_mask is not None:
-                    tensors[f"{p}.w{g}.mask"] = _pack_mask(q.channel_mask)
-                desc = _weight_quantizer_desc(q, rows)
+                    tensors[f"{p}.w{g}.mask"] = pack_mask(q.channel_mask)
+                desc = {**weight_quantizer_desc(q), "rows": rows}
                 desc["param_shape"] = list((q.scale if isinstance(q, IntQuantizer) else q.maxval).shape)
                 structure["quantizers"].append(desc)
                 w_q = group_w if w_q is None else w_q + group_w
             if layer.residual is not None:
                 res = layer.residual
-                mask = _quantizer_channels(res, c).to(w.device)
+                mask = quantizer_channels(res, c).to(w.device)
                 signs = BinaryResidual.sign_bits(w, w_q)
                 if not torch.equal(res.from_bits(signs), res(w, w_q)):
                     raise RuntimeError(f"save_quantized: layer {name!r}: residual cannot be rebuilt from its sign bits")
                 tensors[f"{p}.residual.alpha"] = res.alpha.detach()[mask].contiguous()
                 tensors[f"{p}.residual.signs"] = pack_bits(signs[mask].to(torch.int64), 1)
                 if res.channel_mask is not None:
-                    tensors[f"{p}.residual.mask"] = _pack_mask(res.channel_mask)
+                    tensors[f"{p}.residual.mask"] = pack_mask(res.channel_mask)
                 structure["residual"] = {"rows": int(mask.sum()), "masked": res.channel_mask is not None}
         if layer.in_scale is not None:
             tensors[f"{p}.in_scale"] = layer.in_scale.detach().contiguous()
@@ -349,7 +262,7 @@ def save_quantized(model: nn.Module, spec: QuantSpec, out_dir: Union[str, Path],
                "theoretical_bytes": float(sum(m["theoretical_bytes"] for m in layers_meta.values())),
                "fp_bytes": int(fp_bytes)}
     meta = {"format_version": FORMAT_VERSION, "spec": spec.to_dict(),
-            "timesteps": getattr(model, "_quant_timesteps", None),
+            "timesteps": model_timesteps(model),
             "layers": layers_meta, "attention": attn_meta, "extra": extra_meta or {}, "bytes": summary}
     json.dumps(meta)  # fail before touching the output when extra_meta is not JSON
     with atomic_dir(out_dir) as tmp:
@@ -438,14 +351,14 @@ def _unpack_layer(name: str, module: nn.Module, entry: dict, tensors: dict, mode
     w_hat = None
     for g, desc in enumerate(s.get("quantizers", [])):
         if desc.get("masked"):
-            mask = _unpack_mask(_need(tensors, f"{p}.w{g}.mask", name, (-(-c // 8),), torch.uint8), c)
+            mask = unpack_mask(_need(tensors, f"{p}.w{g}.mask", name, (packed_size(c, 1),), torch.uint8), c)
         else:
             mask = torch.ones(c, dtype=torch.bool)
         rows = int(mask.sum())
         if rows != desc.get("rows"):
             raise ValueError(f"layer {name!r}: quantizer {g} mask covers {rows} rows, {SPEC_FILE} says {desc.get('rows')}")
         try:
-            q = _build_weight_quantizer(desc, mask if desc.get("masked") else None)
+            q = weight_quantizer_from_desc(desc, mask if desc.get("masked") else None)
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"layer {name!r}: quantizer {g}: bad description in {SPEC_FILE}: {exc}") from None
         pshape = desc["param_shape"]
@@ -468,7 +381,7 @@ def _unpack_layer(name: str, module: nn.Module, entry: dict, tensors: dict, mode
         q.load_state_dict(state)
         q.to(dev)
         n_codes = rows * row_len
-        packed = _need(tensors, f"{p}.w{g}.codes", name, (-(-n_codes * q.bits // 8),), torch.uint8)
+        packed = _need(tensors, f"{p}.w{g}.codes", name, (packed_size(n_codes, q.bits),), torch.uint8)
         codes = torch.zeros(wshape, dtype=torch.int64)
         codes[mask] = (unpack_bits(packed, q.bits, n_codes) + offset).reshape([rows] + row_shape)
         codes = codes.to(dev)
@@ -484,7 +397,7 @@ def _unpack_layer(name: str, module: nn.Module, entry: dict, tensors: dict, mode
             raise ValueError(f"layer {name!r}: residual without weight quantizers in {SPEC_FILE}")
         r = s["residual"]
         if r.get("masked"):
-            mask = _unpack_mask(_need(tensors, f"{p}.residual.mask", name, (-(-c // 8),), torch.uint8), c)
+            mask = unpack_mask(_need(tensors, f"{p}.residual.mask", name, (packed_size(c, 1),), torch.uint8), c)
         else:
             mask = torch.ones(c, dtype=torch.bool)
         rows = int(mask.sum())
@@ -495,7 +408,7 @@ def _unpack_layer(name: str, module: nn.Module, entry: dict, tensors: dict, mode
         with torch.no_grad():
             residual.alpha.zero_()
             residual.alpha[mask.to(dev)] = alpha.to(dev, residual.alpha.dtype)
-        packed = _need(tensors, f"{p}.residual.signs", name, (-(-rows * row_len // 8),), torch.uint8)
+        packed = _need(tensors, f"{p}.residual.signs", name, (packed_size(rows * row_len, 1),), torch.uint8)
         signs = torch.ones(wshape, dtype=torch.bool)
         signs[mask] = unpack_bits(packed, 1, rows * row_len).bool().reshape([rows] + row_shape)
         w_hat = w_hat + residual.from_bits(signs.to(dev)).detach()
@@ -507,7 +420,7 @@ def _unpack_layer(name: str, module: nn.Module, entry: dict, tensors: dict, mode
         _load_state(layer.act_quantizer, tensors, f"{p}.act", f"layer {name!r}")
     if w_hat is not None:
         layer.packed_weight = w_hat.to(dev)
-        fp_w = w_hat if layer.in_scale is None else w_hat / layer._in_scale_weight_view().to(w_hat.device)
+        fp_w = w_hat if layer.in_scale is None else w_hat / layer.in_scale_weight_view().to(w_hat.device)
         layer.weight = nn.Parameter(fp_w.to(dev), requires_grad=False)
     layer.weight_quant = bool(s.get("weight_quant", True))
     layer.act_quant = bool(s.get("act_quant", True))
@@ -573,7 +486,7 @@ def load_quantized(fp_model: nn.Module, out_dir: Union[str, Path]) -> nn.Module:
         raise ValueError(f"{PACKED_FILE}: no stored value for {len(missing)} model tensor(s), e.g. {missing[0]!r} "
                          f"(layer {missing[0].rpartition('.')[0]!r}); the file does not belong to this model")
     fp_model.load_state_dict(fp_state, strict=False)
-    fp_model._quant_timesteps = timesteps
+    set_model_timesteps(fp_model, timesteps)
     fp_model._quant_spec = spec
     return fp_model
 

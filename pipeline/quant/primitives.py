@@ -11,7 +11,7 @@ Integer quantizer (BRECQ / Q-Diffusion ``UniformAffineQuantizer``; EfficientDM /
     x̂ = Δ(qmax − z) so both Δ and z receive the clip-bound gradient, which is what the ReLU-clip
     form of EfficientDM/MPQ-DM computes).
 
-Floating-point quantizer (FP4DiT, adapted from Qualcomm's FP8 code; methods.md §3a)
+Floating-point quantizer (FP4DiT, arXiv 2503.15465, adapted from Qualcomm's FP8 code)
     bias b = 2^E − log2(maxval) + log2(2 − 2^−M) − 1, x_c = clip(x, −maxval, maxval),
     e = max(⌊log2|x_c| + b⌋, 1), s = 2^(e − M − b), x̂ = s·⌊x_c/s⌉. The largest value of the grid is
     (2 − 2^−M)·2^(2^E − 1 − b) = maxval, i.e. all codes are finite numbers (no Inf/NaN codes), which is
@@ -43,7 +43,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-INT_BITS = tuple(range(2, 9))
+from pipeline.config import WEIGHT_BITS
+
+# Integer grid widths: exactly the weight widths the params accept (``pipeline.config.WEIGHT_BITS``, the one
+# definition); quantized activation widths are the same range (``ACT_BITS`` minus A16/A32, which mean FP).
+INT_BITS = tuple(WEIGHT_BITS)
+# The one table of default ExMy splits {width: (E, M)} of signed FP formats (the spec and the activation
+# quantizers read it when only a width is given). Weights: FP4DiT E2M1 for W4, OCP E4M3 for W8; activations:
+# FP4DiT E2M3 for A6 and E3M4 for A8 (arXiv 2503.15465). Other widths: our choice, keeping E >= 1.
+# An unsigned format (post-softmax probabilities) spends the sign bit on the mantissa: E, M + 1.
+FP_WEIGHT_FORMATS = {3: (1, 1), 4: (2, 1), 5: (2, 2), 6: (2, 3), 7: (3, 3), 8: (4, 3)}
+FP_ACT_FORMATS = {3: (1, 1), 4: (2, 1), 5: (2, 2), 6: (2, 3), 7: (3, 3), 8: (3, 4)}
 INT_GRANULARITIES = ("tensor", "channel", "group")
 FP_GRANULARITIES = ("tensor", "channel", "group", "token")
 MSE_CANDIDATES = 80  # shrink the range in 1 % steps (Q-Diffusion / MPQ-DM 'mse' init)
@@ -137,7 +147,7 @@ def fake_quant_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return (q - z) * scale
 
 
-def _int_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool):
+def int_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool):
     """(scale, zero_point) covering [lo, hi] (lo <= 0 <= hi). Symmetric: Δ = absmax / qmax, z = 0,
     so ±absmax are both representable (the extra negative code −2^(b−1) stays available)."""
     if symmetric:
@@ -152,7 +162,7 @@ def _int_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symme
 # ----------------------------------------------------------------------------------------------
 # floating-point ExMy fake quantization
 # ----------------------------------------------------------------------------------------------
-def _fp_step(x_abs: torch.Tensor, maxval: torch.Tensor, exp_bits: int, man_bits: int):
+def fp_step(x_abs: torch.Tensor, maxval: torch.Tensor, exp_bits: int, man_bits: int):
     """Local grid step s(x) and relative exponent r = e − e_top (detached) for |x| <= maxval."""
     e_top = 2 ** exp_bits - 1
     base = maxval / (2.0 - 2.0 ** (-man_bits))  # = 2^(e_top − b): leading power of the top binade
@@ -171,7 +181,8 @@ def fp_grid_max(maxval: torch.Tensor, exp_bits: int, man_bits: int) -> torch.Ten
     return top_step * float(2 ** (man_bits + 1) - 1)
 
 
-def _fp_clip(x: torch.Tensor, maxval: torch.Tensor, signed: bool) -> torch.Tensor:
+def fp_clip(x: torch.Tensor, maxval: torch.Tensor, signed: bool) -> torch.Tensor:
+    """x clipped to [−maxval, maxval] (unsigned: [0, maxval])."""
     lo = -maxval if signed else torch.zeros_like(maxval)
     return torch.minimum(torch.maximum(x, lo), maxval)
 
@@ -184,8 +195,8 @@ def fp_quantize(x: torch.Tensor, maxval, exp_bits: int, man_bits: int, signed: b
     """
     check_fp_format(exp_bits, man_bits, signed)
     maxval = torch.as_tensor(maxval, dtype=x.dtype, device=x.device).clamp_min(_MIN_MAXVAL)
-    x_c = _fp_clip(x, maxval, signed)
-    step, _ = _fp_step(x_c.abs(), maxval, exp_bits, man_bits)
+    x_c = fp_clip(x, maxval, signed)
+    step, _ = fp_step(x_c.abs(), maxval, exp_bits, man_bits)
     return step * round_ste(x_c / step)
 
 
@@ -199,8 +210,8 @@ def fp_encode(x: torch.Tensor, maxval, exp_bits: int, man_bits: int, signed: boo
     e_top = 2 ** exp_bits - 1
     with torch.no_grad():
         maxval = torch.as_tensor(maxval, dtype=x.dtype, device=x.device).clamp_min(_MIN_MAXVAL)
-        x_c = _fp_clip(x, maxval, signed)
-        step, rel = _fp_step(x_c.abs(), maxval, exp_bits, man_bits)
+        x_c = fp_clip(x, maxval, signed)
+        step, rel = fp_step(x_c.abs(), maxval, exp_bits, man_bits)
         q = torch.round(x_c / step)
         neg = torch.signbit(q)
         q = q.abs().to(torch.int64)
@@ -249,7 +260,7 @@ def fp_max_value(exp_bits: int, man_bits: int) -> float:
 # ----------------------------------------------------------------------------------------------
 # shared layout: view a tensor as [C, G, g] rows
 # ----------------------------------------------------------------------------------------------
-class _RowLayout:
+class RowLayout:
     """How a quantizer with a given granularity sees a tensor: rows [C, G, g] (see module doc)."""
 
     def __init__(self, granularity: str, group_size: int, ch_axis: int, has_mask: bool):
@@ -445,8 +456,9 @@ class IntQuantizer(_LazyParamsMixin, nn.Module):
     def initialized(self) -> bool:
         return self.scale.numel() > 0 and not self._stale
 
-    def _layout(self) -> _RowLayout:
-        return _RowLayout(self.granularity, self.group_size, self.ch_axis, self.channel_mask is not None)
+    def layout(self) -> RowLayout:
+        """The [C, G, g] row view this quantizer applies to a tensor (see module docstring)."""
+        return RowLayout(self.granularity, self.group_size, self.ch_axis, self.channel_mask is not None)
 
     def extra_repr(self) -> str:
         return (f"bits={self._bits}, symmetric={self.symmetric}, granularity={self.granularity}, "
@@ -457,7 +469,7 @@ class IntQuantizer(_LazyParamsMixin, nn.Module):
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
         """Set scale/zero_point from ``x`` (min-max or MSE search, per granularity)."""
-        lay = self._layout()
+        lay = self.layout()
         xv, _ = lay.view(x.detach())
         mask = _mask_view(self.channel_mask, xv)
         if mask is not None:
@@ -466,7 +478,7 @@ class IntQuantizer(_LazyParamsMixin, nn.Module):
         lo = xv.amin(dim=dims, keepdim=True).clamp_max(0)
         hi = xv.amax(dim=dims, keepdim=True).clamp_min(0)
         qmin, qmax = self.qmin, self.qmax
-        scale, zp = _int_qparams(lo, hi, qmin, qmax, self.symmetric)
+        scale, zp = int_qparams(lo, hi, qmin, qmax, self.symmetric)
         if self.init == "mse":
             scale, zp = self._mse_search(xv, lo, hi, dims, scale, zp)
         shape = lay.param_shape(xv)
@@ -481,7 +493,7 @@ class IntQuantizer(_LazyParamsMixin, nn.Module):
         best_scale, best_zp = scale.clone(), zp.clone()
         for i in range(MSE_CANDIDATES):
             f = 1.0 - MSE_STEP * i
-            s, z = _int_qparams(lo * f, hi * f, qmin, qmax, self.symmetric)
+            s, z = int_qparams(lo * f, hi * f, qmin, qmax, self.symmetric)
             err = (fake_quant_int(xv, s, z, qmin, qmax) - xv).abs().pow(LP_NORM).sum(dim=dims, keepdim=True)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -496,7 +508,7 @@ class IntQuantizer(_LazyParamsMixin, nn.Module):
     # -- forward / codes ---------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._ensure_init(x)
-        lay = self._layout()
+        lay = self.layout()
         xv, meta = lay.view(x)
         s = lay.param_view(self.scale).to(x.dtype)
         z = lay.param_view(self.zero_point).to(x.dtype)
@@ -510,7 +522,7 @@ class IntQuantizer(_LazyParamsMixin, nn.Module):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes (int32, same shape as x) in [qmin, qmax]; ⌊z⌉ outside the channel mask."""
         self._ensure_init(x)
-        lay = self._layout()
+        lay = self.layout()
         xv, meta = lay.view(x)
         s = lay.param_view(self.scale).to(x.dtype)
         z = torch.round(lay.param_view(self.zero_point).to(x.dtype))
@@ -524,7 +536,7 @@ class IntQuantizer(_LazyParamsMixin, nn.Module):
         """(codes − ⌊z⌉)·Δ, 0 outside the channel mask; equals ``forward(x)`` for ``codes = quantize(x)``."""
         if self.scale.numel() == 0:
             raise RuntimeError("IntQuantizer.dequantize: quantizer is not calibrated (call calibrate(x) first)")
-        lay = self._layout()
+        lay = self.layout()
         cv, meta = lay.view(codes.to(dtype))
         s = lay.param_view(self.scale).to(dtype)
         z = torch.round(lay.param_view(self.zero_point).to(dtype))
@@ -538,7 +550,7 @@ class IntQuantizer(_LazyParamsMixin, nn.Module):
         """(view, meta, scale, zero_point, mask) of ``x`` in this quantizer's row layout
         (helper for AdaRound and packing)."""
         self._ensure_init(x)
-        lay = self._layout()
+        lay = self.layout()
         xv, meta = lay.view(x)
         return (xv, meta, lay.param_view(self.scale).to(x.dtype), lay.param_view(self.zero_point).to(x.dtype),
                 _mask_view(self.channel_mask, xv))
@@ -548,7 +560,7 @@ class IntQuantizer(_LazyParamsMixin, nn.Module):
 # floating-point quantizer module
 # ----------------------------------------------------------------------------------------------
 class FPQuantizer(_LazyParamsMixin, nn.Module):
-    """Floating-point ExMy fake quantizer (FP4DiT; methods.md §3a) with a clipping value per
+    """Floating-point ExMy fake quantizer (FP4DiT, arXiv 2503.15465) with a clipping value per
     tensor / channel / group (FP4DiT default: groups of 128) or per token (dynamic row absmax of the
     last dim, computed at run time; no calibration).
 
@@ -601,8 +613,9 @@ class FPQuantizer(_LazyParamsMixin, nn.Module):
         return (f"E{self.exp_bits}M{self.man_bits}, signed={self.signed}, granularity={self.granularity}, "
                 f"group_size={self.group_size}, ch_axis={self.ch_axis}, init={self.init}")
 
-    def _layout(self) -> _RowLayout:
-        return _RowLayout(self.granularity, self.group_size, self.ch_axis, self.channel_mask is not None)
+    def layout(self) -> RowLayout:
+        """The [C, G, g] row view this quantizer applies to a tensor (see module docstring)."""
+        return RowLayout(self.granularity, self.group_size, self.ch_axis, self.channel_mask is not None)
 
     @staticmethod
     def token_maxval(x: torch.Tensor) -> torch.Tensor:
@@ -616,7 +629,7 @@ class FPQuantizer(_LazyParamsMixin, nn.Module):
     def calibrate(self, x: torch.Tensor) -> None:
         if self.granularity == "token":
             return
-        lay = self._layout()
+        lay = self.layout()
         xv, _ = lay.view(x.detach())
         mask = _mask_view(self.channel_mask, xv)
         if mask is not None:
@@ -647,7 +660,7 @@ class FPQuantizer(_LazyParamsMixin, nn.Module):
             return out  # per-token is for activations: masks do not apply
         if not self.initialized:
             self.calibrate(x)
-        lay = self._layout()
+        lay = self.layout()
         xv, meta = lay.view(x)
         out = self._quant(xv, self._maxval_view(lay, xv))
         mask = _mask_view(self.channel_mask, xv)
@@ -662,7 +675,7 @@ class FPQuantizer(_LazyParamsMixin, nn.Module):
             return fp_encode(x, self.token_maxval(x), self.exp_bits, self.man_bits, self.signed)
         if not self.initialized:
             self.calibrate(x)
-        lay = self._layout()
+        lay = self.layout()
         xv, meta = lay.view(x)
         codes = fp_encode(xv, self._maxval_view(lay, xv), self.exp_bits, self.man_bits, self.signed)
         mask = _mask_view(self.channel_mask, xv)
@@ -680,7 +693,7 @@ class FPQuantizer(_LazyParamsMixin, nn.Module):
             return fp_decode(codes, maxval.to(dtype), self.exp_bits, self.man_bits, self.signed, dtype)
         if not self.initialized:
             raise RuntimeError("FPQuantizer.decode: quantizer is not calibrated (call calibrate(x) first)")
-        lay = self._layout()
+        lay = self.layout()
         cv, meta = lay.view(codes)
         out = fp_decode(cv, lay.param_view(self.maxval).to(dtype), self.exp_bits, self.man_bits,
                         self.signed, dtype)
@@ -696,7 +709,7 @@ class FPQuantizer(_LazyParamsMixin, nn.Module):
                              "tensor/channel/group)")
         if not self.initialized:
             self.calibrate(x)
-        lay = self._layout()
+        lay = self.layout()
         xv, meta = lay.view(x)
         return xv, meta, self._maxval_view(lay, xv), _mask_view(self.channel_mask, xv)
 
@@ -705,7 +718,7 @@ class FPQuantizer(_LazyParamsMixin, nn.Module):
 # binary residual branch
 # ----------------------------------------------------------------------------------------------
 class BinaryResidual(nn.Module):
-    """1-bit residual on salient output channels (MPQ-DMv2 FZ-RMQ, inferred design: methods.md §1B).
+    """1-bit residual on salient output channels (MPQ-DMv2 FZ-RMQ, arXiv 2507.04290; inferred design, no public code).
 
     r = w − Q_b(w) is approximated per output channel i by α_i·sign(r) (XNOR / BinaryDM closed form:
     α_i = mean |r| over the channel, learnable afterwards). sign(0) is taken as +1 so that every
@@ -761,3 +774,35 @@ class BinaryResidual(nn.Module):
             out = torch.where(self._bview(self.channel_mask.to(sign.device), sign), out,
                               torch.zeros((), dtype=out.dtype, device=out.device))
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# describing weight quantizers (JSON) and rebuilding them (packing, student checkpoints)
+# ----------------------------------------------------------------------------------------------
+def weight_quantizer_desc(q: nn.Module) -> dict:
+    """Constructor arguments of an :class:`IntQuantizer` / :class:`FPQuantizer` as JSON-able values
+    (``format`` "int" | "fp"; ``masked``: whether it has a channel mask). Its parameters are state."""
+    if isinstance(q, IntQuantizer):
+        return {"format": "int", "bits": q.bits, "symmetric": q.symmetric, "granularity": q.granularity,
+                "group_size": q.group_size, "init": q.init, "learnable": q.learnable,
+                "masked": q.channel_mask is not None}
+    if isinstance(q, FPQuantizer):
+        return {"format": "fp", "bits": q.bits, "exp_bits": q.exp_bits, "man_bits": q.man_bits, "signed": q.signed,
+                "granularity": q.granularity, "group_size": q.group_size, "init": q.init,
+                "learnable": q.learnable, "masked": q.channel_mask is not None}
+    raise TypeError(f"cannot describe weight quantizer of type {type(q).__name__}; "
+                    "expected an IntQuantizer or FPQuantizer")
+
+
+def weight_quantizer_from_desc(desc: dict, channel_mask=None) -> nn.Module:
+    """An uncalibrated weight quantizer (ch_axis 0) from :func:`weight_quantizer_desc` output (a missing
+    ``format`` means "int"); load its parameters with ``load_state_dict``."""
+    if desc.get("format", "int") == "int":
+        return IntQuantizer(desc["bits"], symmetric=desc["symmetric"], granularity=desc["granularity"],
+                            group_size=desc["group_size"], ch_axis=0, init=desc["init"],
+                            learnable=desc["learnable"], channel_mask=channel_mask)
+    if desc["format"] != "fp":
+        raise ValueError(f"unknown weight quantizer format {desc['format']!r}; expected 'int' or 'fp'")
+    return FPQuantizer(desc["exp_bits"], desc["man_bits"], signed=desc["signed"], granularity=desc["granularity"],
+                       group_size=desc["group_size"], ch_axis=0, channel_mask=channel_mask, init=desc["init"],
+                       learnable=desc["learnable"])

@@ -1,7 +1,8 @@
 """Model surgery: a name-keyed quantization spec and the code that wraps any ``nn.Module`` with it.
 
 Per-layer mixed precision is data: a :class:`QuantSpec` holds a default :class:`LayerQuant` and an
-ordered list of rules ``(pattern, overrides)``. A pattern is
+ordered list of rules ``(pattern, overrides)``. A pattern (the project's one name-pattern syntax, matched by
+:func:`matches` / :func:`matches_any`, also used by the reconstruction units and the methods) is
 
 - a glob on the module's qualified name (``fnmatch.fnmatchcase``, e.g. ``"*attn1.to_q"``, ``"*emb*"``),
 - ``"re:<regex>"``: a Python regex that must match the whole name (``re.fullmatch``),
@@ -11,12 +12,17 @@ ordered list of rules ``(pattern, overrides)``. A pattern is
 Rules are applied in order on top of the default; later rules override earlier ones. ``{"skip": True}``
 keeps the matching module in FP (a later rule with ``{"skip": False}`` can bring it back). When a rule
 changes ``w_bits``/``a_bits``/``attn_bits`` of an FP format without giving the exponent/mantissa split, the
-split is re-derived from the new width (:data:`FP_WEIGHT_SPLITS` / :data:`FP_ACT_SPLITS`).
+split is re-derived from the new width (:data:`pipeline.quant.primitives.FP_WEIGHT_FORMATS` /
+:data:`~pipeline.quant.primitives.FP_ACT_FORMATS`).
 
 Attention matmuls are configured on the attention module's own name (duck-typed: a module with ``to_q``,
 ``to_k``, ``to_v`` and ``set_processor``): its resolved ``attn_bits`` quantizes Q, K (before QKᵀ) and
-V, P (before PV) with the resolved ``a_mode`` / ``a_format`` (P unsigned). ``@first``/``@last`` never
-match attention modules.
+V, P (before PV) with the resolved ``a_mode`` / ``a_format``. P (the softmax probabilities, in [0, 1]) is
+unsigned and has its own format fields: ``attn_p_bits`` (None = ``attn_bits``), ``attn_p_format`` "int" |
+"fp" | "none" (None = ``a_format``; "none" keeps P in FP) and the unsigned split ``attn_p_exp_bits`` /
+``attn_p_man_bits`` (None = derived: the activation split when P has the activation width, else
+:data:`~pipeline.quant.primitives.FP_ACT_FORMATS`; beyond 8 bits E5 as fp16; the sign bit goes to the
+mantissa). ``@first``/``@last`` never match attention modules.
 
 Nothing here imports diffusers: models are handled through ``named_modules`` and duck typing.
 """
@@ -32,23 +38,59 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from pipeline.quant.act import FP_ACT_BITS
 from pipeline.quant.attention import QuantAttnProcessor, check_supported, is_attention_module
 from pipeline.quant.layers import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
-from pipeline.quant.primitives import FPQuantizer, IntQuantizer
+from pipeline.quant.primitives import FP_ACT_FORMATS, FP_WEIGHT_FORMATS, INT_BITS, FPQuantizer, IntQuantizer
 
 W_FORMATS = ("int", "fp")
 A_FORMATS = ("int", "fp")
+P_FORMATS = ("int", "fp", "none")  # softmax probabilities; "none" = P stays FP
 W_GRANULARITIES = ("channel", "group", "tensor")
 A_MODES = ("static", "timestep", "token", "none")
-INT_W_BITS = tuple(range(2, 9))
-FP_BITS = tuple(range(3, 9))
-INT_A_BITS = tuple(range(2, 9))  # IntQuantizer range; A16/A32 = FP activations
+# integer widths (weights and activations): primitives.INT_BITS (= pipeline.config.WEIGHT_BITS);
+# FP widths with a default split (weights, activations, Q/K/V): the keys of the primitives tables
+FP_BITS = tuple(sorted(FP_WEIGHT_FORMATS))  # == the keys of FP_ACT_FORMATS
+P_WIDE_EXP_BITS = 5  # default exponent bits of an unsigned FP P wider than the table (fp16's exponent)
 W_INITS = ("minmax", "mse")
-# default ExMy splits when only the width is given (weights: FP4DiT E2M1 for W4, OCP E4M3 for W8;
-# activations: FP4DiT E2M3 for A6 and E3M4 for A8). Others: our choice, keeping E >= 1.
-FP_WEIGHT_SPLITS = {3: (1, 1), 4: (2, 1), 5: (2, 2), 6: (2, 3), 7: (3, 3), 8: (4, 3)}
-FP_ACT_SPLITS = {3: (1, 1), 4: (2, 1), 5: (2, 2), 6: (2, 3), 7: (3, 3), 8: (3, 4)}
 SPECIAL_PATTERNS = ("@first", "@last")
+
+
+# ------------------------------------------------------------------------------------------------
+# name patterns
+# ------------------------------------------------------------------------------------------------
+def check_pattern(pattern, where: str = "pattern") -> str:
+    """Return ``pattern`` if it is a valid name pattern (non-empty glob, ``re:<regex>`` that compiles,
+    ``@first`` / ``@last``), else raise ValueError naming ``where``."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"{where}: pattern must be a non-empty string (glob, 're:<regex>', "
+                         f"'@first' or '@last'), got {pattern!r}")
+    if pattern.startswith("@") and pattern not in SPECIAL_PATTERNS:
+        raise ValueError(f"{where}: unknown token {pattern!r}; allowed tokens: {list(SPECIAL_PATTERNS)}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ValueError(f"{where}: invalid regex {pattern[3:]!r}: {exc}") from None
+    return pattern
+
+
+def matches(pattern: str, name: str, first: Optional[str] = None, last: Optional[str] = None) -> bool:
+    """True when the qualified module name ``name`` matches ``pattern``: a glob (``fnmatch.fnmatchcase``),
+    ``re:<regex>`` (``re.fullmatch``), or ``@first`` / ``@last`` (``name`` equals ``first`` / ``last``,
+    the names those tokens stand for; they match nothing when not given)."""
+    if pattern == "@first":
+        return first is not None and name == first
+    if pattern == "@last":
+        return last is not None and name == last
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def matches_any(patterns, name: str, first: Optional[str] = None, last: Optional[str] = None) -> bool:
+    """True when ``name`` matches one of ``patterns`` (see :func:`matches`)."""
+    return any(matches(p, name, first, last) for p in patterns)
 
 
 @dataclass
@@ -62,7 +104,9 @@ class LayerQuant:
     Input activations: ``a_bits`` (None = FP), ``a_format``, ``a_exp_bits``/``a_man_bits``, ``a_mode``
     "static" (one per-tensor set) | "timestep" (one set per sampling timestep, int only) | "token"
     (online per-token absmax, no calibration) | "none", ``a_symmetric``, ``a_init``, ``a_learnable``.
-    Attention modules: ``attn_bits`` (None = FP Q·Kᵀ and P·V) with the activation mode/format.
+    Attention modules: ``attn_bits`` (None = FP Q·Kᵀ and P·V) with the activation mode/format; the
+    softmax probabilities P: ``attn_p_bits`` (None = attn_bits), ``attn_p_format`` "int" | "fp" | "none"
+    (None = a_format), unsigned split ``attn_p_exp_bits``/``attn_p_man_bits`` (E + M = width; None = derived).
     """
 
     w_bits: Optional[int] = 8
@@ -83,6 +127,10 @@ class LayerQuant:
     a_init: str = "minmax"
     a_learnable: bool = False
     attn_bits: Optional[int] = None
+    attn_p_bits: Optional[int] = None
+    attn_p_format: Optional[str] = None
+    attn_p_exp_bits: Optional[int] = None
+    attn_p_man_bits: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,24 +149,81 @@ class LayerQuant:
             raise ValueError(f"{where}.group_size: must be a positive int, got {self.group_size!r}")
         if self.w_bits is not None:
             if self.w_format == "int":
-                _check_bits(where, "w_bits", self.w_bits, INT_W_BITS)
+                _check_bits(where, "w_bits", self.w_bits, INT_BITS)
             else:
                 self.w_exp_bits, self.w_man_bits = _fp_split(where, "w", self.w_bits, self.w_exp_bits,
-                                                             self.w_man_bits, FP_WEIGHT_SPLITS)
+                                                             self.w_man_bits, FP_WEIGHT_FORMATS)
         if self.a_bits is not None:
             if self.a_format == "int":
-                _check_bits(where, "a_bits", self.a_bits, INT_A_BITS)
+                _check_bits(where, "a_bits", self.a_bits, INT_BITS)
             else:
                 self.a_exp_bits, self.a_man_bits = _fp_split(where, "a", self.a_bits, self.a_exp_bits,
-                                                             self.a_man_bits, FP_ACT_SPLITS)
+                                                             self.a_man_bits, FP_ACT_FORMATS)
                 if self.a_mode == "timestep":
                     raise ValueError(f"{where}.a_mode: 'timestep' activation quantizers are integer only "
                                      "(a_format='int'); use a_mode 'static' or 'token' for FP activations")
         if self.attn_bits is not None:
             if self.a_format == "int":
-                _check_bits(where, "attn_bits", self.attn_bits, INT_A_BITS)
+                _check_bits(where, "attn_bits", self.attn_bits, INT_BITS)
             else:
                 _check_bits(where, "attn_bits", self.attn_bits, FP_BITS)
+        self._validate_attn_p(where)
+
+    def _validate_attn_p(self, where: str) -> None:
+        if self.attn_p_format is not None:
+            _check_choice(where, "attn_p_format", self.attn_p_format, P_FORMATS)
+        fmt = self.p_format
+        if fmt == "none":
+            if self.attn_p_bits is not None or self.attn_p_exp_bits is not None or self.attn_p_man_bits is not None:
+                raise ValueError(f"{where}: attn_p_bits / attn_p_exp_bits / attn_p_man_bits have no meaning with "
+                                 "attn_p_format 'none' (P stays FP); leave them null")
+            return
+        if self.attn_p_bits is not None:
+            _check_bits(where, "attn_p_bits", self.attn_p_bits, INT_BITS if fmt == "int" else FP_ACT_BITS)
+        if (self.attn_p_exp_bits is None) != (self.attn_p_man_bits is None):
+            raise ValueError(f"{where}: give both attn_p_exp_bits and attn_p_man_bits (or neither)")
+        if self.attn_p_exp_bits is not None and fmt != "fp":
+            raise ValueError(f"{where}: attn_p_exp_bits/attn_p_man_bits need an FP P format (attn_p_format 'fp', "
+                             f"or a_format 'fp' with attn_p_format null), got {fmt!r}")
+        if fmt == "fp" and self.a_mode == "timestep" and self.attn_bits is not None:
+            raise ValueError(f"{where}.attn_p_format: 'timestep' quantizers are integer only; an FP P needs "
+                             "a_mode 'static' or 'token'")
+        if fmt == "fp" and self.p_bits is not None:
+            if self.attn_p_exp_bits is not None:
+                e, m = self.attn_p_exp_bits, self.attn_p_man_bits
+                if (isinstance(e, bool) or not isinstance(e, int) or isinstance(m, bool) or not isinstance(m, int)
+                        or e < 1 or m < 0 or e + m != self.p_bits):
+                    raise ValueError(f"{where}: attn_p_exp_bits={e}, attn_p_man_bits={m} do not make an unsigned "
+                                     f"{self.p_bits}-bit FP format (need E + M == {self.p_bits}, E >= 1, M >= 0)")
+
+    @property
+    def p_format(self) -> str:
+        """Resolved format of the softmax probabilities P: "int" | "fp" | "none" (FP)."""
+        return self.a_format if self.attn_p_format is None else self.attn_p_format
+
+    @property
+    def p_bits(self) -> Optional[int]:
+        """Resolved width of P (None: P not quantized)."""
+        if self.attn_bits is None or self.p_format == "none":
+            return None
+        return self.attn_bits if self.attn_p_bits is None else self.attn_p_bits
+
+    def p_split(self) -> tuple[int, int]:
+        """Unsigned (E, M) of an FP P (E + M == :attr:`p_bits`): the explicit split, else the activation
+        split at the activation width, else FP_ACT_FORMATS, else E5 (fp16's exponent); the sign bit of
+        the signed split goes to the mantissa."""
+        bits = self.p_bits
+        if self.p_format != "fp" or bits is None:
+            raise ValueError(f"p_split: P is not an FP format here (p_format={self.p_format!r}, p_bits={bits})")
+        if self.attn_p_exp_bits is not None:
+            return self.attn_p_exp_bits, self.attn_p_man_bits
+        if self.a_format == "fp" and bits == self.a_bits:
+            e, m = self.a_exp_bits, self.a_man_bits
+        elif bits in FP_ACT_FORMATS:
+            e, m = FP_ACT_FORMATS[bits]
+        else:
+            e, m = P_WIDE_EXP_BITS, bits - 1 - P_WIDE_EXP_BITS
+        return e, m + 1
 
     @property
     def quantizes_weight(self) -> bool:
@@ -169,19 +274,10 @@ def _fp_split(where, prefix, bits, exp_bits, man_bits, table):
     return exp_bits, man_bits
 
 
-def _pattern_matches(pattern: str, name: str, first: Optional[str], last: Optional[str]) -> bool:
-    if pattern == "@first":
-        return first is not None and name == first
-    if pattern == "@last":
-        return last is not None and name == last
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
-
-
 def _apply_overrides(base: dict, overrides: dict) -> dict:
     out = dict(base)
-    for width, e, m in (("w_bits", "w_exp_bits", "w_man_bits"), ("a_bits", "a_exp_bits", "a_man_bits")):
+    for width, e, m in (("w_bits", "w_exp_bits", "w_man_bits"), ("a_bits", "a_exp_bits", "a_man_bits"),
+                        ("attn_p_bits", "attn_p_exp_bits", "attn_p_man_bits")):
         # a new width without a new split re-derives the FP split
         if width in overrides and e not in overrides and m not in overrides:
             out[e] = None
@@ -208,16 +304,7 @@ class QuantSpec:
             if not isinstance(rule, (tuple, list)) or len(rule) != 2:
                 raise ValueError(f"{where}: each rule must be a (pattern, overrides) pair, got {rule!r}")
             pattern, overrides = rule
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"{where}: pattern must be a non-empty string (glob, 're:<regex>', "
-                                 f"'@first' or '@last'), got {pattern!r}")
-            if pattern.startswith("@") and pattern not in SPECIAL_PATTERNS:
-                raise ValueError(f"{where}: unknown token {pattern!r}; allowed tokens: {list(SPECIAL_PATTERNS)}")
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as exc:
-                    raise ValueError(f"{where}: invalid regex {pattern[3:]!r}: {exc}") from None
+            check_pattern(pattern, where)
             if not isinstance(overrides, dict):
                 raise TypeError(f"{where} ({pattern!r}): overrides must be a dict, got {type(overrides).__name__}")
             unknown = sorted(set(overrides) - set(RULE_KEYS))
@@ -237,12 +324,22 @@ class QuantSpec:
         cfg = self.default.to_dict()
         skip = False
         for pattern, overrides in self.rules:
-            if _pattern_matches(pattern, name, first, last):
+            if matches(pattern, name, first, last):
                 skip = overrides.get("skip", skip)
                 cfg = _apply_overrides(cfg, {k: v for k, v in overrides.items() if k != "skip"})
         if skip:
             return None
         return LayerQuant(**cfg)
+
+    def with_fields(self, **fields) -> "QuantSpec":
+        """The same spec with ``fields`` (LayerQuant field names) forced on every layer: set in the
+        default and removed from every rule (e.g. ``with_fields(w_init="minmax")`` for a surgery whose
+        weight ranges are replaced afterwards)."""
+        unknown = sorted(set(fields) - set(LAYER_QUANT_FIELDS))
+        if unknown:
+            raise ValueError(f"QuantSpec.with_fields: unknown field(s) {unknown}; allowed: {list(LAYER_QUANT_FIELDS)}")
+        return QuantSpec(default=dataclasses.replace(self.default, **fields),
+                         rules=[(p, {k: v for k, v in o.items() if k not in fields}) for p, o in self.rules])
 
     def to_dict(self) -> dict:
         return {"default": self.default.to_dict(), "rules": [[p, dict(o)] for p, o in self.rules]}
@@ -274,7 +371,7 @@ def default_rules(keep_bits: Optional[int] = 8) -> list:
                 r"re:([^.]+\.)?caption_projection\..+"]
     if keep_bits is None:
         return [(p, {"skip": True}) for p in patterns]
-    _check_bits("default_rules", "keep_bits", keep_bits, INT_W_BITS)
+    _check_bits("default_rules", "keep_bits", keep_bits, INT_BITS)
     return [(p, {"w_bits": keep_bits, "w_format": "int"}) for p in patterns]
 
 
@@ -291,7 +388,7 @@ def build_weight_quantizer(lq: LayerQuant, bits: Optional[int] = None, channel_m
     if bits == lq.w_bits:
         e, m = lq.w_exp_bits, lq.w_man_bits
     else:
-        e, m = FP_WEIGHT_SPLITS[bits]
+        e, m = FP_WEIGHT_FORMATS[bits]
     return FPQuantizer(e, m, signed=True, granularity=lq.w_granularity, group_size=lq.group_size, ch_axis=0,
                        channel_mask=channel_mask, init="mse" if lq.w_init == "mse" else "absmax",
                        learnable=lq.w_learnable)
@@ -310,7 +407,7 @@ def build_act_quantizer(lq: LayerQuant, bits: Optional[int] = None, context=None
         return None
     fp = lq.a_format == "fp"
     if fp:
-        e, m = (lq.a_exp_bits, lq.a_man_bits) if bits == lq.a_bits else FP_ACT_SPLITS[bits]
+        e, m = (lq.a_exp_bits, lq.a_man_bits) if bits == lq.a_bits else FP_ACT_FORMATS[bits]
         if not signed:  # the sign bit goes to the mantissa for unsigned probabilities
             m = m + 1
     if lq.a_mode == "static":
@@ -338,17 +435,44 @@ def build_layer(module: nn.Module, lq: LayerQuant, context=None, timesteps=None)
     return cls.from_float(module, w_quant, a_quant)
 
 
+def build_softmax_quantizer(lq: LayerQuant, context=None, timesteps=None) -> Optional[nn.Module]:
+    """The unsigned quantizer of the softmax probabilities P (:attr:`LayerQuant.p_bits` /
+    :attr:`~LayerQuant.p_format`, FP split :meth:`LayerQuant.p_split`) with the activation mode
+    (a_mode 'none' -> static), or None when P stays FP."""
+    from pipeline.quant import act
+
+    bits = lq.p_bits
+    if bits is None:
+        return None
+    mode = "static" if lq.a_mode == "none" else lq.a_mode
+    if lq.p_format == "int":
+        if mode == "static":
+            return act.StaticActQuantizer(bits, symmetric=False, init=lq.a_init, learnable=lq.a_learnable)
+        if mode == "timestep":
+            if timesteps is None or context is None:
+                raise ValueError("a_mode='timestep' needs the sampler's timesteps: pass timesteps=[...] to "
+                                 "quantize_model")
+            return act.TimestepActQuantizer(bits, list(timesteps), context, symmetric=False,
+                                            learnable=lq.a_learnable, init=lq.a_init)
+        return act.OnlineTokenActQuantizer(bits, fmt="int", signed=False, rows="last_dim")
+    e, m = lq.p_split()
+    if mode == "static":
+        return act.StaticActQuantizer(bits, fmt="fp", exp_bits=e, man_bits=m, signed=False, init=lq.a_init,
+                                      learnable=lq.a_learnable)
+    return act.OnlineTokenActQuantizer(bits, fmt="fp", exp_bits=e, man_bits=m, signed=False, rows="last_dim")
+
+
 def build_attention_processor(lq: LayerQuant, context=None, timesteps=None) -> QuantAttnProcessor:
-    """Q, K, V (signed) and P (unsigned) quantizers at ``attn_bits`` with the activation mode/format
-    (a_mode 'none' -> static: 'none' only turns off the layer-input quantizers)."""
+    """Q, K, V (signed) quantizers at ``attn_bits`` with the activation mode/format (a_mode 'none' ->
+    static: 'none' only turns off the layer-input quantizers) and P's (:func:`build_softmax_quantizer`)."""
     cfg = lq if lq.a_mode != "none" else dataclasses.replace(lq, a_mode="static")
 
-    def make(signed: bool = True):
-        return build_act_quantizer(cfg, bits=lq.attn_bits, context=context, timesteps=timesteps, signed=signed,
+    def make():
+        return build_act_quantizer(cfg, bits=lq.attn_bits, context=context, timesteps=timesteps, signed=True,
                                    token_rows="last_dim")
 
-    return QuantAttnProcessor(q_quantizer=make(), k_quantizer=make(), p_quantizer=make(signed=False),
-                              v_quantizer=make())
+    return QuantAttnProcessor(q_quantizer=make(), k_quantizer=make(),
+                              p_quantizer=build_softmax_quantizer(lq, context, timesteps), v_quantizer=make())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,6 +506,17 @@ def resolve_model(model: nn.Module, spec: QuantSpec) -> dict:
     for n, _ in attention_modules(model):
         out[n] = spec.resolve(n)
     return out
+
+
+def model_timesteps(model: nn.Module) -> Optional[list]:
+    """The sampler timesteps :func:`quantize_model` (or ``packing.load_quantized``) recorded on ``model``
+    (None if none were given); stored with the model by the packing and checkpoint writers."""
+    return getattr(model, "_quant_timesteps", None)
+
+
+def set_model_timesteps(model: nn.Module, timesteps: Optional[Sequence[int]]) -> None:
+    """Record the sampler timesteps on ``model`` (see :func:`model_timesteps`)."""
+    model._quant_timesteps = None if timesteps is None else [int(t) for t in timesteps]
 
 
 def get_timestep_context(model: nn.Module):
@@ -441,7 +576,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, timesteps: Optional[Sequen
         _set_submodule(model, name, build_layer(mod, lq, context, timesteps))
         done[name] = lq
     if timesteps is not None or not hasattr(model, "_quant_timesteps"):
-        model._quant_timesteps = timesteps  # saved by packing.save_quantized
+        set_model_timesteps(model, timesteps)  # saved by packing.save_quantized / checkpoint.save_student
     return done
 
 

@@ -24,7 +24,7 @@ import math
 import sys
 import time
 import warnings
-from typing import Iterator, Optional
+from typing import Iterator
 
 import lightning as L
 import torch

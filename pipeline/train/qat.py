@@ -28,7 +28,6 @@ import math
 import re
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Optional
 
 import lightning as L
@@ -36,74 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError
+from pipeline.train.configs import QATConfig  # noqa: F401  (public here too)
 from pipeline.train.relation import build_relation_loss
 
 log = logging.getLogger("pipeline")
 _FEATURE_PATTERNS = (r"(.*\.)?up_blocks\.(\d+)", r"(.*\.)?transformer_blocks\.(\d+)")
-
-
-@dataclass
-class QATConfig:
-    """``qat``: the trajectory-distillation schedule (params section ``qat``).
-
-    epochs: teacher trajectory batches (MPQ-DM: 800); each gives ``sampling.steps`` updates.
-    batch_size: trajectories per batch (MPQ-DM: 4 classes, doubled by CFG).
-    lora_lr: fixed LoRA learning rate, or null for the scale-aware ``lora_lr_scale`` × mean Δ per layer
-        (MPQ-DM / EfficientDM: 1/2500).
-    match_lora_step: scale the LoRA rate of non-zero-initialised (SVD) factors so one update changes B·A as much
-        as it does from MPQ-DM's zero init (:func:`lora_step_match`; ours — without it the SVD-initialised runs
-        were noticeably worse at equal rates).
-    weight_quant_lr: Δ, z (and residual α) of the weight quantizers (MPQ-DM: 1e-6).
-    act_quant_lr: per-timestep Δ_t, z_t of the activation quantizers (MPQ-DM: 5e-4).
-    weight_decay: AdamW weight decay on the LoRA factors (torch default 0.01, as in MPQ-DM).
-    relation_weight: weight of the relation loss (0 turns it off); null = MPQ-DM's weighting: its code sums
-        the ε error over C·H·W values and the relation KL over P pixel rows with factor 100, i.e. in our
-        mean units 100·P / (C·H·W) (100 for the 8×8 UNet, 25 for LDM-4's 1024-pixel decoder output).
-    trd_window: TRD's N consecutive steps (MPQ-DM: 2). memory_length: MTRD queue length M.
-    memory_decay: MTRD weight decay^age of older entries (1 = uniform). temperature: relation softmax τ.
-    feature_module: module (name inside the diffusers net) whose output is the relation feature; null = auto.
-    check_samples: trajectories of the held-out ε-MSE check before/after QAT in the stage (0 = skip).
-    seed: trajectory noise / labels (MPQ-DM: 3407, + epoch).
-    """
-
-    epochs: int = 6
-    batch_size: int = 16
-    lora_lr: Optional[float] = None
-    lora_lr_scale: float = 0.02
-    match_lora_step: bool = True
-    weight_quant_lr: float = 1.0e-4
-    act_quant_lr: float = 1.0e-3
-    weight_decay: float = 0.01
-    relation_weight: Optional[float] = None
-    trd_window: int = 2
-    memory_length: int = 4
-    memory_decay: float = 1.0
-    temperature: float = 1.0
-    feature_module: Optional[str] = None
-    log_every_n_steps: int = 5
-    check_samples: int = 16
-    seed: int = 3407
-
-    def validate(self, p: str) -> None:
-        for name in ("epochs", "batch_size", "trd_window", "log_every_n_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{p}.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.relation_weight is not None and self.relation_weight < 0:
-            raise ConfigError(f"{p}.relation_weight: must be >= 0 or null (MPQ-DM weighting), got {self.relation_weight}")
-        for name in ("lora_lr_scale", "weight_quant_lr", "act_quant_lr", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{p}.{name}: must be >= 0, got {getattr(self, name)}")
-        if self.lora_lr is not None and self.lora_lr < 0:
-            raise ConfigError(f"{p}.lora_lr: must be >= 0 or null (scale-aware), got {self.lora_lr}")
-        if self.check_samples < 0:
-            raise ConfigError(f"{p}.check_samples: must be >= 0 (0 = skip), got {self.check_samples}")
-        if self.memory_length < 0:
-            raise ConfigError(f"{p}.memory_length: must be >= 0, got {self.memory_length}")
-        if not 0.0 < self.memory_decay <= 1.0:
-            raise ConfigError(f"{p}.memory_decay: must be in (0, 1], got {self.memory_decay}")
-        if self.temperature <= 0:
-            raise ConfigError(f"{p}.temperature: must be > 0, got {self.temperature}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Block / layer output reconstruction of a quantized model (BRECQ; Q-Diffusion ``block_recon.py`` /
 ``layer_recon.py``; FP4DiT's scale-aware FP AdaRound) as a Lightning module.
 
-Algorithm (methods.md §6.2, §3a), for every reconstruction unit in registration order:
+Algorithm (BRECQ arXiv 2102.05426; Q-Diffusion arXiv 2302.04304; FP4DiT arXiv 2503.15465), for every
+reconstruction unit in registration order:
 
 1. Unit = a block whose name matches one of ``block_patterns`` (DiT / PixArt transformer blocks, UNet
    ResNet and attention blocks) and that holds quantized layers, or a quantized layer outside every block
@@ -36,9 +37,7 @@ per-step loss, reconstruction error, regulariser and β go to that MLflow run th
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -49,9 +48,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.quant.adaround import REG_WEIGHT, BetaSchedule
+from pipeline.quant.adaround import BetaSchedule
+from pipeline.train.configs import ReconConfig  # noqa: F401  (public here too)
 from pipeline.quant.layers import QUANT_LAYER_TYPES
-from pipeline.quant.surgery import quant_state
+from pipeline.quant.surgery import check_pattern, matches_any, quant_state
 
 log = logging.getLogger("pipeline")
 
@@ -61,54 +61,6 @@ DEFAULT_BLOCK_PATTERNS = (
     r"re:(.*\.)?(down_blocks|up_blocks)\.\d+\.(resnets|attentions)\.\d+",
     r"re:(.*\.)?mid_block\.(resnets|attentions)\.\d+",
 )
-
-
-@dataclass
-class ReconConfig:
-    """Reconstruction hyper-parameters (BRECQ / Q-Diffusion names in brackets).
-
-    iters: optimisation steps per unit [``iters_w``; FP4DiT ``--cali_iters 2500``, Q-Diffusion 20000].
-    batch_size: cached inputs per step [``batch_size``; FP4DiT 16, Q-Diffusion 32].
-    lr: Adam learning rate of the rounding logits [Adam default 1e-3].
-    reg_weight: λ of the rounding regulariser [``weight`` 0.01].
-    beta_start / beta_end / warmup: β schedule [``b_range`` (20, 2), ``warmup`` 0.2].
-    asym: unit inputs from the quantized-so-far model (True) or from the FP model.
-    act_quant: keep activation quantization on while reconstructing (off in Q-Diffusion's weight phase).
-    max_inputs: use at most this many calibration inputs (a seeded random subset; None = all).
-    chunk_size: batch size of the partial forwards that cache inputs / targets.
-    error_inputs: cached inputs (a seeded random subset) on which the unit's output error is reported
-        before (round to nearest) and after reconstruction.
-    seed: batch sampling seed. log_every: Lightning ``log_every_n_steps``.
-    """
-
-    iters: int = 100
-    batch_size: int = 32
-    lr: float = 1e-3
-    reg_weight: float = REG_WEIGHT
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
-    asym: bool = True
-    act_quant: bool = False
-    max_inputs: Optional[int] = None
-    chunk_size: int = 128
-    error_inputs: int = 128
-    seed: int = 0
-    log_every: int = 10
-
-    def __post_init__(self) -> None:
-        for name in ("iters", "batch_size", "chunk_size", "error_inputs", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"ReconConfig.{name}: must be a positive int, got {v!r}")
-        if self.max_inputs is not None and (not isinstance(self.max_inputs, int) or self.max_inputs < 1):
-            raise ValueError(f"ReconConfig.max_inputs: must be a positive int or None, got {self.max_inputs!r}")
-        if not self.lr > 0:
-            raise ValueError(f"ReconConfig.lr: must be > 0, got {self.lr!r}")
-        if self.reg_weight < 0:
-            raise ValueError(f"ReconConfig.reg_weight: must be >= 0, got {self.reg_weight!r}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"ReconConfig.warmup: must be in [0, 1), got {self.warmup!r}")
 
 
 @dataclass
@@ -128,20 +80,13 @@ class ReconUnit:
 # ----------------------------------------------------------------------------------------------
 # units
 # ----------------------------------------------------------------------------------------------
-def _matches(pattern: str, name: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
-
-
 def reconstruction_units(root: nn.Module, block_patterns: Sequence[str] = DEFAULT_BLOCK_PATTERNS) -> list:
     """The units of ``root`` in registration order: blocks matching ``block_patterns`` (glob or
     ``re:<regex>`` on the qualified name; the outermost match wins) that contain weight-quantized layers,
     then every weight-quantized layer outside those blocks as its own unit (ordered by where it sits in
     the module tree)."""
-    for p in block_patterns:
-        if not isinstance(p, str) or not p:
-            raise ValueError(f"block_patterns: each pattern must be a non-empty string, got {p!r}")
+    for i, p in enumerate(block_patterns):
+        check_pattern(p, f"block_patterns[{i}]")
     units: list = []
     block_prefixes: list = []
     for name, mod in root.named_modules():
@@ -149,7 +94,7 @@ def reconstruction_units(root: nn.Module, block_patterns: Sequence[str] = DEFAUL
             continue
         if any(name == b or name.startswith(b + ".") for b in block_prefixes):
             continue  # nested inside a block already taken
-        if any(_matches(p, name) for p in block_patterns):
+        if matches_any(block_patterns, name):
             layers = [(f"{name}.{n}", m) for n, m in mod.named_modules()
                       if isinstance(m, QUANT_LAYER_TYPES) and len(m.weight_quantizers)]
             block_prefixes.append(name)

@@ -15,7 +15,7 @@ distribution P_fp and the student's P_q are compared with KL(P_fp ‖ P_q), aver
   N-th step on non-overlapping windows; so do we.
 - :class:`MemoryRelationLoss` — MPQ-DMv2's memory-based temporal relation distillation (MTRD;
   arXiv 2507.04290, abstract only: "an online time-aware pixel queue for long-term denoising temporal
-  information distillation"). Our design (methods.md §1B, [INFER]): a FIFO queue holding the normalised
+  information distillation"; no public code). Our design [INFER]: a FIFO queue holding the normalised
   pixel features of the last M steps of the *same* trajectories (teacher's and student's, detached,
   each entry tagged with its timestep). At every step the current pixels are related to the pixels of
   every memory entry and of the current step: R_m = row-softmax(F_now · F_mᵀ / τ) per entry m, for the

@@ -1,0 +1,275 @@
+"""Runs one method family: every variant x bit setting x backbone of its params section.
+
+One DVC item per family (``quantize@<family>``) calls :func:`run_family`. Each *job* (variant, setting,
+backbone) is its own MLflow run and writes one model folder in the single output layout
+
+    data/quantized/<family>/<setting>/<variant>/<backbone>/
+        packed.safetensors, quant_spec.json   the core's real low-bit format (what evaluate loads)
+        info.json                             job metadata, timings, the method's numbers, cache key
+        init/                                 (fine-tuned families) the first phase's student checkpoint
+
+and the family folder gets a ``manifest.json`` listing every job with its status: the one place
+``evaluate`` and ``report`` learn which models exist (and which comparison tables the family wants).
+
+Caching and reruns. A job's key hashes everything its result depends on: family, variant switches,
+setting, backbone, the family's options (for the first phase without the fine-tune sub-config), the
+diffusion / sampling params, the FP model, the calibration file and the library's source code. A job whose
+previous output (kept, the DVC output is ``persist: true``) has the same key is reused, not recomputed;
+a fine-tuned job whose first-phase key is unchanged reuses its ``init/`` and only fine-tunes. So a sweep
+that adds one setting computes only that setting, and changing ``<family>.<finetune_field>`` never
+redoes the first phase.
+
+Failures. A job that raises becomes a manifest entry with ``status: failed`` and the error; its MLflow run
+ends FAILED; its siblings still run; the new output folder is still put in place (with the failed job's
+``init/`` if that phase finished) and :func:`run_family` returns the failures so the stage exits non-zero
+and DVC does not record the item as complete. ``dvc repro`` then reruns the item, which reuses every
+finished job and recomputes only the failed one.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import BitSetting, DiffusionConfig, ModelConfig, SamplingConfig, TrackingConfig, load_section, \
+    read_params, to_dict
+from .io import atomic_dir, data_hash, read_json, tree_hash, write_json
+
+log = logging.getLogger("pipeline")
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Job:
+    family: str
+    variant: str
+    setting: BitSetting
+    backbone: str
+
+    @property
+    def rel(self) -> Path:
+        return Path(self.setting.name) / self.variant / self.backbone
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}/{self.variant}/{self.setting.name}@{self.backbone}"
+
+
+def plan(family, matrix) -> list[Job]:
+    """Jobs of a family section, in params order: settings, then variants, then backbones."""
+    return [Job(family.name, v, s, b) for s in matrix.bit_settings for v in matrix.variants for b in matrix.backbones]
+
+
+def code_hash(root: Optional[Path] = None) -> str:
+    """Hash of the library's Python sources (``pipeline/**/*.py``; bytecode caches excluded)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _numbers(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _save_packed(net, spec, dest: Path, meta: dict) -> None:
+    """The core's packed format into ``dest`` without replacing what is already there (``init/``, files
+    the method wrote into its workdir): ``save_quantized`` replaces its target folder as a whole."""
+    from .quant.packing import save_quantized
+
+    scratch = dest / ".packed"
+    save_quantized(net, spec, scratch, extra_meta=meta)
+    for f in scratch.iterdir():
+        f.replace(dest / f.name)
+    scratch.rmdir()
+
+
+def _reusable(path: Path, key: str) -> bool:
+    f = path / "info.json"
+    if not f.exists():
+        return False
+    try:
+        return read_json(f).get("key") == key
+    except (OSError, ValueError):
+        return False
+
+
+class FamilyRunner:
+    """Holds what every job of one family item shares (configs, device, hashes, loaded calibration)."""
+
+    def __init__(self, name: str, params_path: str | Path, fp_root: str | Path, calib_root: str | Path,
+                 out: str | Path) -> None:
+        from .validation import load_family
+
+        raw = read_params(params_path)
+        model = load_section("model", ModelConfig, params_path)
+        self.family, self.matrix, self.cfg = load_family(name, raw, model.backbones)
+        self.diffusion = load_section("diffusion", DiffusionConfig, params_path)
+        self.sampling = load_section("sampling", SamplingConfig, params_path)
+        self.tracking = load_section("tracking", TrackingConfig, params_path)
+        self.fp_root, self.calib_root, self.out = Path(fp_root), Path(calib_root), Path(out)
+        self.jobs = plan(self.family, self.matrix)
+        for b in self.matrix.backbones:
+            for path, what in ((self.fp_root / b, f"FP {b} model (stage train_fp@{b})"),
+                               (self.calib_root / b, f"calibration set for {b} (stage calibrate@{b})")):
+                if not path.exists():
+                    raise FileNotFoundError(f"{what} not found at {path}; run `dvc repro` first")
+        self._calib: dict[str, Any] = {}
+        self._hashes: dict[str, str] = {}
+
+    # ------------------------------------------------------------------------------------------
+    def keys(self, job: Job) -> tuple[str, str]:
+        """(first-phase key, final key) of ``job``."""
+        b = job.backbone
+        if b not in self._hashes:
+            self._hashes[b] = data_hash([tree_hash(self.fp_root / b), tree_hash(self.calib_root / b)])
+        options = to_dict(self.cfg)
+        ft_field = self.family.finetune_field
+        ft = options.pop(ft_field) if ft_field else None
+        base = {"family": job.family, "variant": job.variant, "switches": self.family.variant(job.variant).switches,
+                "setting": job.setting.name, "backbone": b, "options": options, "inputs": self._hashes[b],
+                "diffusion": to_dict(self.diffusion), "sampling": to_dict(self.sampling), "code": code_hash()}
+        key1 = data_hash(base)[:24]
+        return key1, (data_hash([key1, ft])[:24] if ft_field else key1)
+
+    def calibration(self, backbone: str):
+        from .calibration import load_calibration
+
+        if backbone not in self._calib:
+            self._calib[backbone] = load_calibration(self.calib_root / backbone)
+        return self._calib[backbone]
+
+    def context(self, job: Job, run, workdir: Path, device):
+        from .methods import MethodContext
+
+        return MethodContext(device=device, run=run, diffusion=self.diffusion, sampling=self.sampling,
+                             backbone_name=job.backbone, variant=dict(self.family.variant(job.variant).switches),
+                             workdir=workdir)
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        """Run every job; returns the failed manifest entries (empty when all succeeded)."""
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        entries = []
+        with atomic_dir(self.out) as tmp:
+            for i, job in enumerate(self.jobs, 1):
+                entry = {"variant": job.variant, "setting": job.setting.name, "backbone": job.backbone,
+                         "wbits": job.setting.wbits, "abits": job.setting.abits, "path": str(job.rel)}
+                dest = tmp / job.rel
+                try:
+                    entry["reused"] = self.run_job(job, dest, device)
+                    entry["status"] = "ok"
+                    log.info("[%d/%d] %s: %s", i, len(self.jobs), job.label,
+                             "unchanged, reused" if entry["reused"] else "done")
+                except Exception as exc:  # one failing variant is a row, not a crash
+                    log.error("[%d/%d] %s FAILED: %s\n%s", i, len(self.jobs), job.label, exc, traceback.format_exc())
+                    entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                    for p in (dest.iterdir() if dest.exists() else []):  # keep a finished first phase
+                        if p.name != "init":
+                            shutil.rmtree(p) if p.is_dir() else p.unlink()
+                entries.append(entry)
+            write_json(tmp / MANIFEST, {
+                "version": MANIFEST_VERSION, "family": self.family.name, "description": self.family.description,
+                "settings": list(self.matrix.settings), "variants": list(self.matrix.variants),
+                "backbones": list(self.matrix.backbones),
+                "tables": [{**t.as_dict(self.family.name), "settings": list(self.matrix.settings),
+                            "variants": list(t.variants) or list(self.matrix.variants)} for t in self.family.tables],
+                "models": entries})
+        return [e for e in entries if e["status"] != "ok"]
+
+    def run_job(self, job: Job, dest: Path, device) -> bool:
+        """Produce ``dest`` for ``job``; True when a previous identical result was reused."""
+        key1, key = self.keys(job)
+        old = self.out / job.rel
+        if _reusable(old, key):
+            shutil.copytree(old, dest)
+            return True
+        from .tracking import stage_run
+
+        fam, setting = self.family, job.setting
+        tags = {"family": fam.name, "variant": job.variant, "method": job.variant, "setting": setting.name,
+                "backbone": job.backbone, "wbits": setting.wbits, "abits": setting.abits}
+        params = {**tags, "config": to_dict(self.cfg), "switches": fam.variant(job.variant).switches}
+        log_file = Path("data") / "logs" / f"quantize@{job.family}-{job.variant}-{setting.name}@{job.backbone}.log"
+        with stage_run("quantize", params=params, tags=tags, experiment=self.tracking.experiment,
+                       uri=self.tracking.uri, run_name=job.label, log_file=log_file,
+                       inputs=[self.fp_root / job.backbone, self.calib_root / job.backbone]) as run_:
+            dest.mkdir(parents=True, exist_ok=True)
+            info = (self._finetuned(job, dest, old, key1, run_, device) if fam.finetune
+                    else self._calibrated(job, dest, run_, device))
+            info.update(family=fam.name, variant=job.variant, method=job.variant, setting=setting.name,
+                        backbone=job.backbone, wbits=setting.wbits, abits=setting.abits, key=key)
+            write_json(dest / "info.json", info)  # written last: its key marks the folder complete
+            run_.log_metrics({**_numbers(info), **_numbers(info.get("info", {})),
+                              **_numbers(info.get("finetune", {}))})
+            run_.log_artifact(dest / "quant_spec.json")
+        return False
+
+    def _first_phase(self, job: Job, run_, device, workdir: Path):
+        import torch
+
+        from . import models
+
+        seed = getattr(self.cfg, "seed", 0)
+        torch.manual_seed(seed)
+        backbone = models.load_backbone(self.fp_root / job.backbone, device=device)
+        log.info("%s: %s", job.label, self.family.variant(job.variant).description)
+        t0 = time.time()
+        result = self.family.quantize(backbone, self.calibration(job.backbone), job.setting, self.cfg,
+                                      self.context(job, run_, workdir, device))
+        return result, time.time() - t0
+
+    def _calibrated(self, job: Job, dest: Path, run_, device) -> dict:
+        result, seconds = self._first_phase(job, run_, device, dest)
+        meta = {"calibration": self.calibration(job.backbone).manifest.get("sha256"), "info": result.info}
+        _save_packed(result.backbone.net, result.spec, dest, {"family": job.family, "variant": job.variant})
+        return {"quantize_seconds": seconds, "method_seconds": seconds, **meta}
+
+    def _finetuned(self, job: Job, dest: Path, old: Path, key1: str, run_, device) -> dict:
+        from . import models
+        from .quant.checkpoint import load_student, save_student
+
+        init_dir = dest / "init"
+        if _reusable(old / "init", key1):
+            shutil.copytree(old / "init", init_dir)
+            init = read_json(init_dir / "info.json")
+            log.info("%s: first phase unchanged, reused", job.label)
+        else:
+            result, seconds = self._first_phase(job, run_, device, dest)
+            save_student(result.backbone.net, result.spec, init_dir, {"family": job.family, "variant": job.variant})
+            init = {"key": key1, "init_seconds": seconds, "info": result.info,
+                    "calibration": self.calibration(job.backbone).manifest.get("sha256")}
+            write_json(init_dir / "info.json", init)
+            del result
+        teacher = models.load_backbone(self.fp_root / job.backbone, device=device)
+        student = models.load_backbone(self.fp_root / job.backbone, device=device)
+        _, spec, _ = load_student(student.net, init_dir)
+        t0 = time.time()
+        ft = self.family.finetune(student, teacher, job.setting, self.cfg, self.context(job, run_, dest, device))
+        seconds = time.time() - t0
+        _save_packed(student.net, spec, dest, {"family": job.family, "variant": job.variant})
+        return {"init_seconds": init["init_seconds"], "finetune_seconds": seconds,
+                "method_seconds": init["init_seconds"] + seconds, "calibration": init.get("calibration"),
+                "info": init["info"], "finetune": ft}
+
+
+def run_family(name: str, params_path, fp_root, calib_root, out) -> list[dict]:
+    """Validate, then run family ``name``'s jobs into ``out``; returns the failed entries."""
+    return FamilyRunner(name, params_path, fp_root, calib_root, out).run()
+
+
+def read_manifest(family_dir: Path) -> dict:
+    path = Path(family_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found (stage quantize@{Path(family_dir).name} writes it)")
+    return read_json(path, "family manifest")

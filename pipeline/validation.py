@@ -1,0 +1,115 @@
+"""Validation of the whole ``params.yaml`` before any compute, and the per-section stamps DVC tracks.
+
+:func:`validate_params` checks every section (unknown sections and keys, types, allowed values, bit
+settings, each method family's options against its own config class, variants and backbones against
+the family's declaration and ``model.backbones``) and returns the normalised value of every section
+(defaults filled in). The ``validate`` stage writes each as its own JSON *stamp*
+(``data/params/<section>.json``, plus ``<section>.<key>.json`` for every sub-mapping such as
+``train_fp.unet``); every later stage depends on the stamps of the sections it reads, so DVC runs
+``validate`` first and a bad value anywhere stops ``dvc repro`` before training, while a changed value
+re-runs only the stages whose own stamps changed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import (CalibrateConfig, ConfigError, DiffusionConfig, EvalConfig, ModelConfig, PrepareConfig,
+                     ReportConfig, SamplingConfig, TrackingConfig, TrainEvaluatorsConfig, TrainFPConfig,
+                     from_dict, read_params, split_family_section, to_dict)
+
+SECTIONS = {
+    "tracking": TrackingConfig, "prepare": PrepareConfig, "diffusion": DiffusionConfig,
+    "sampling": SamplingConfig, "model": ModelConfig, "train_fp": TrainFPConfig,
+    "train_evaluators": TrainEvaluatorsConfig, "calibrate": CalibrateConfig, "eval": EvalConfig,
+    "report": ReportConfig,
+}
+FAMILIES_KEY = "families"
+
+
+def load_family(name: str, params: dict, model_backbones: list[str] | None = None):
+    """``(family, matrix, options)`` of family ``name`` from the raw params; errors name the key."""
+    from .methods import get_family
+
+    try:
+        family = get_family(name)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0])) from None
+    if name not in params:
+        raise ConfigError(f"{name}: missing section (family {name!r} is listed in '{FAMILIES_KEY}')")
+    matrix, raw_options = split_family_section(name, params[name])
+    allowed = family.variant_names
+    for i, v in enumerate(matrix.variants):
+        if v not in allowed:
+            raise ConfigError(f"{name}.variants[{i}]: unknown variant {v!r} of family {name!r} "
+                              f"(allowed values: {', '.join(allowed)})")
+    for i, b in enumerate(matrix.backbones):
+        if b not in family.backbones:
+            raise ConfigError(f"{name}.backbones[{i}]: family {name!r} does not support backbone {b!r} "
+                              f"(supported: {', '.join(family.backbones)})")
+        if model_backbones is not None and b not in model_backbones:
+            raise ConfigError(f"{name}.backbones[{i}]: backbone {b!r} is not in model.backbones "
+                              f"({', '.join(model_backbones)}), so no FP model is trained for it")
+    options = from_dict(family.config_cls, raw_options, name)
+    if family.check_setting is not None:
+        for i, s in enumerate(matrix.bit_settings):
+            for v in matrix.variants:
+                try:
+                    family.check_setting(s, options, family.variant(v).switches)
+                except ValueError as exc:
+                    raise ConfigError(f"{name}.settings[{i}]: {s.name} is not supported by variant {v!r}: "
+                                      f"{exc}") from None
+    return family, matrix, options
+
+
+def validate_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Validate every section of ``path``; return ``{section: normalised plain data}``."""
+    raw = read_params(path)
+    name = Path(path).name
+    try:
+        return _validate(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _validate(raw: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        if section not in raw:
+            raise ConfigError(f"missing section '{section}'")
+        out[section] = to_dict(from_dict(cls, raw[section], section))
+    fams = raw.get(FAMILIES_KEY)
+    if not isinstance(fams, list) or not all(isinstance(f, str) for f in fams):
+        raise ConfigError(f"{FAMILIES_KEY}: expected a list of method family names, got {fams!r}")
+    from .methods import families
+
+    registered = families()
+    for i, f in enumerate(fams):
+        if f not in registered:
+            raise ConfigError(f"{FAMILIES_KEY}[{i}]: unknown method family {f!r} "
+                              f"(registered: {', '.join(registered)})")
+        if fams.index(f) != i:
+            raise ConfigError(f"{FAMILIES_KEY}[{i}]: {f!r} is listed twice")
+    out[FAMILIES_KEY] = list(fams)
+    model_backbones = out["model"]["backbones"]
+    for f in fams:
+        _, matrix, options = load_family(f, raw, model_backbones)
+        out[f] = {**to_dict(matrix), **to_dict(options)}
+    known = set(SECTIONS) | {FAMILIES_KEY} | set(fams)
+    for key in raw:
+        if key not in known:
+            hint = (f"; family {key!r} is not listed in '{FAMILIES_KEY}'" if key in registered else "")
+            raise ConfigError(f"{key}: unknown section (allowed: {', '.join(sorted(known))}){hint}")
+    return out
+
+
+def stamps(normalised: dict[str, Any]) -> dict[str, Any]:
+    """File name -> content of every stamp: one per section, one per sub-mapping of a section."""
+    out = {}
+    for section, value in normalised.items():
+        out[f"{section}.json"] = value
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                if isinstance(sub, dict):
+                    out[f"{section}.{key}.json"] = sub
+    return out
