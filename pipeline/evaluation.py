@@ -64,6 +64,16 @@ def entry_key(entry: ModelEntry, context: dict[str, Any]) -> str:
     return data_hash(parts)[:24]
 
 
+def evaluation_context(cfg, diffusion, sampling, data_dir: Path, evaluators_dir: Path) -> dict[str, Any]:
+    """Everything besides the model files that decides an evaluation's result (part of every entry key):
+    the protocol params, the evaluators, the reference data and the library code."""
+    from .config import to_dict
+
+    return {"eval": to_dict(cfg), "sampling": to_dict(sampling), "diffusion": to_dict(diffusion),
+            "evaluators": tree_hash(evaluators_dir), "data": tree_hash(data_dir),
+            "code": code_hash(Path(__file__).resolve().parents[1])}
+
+
 def model_bytes(entry: ModelEntry) -> int:
     """Bytes on disk of what is needed to run the model."""
     if entry.quant_dir is not None:
@@ -219,9 +229,7 @@ def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, da
     from .tracking import stage_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    context = {"eval": to_dict(cfg), "sampling": to_dict(sampling), "diffusion": to_dict(diffusion),
-               "evaluators": tree_hash(evaluators_dir), "data": tree_hash(data_dir),
-               "code": code_hash(Path(__file__).resolve().parents[1])}
+    context = evaluation_context(cfg, diffusion, sampling, data_dir, evaluators_dir)
     old_cache = Path(out) / "cache"
     stage_params = {"eval": to_dict(cfg), "sampling": to_dict(sampling), "n_models": len(entries)}
     rows: list[dict] = []

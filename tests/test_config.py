@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import (ConfigError, EvalConfig, MatrixConfig, ModelConfig, from_dict, load_matrix, load_section,
-                             parse_setting, to_dict)
+from pipeline.config import (ConfigError, EvalConfig, FamilyMatrix, ModelConfig, from_dict, load_section,
+                             parse_setting, split_family_section, to_dict)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_parse_setting_errors(text, match):
 
 def test_unknown_key_names_key_and_allowed():
     with pytest.raises(ConfigError, match=r"quantize\.bogus: unknown key \(allowed keys: .*settings"):
-        from_dict(MatrixConfig, {"bogus": 1}, "quantize")
+        from_dict(FamilyMatrix, {"bogus": 1}, "quantize")
 
 
 def test_wrong_type_names_key():
@@ -59,8 +59,17 @@ def test_unknown_backbone():
 
 
 def test_bad_setting_in_list_is_located():
-    with pytest.raises(ConfigError, match=r"quantize\.settings\[1\]: unsupported bit setting 'W9A8'"):
-        from_dict(MatrixConfig, {"settings": ["W4A8", "W9A8"]}, "quantize")
+    with pytest.raises(ConfigError, match=r"naive\.settings\[1\]: unsupported bit setting 'W9A8'"):
+        from_dict(FamilyMatrix, {"variants": ["naive"], "settings": ["W4A8", "W9A8"]}, "naive")
+
+
+def test_family_section_splits_matrix_and_options():
+    m, opts = split_family_section("naive", {"variants": ["naive"], "settings": ["W4A8"], "calib_batches": 2})
+    assert m.variants == ["naive"] and m.bit_settings[0].wbits == 4 and opts == {"calib_batches": 2}
+    with pytest.raises(ConfigError, match=r"naive\.settings\[1\]: 'W4A8' is listed twice"):
+        split_family_section("naive", {"variants": ["naive"], "settings": ["W4A8", "W4A8"]})
+    with pytest.raises(ConfigError, match=r"naive\.variants: list at least one variant"):
+        split_family_section("naive", {"settings": ["W4A8"]})
 
 
 def test_missing_section_and_file(tmp_path):
@@ -72,26 +81,6 @@ def test_missing_section_and_file(tmp_path):
         load_section("eval", EvalConfig, tmp_path / "nope.yaml")
 
 
-def test_matrix_section_keeps_method_options():
-    m = load_matrix("quantize", ROOT / "params.yaml")
-    assert m.methods and "naive" in m.options
-
-
-def test_method_options_are_validated_against_the_registry():
-    from pipeline.methods import resolve_matrix
-
-    m = MatrixConfig(methods=["naive"], settings=["W4A8"], backbones=["unet"], options={"naive": {"calib_batches": "x"}})
-    with pytest.raises(ConfigError, match=r"quantize\.naive\.calib_batches: expected an integer"):
-        resolve_matrix(m, "quantize", "naive")
-    m.options = {"nonsense": {}}
-    with pytest.raises(ConfigError, match=r"quantize\.nonsense: unknown key .*method option sections: .*naive"):
-        resolve_matrix(m, "quantize", "naive")
-    m.options = {}
-    m.methods = ["naive", "magic"]
-    with pytest.raises(ConfigError, match=r"quantize\.methods\[1\]: unknown method 'magic'"):
-        resolve_matrix(m, "quantize", "naive")
-
-
 def _stage(args, cwd, params):
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
     return subprocess.run([sys.executable, str(ROOT / "stages" / args[0]), *args[1:]], cwd=cwd,
@@ -100,18 +89,18 @@ def _stage(args, cwd, params):
 
 def test_stage_rejects_bad_params_before_compute(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["quantize"]["settings"] = ["W4A8", "W12A8"]
-    r = _stage(["quantize.py", "--method", "naive", "--setting", "W4A8", "--out", "q"], tmp_path, params)
+    params["naive"]["settings"] = ["W4A8", "W12A8"]
+    r = _stage(["quantize.py", "--family", "naive", "--out", "q"], tmp_path, params)
     assert r.returncode == 2
-    assert "quantize.settings[1]: unsupported bit setting 'W12A8'" in r.stderr
+    assert "naive.settings[1]: unsupported bit setting 'W12A8'" in r.stderr
     assert not (tmp_path / "q").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-def test_stage_rejects_unknown_method(tmp_path):
+def test_stage_rejects_unknown_family(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    r = _stage(["quantize.py", "--method", "magic", "--setting", "W4A8", "--out", "q"], tmp_path, params)
+    r = _stage(["quantize.py", "--family", "magic", "--out", "q"], tmp_path, params)
     assert r.returncode == 2
-    assert "unknown method 'magic'" in r.stderr and "naive" in r.stderr
+    assert "unknown method family 'magic'" in r.stderr and "naive" in r.stderr
 
 
 def test_stage_reports_missing_input(tmp_path):

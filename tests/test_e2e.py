@@ -24,14 +24,15 @@ def miniature(params: dict) -> dict:
         p["train_fp"][b].update(steps=30, batch_size=32, warmup_steps=5)
     p["train_evaluators"].update(classifier_steps=60, clip_steps=40, batch_size=64)
     p["calibrate"].update(n_samples=16, n_timesteps=3, batch_size=16)
-    p["quantize"]["settings"] = ["W8A8", "W4A4"]
-    p["quantize"]["naive"]["calib_batches"] = 1
-    p["fp4dit"].update(methods=["fp4dit", "int_adaround"], settings=["W4A8"])
-    p["fp4dit"]["fp4dit"].update(recon_iters=3, recon_batch_size=8)
-    p["mpq"].update(methods=["mpqdm", "mpqdm2"], settings=["W3A4"])
-    p["mpq"]["mpqdm"].update(lora_rank=2, calib_inputs=16, act_calib_batches=1, act_mse_samples=256,
-                             omq_fractions=[0.0, 0.1])
-    p["qat"].update(epochs=1, batch_size=4, check_samples=0)
+    p["naive"].update(settings=["W8A8", "W4A4"], calib_batches=1)
+    p["fp4dit"].update(variants=["fp4dit", "int_adaround"], settings=["W4A8"])
+    p["fp4dit"]["recon"].update(iters=3, batch_size=8)
+    p["mpq"].update(variants=["mpqdm", "mpqdm2"], settings=["W3A4"], lora_rank=2, calib_inputs=16,
+                    act_calib_batches=1, act_mse_samples=256, omq_fractions=[0.0, 0.1])
+    p["mpq"]["qat"].update(epochs=1, batch_size=4, check_samples=0)
+    # a new family added the documented way: its module (copied below), its section, one list entry
+    p["families"].append("toy")
+    p["toy"] = {"variants": ["toy_rtn"], "settings": ["W4A8"], "backbones": ["unet"], "keep_first_last_bits": 8}
     p["eval"].update(n_samples=40, batch_size=40, grid_size=4)
     return p
 
@@ -52,6 +53,7 @@ def repo(tmp_path_factory):
         if src.is_file() and not f.startswith(("reports/", "dvc.lock")):
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
+    shutil.copy2(ROOT / "tests" / "fixtures" / "toy_family.py", dst / "pipeline" / "methods" / "toy_family.py")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (dst / "params.yaml").write_text(yaml.safe_dump(miniature(params), sort_keys=False))
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -71,20 +73,25 @@ def test_repro_writes_summary_for_every_model(repo):
     dst, _, _ = repo
     summary = json.loads((dst / "reports" / "summary.json").read_text())
     for b in ("unet", "dit"):
-        for m in ("fp/FP32", "naive/W8A8", "naive/W4A4"):
+        for m in ("fp/fp/FP32", "naive/naive/W8A8", "naive/naive/W4A4"):
             row = summary[f"{b}/{m}"]
             assert row["fid"] >= 0 and 0 <= row["accuracy"] <= 1 and row["bitops_g"] > 0
-        for m in (["fp4dit/W4A8", "int_adaround/W4A8"] if b == "dit" else ["mpqdm/W3A4", "mpqdm2/W3A4"]):
+        extra = (["fp4dit/fp4dit/W4A8", "fp4dit/int_adaround/W4A8"] if b == "dit"
+                 else ["mpq/mpqdm/W3A4", "mpq/mpqdm2/W3A4", "toy/toy_rtn/W4A8"])
+        for m in extra:
             row = summary[f"{b}/{m}"]
             assert row["fid"] >= 0 and 0 <= row["accuracy"] <= 1 and row["bitops_g"] > 0
         # fewer bits, fewer BitOPs and smaller files
-        assert summary[f"{b}/naive/W4A4"]["bitops_g"] < summary[f"{b}/naive/W8A8"]["bitops_g"] < \
-            summary[f"{b}/fp/FP32"]["bitops_g"]
-        assert summary[f"{b}/naive/W4A4"]["model_mb"] < summary[f"{b}/fp/FP32"]["model_mb"]
-    assert "### unet" in (dst / "reports" / "results.md").read_text()
+        assert summary[f"{b}/naive/naive/W4A4"]["bitops_g"] < summary[f"{b}/naive/naive/W8A8"]["bitops_g"] < \
+            summary[f"{b}/fp/fp/FP32"]["bitops_g"]
+        assert summary[f"{b}/naive/naive/W4A4"]["model_mb"] < summary[f"{b}/fp/fp/FP32"]["model_mb"]
+    md = (dst / "reports" / "results.md").read_text()
+    assert "### unet" in md and "### Toy vs naive" in md and "### FP4DiT vs INT at the same bits (DiT)" in md
     for f in ("fid_vs_wbits.png", "fid_vs_bitops.png", "samples_unet.png", "samples_dit.png"):
         assert (dst / "reports" / "plots" / f).stat().st_size > 0
-    assert (dst / "data" / "quantized" / "naive" / "W4A4" / "unet" / "packed.safetensors").exists()
+    assert (dst / "data" / "quantized" / "naive" / "W4A4" / "naive" / "unet" / "packed.safetensors").exists()
+    manifest = json.loads((dst / "data" / "quantized" / "toy" / "manifest.json").read_text())
+    assert [m["status"] for m in manifest["models"]] == ["ok"]
 
 
 def test_every_stage_is_an_mlflow_run(repo):
@@ -95,16 +102,15 @@ def test_every_stage_is_an_mlflow_run(repo):
     exp = client.get_experiment_by_name("diffusion-quant")
     runs = client.search_runs([exp.experiment_id], max_results=500)
     stages = {r.data.tags.get("stage") for r in runs}
-    assert stages >= {"prepare", "train_fp", "train_evaluators", "calibrate", "quantize", "fp4dit", "mpq_init",
-                      "qat", "evaluate", "report"}
-    q = [r for r in runs if r.data.tags.get("stage") == "quantize"]
-    assert len(q) == 4 and all({"backbone", "method", "setting", "git_commit", "params_hash"} <= set(r.data.tags)
-                               for r in q)
+    assert stages >= {"prepare", "train_fp", "train_evaluators", "calibrate", "quantize", "evaluate", "report"}
+    q = [r for r in runs if r.data.tags.get("stage") == "quantize" and r.data.tags.get("family") == "naive"]
+    assert len(q) == 4 and all({"backbone", "family", "variant", "setting", "git_commit", "params_hash"}
+                               <= set(r.data.tags) for r in q)
     assert all(r.info.status == "FINISHED" for r in runs)
     train = [r for r in runs if r.data.tags.get("stage") == "train_fp"]
     assert any(k.startswith("train_loss") for r in train for k in r.data.metrics)  # Lightning logged into the run
-    qat = [r for r in runs if r.data.tags.get("stage") == "qat"]
-    assert len(qat) == 2 and all(r.data.metrics.get("qat_seconds", 0) > 0 for r in qat)
+    mpq = [r for r in runs if r.data.tags.get("stage") == "quantize" and r.data.tags.get("family") == "mpq"]
+    assert len(mpq) == 2 and all(r.data.metrics.get("finetune_seconds", 0) > 0 for r in mpq)
 
 
 def test_second_repro_is_a_noop(repo):
@@ -113,12 +119,34 @@ def test_second_repro_is_a_noop(repo):
     assert "Running stage" not in r.stdout
 
 
-def test_sweep_with_exp_run(repo):
+def test_sweep_with_exp_run_reruns_only_what_changed(repo):
     dst, env, _ = repo
     _run(["git", "add", "-A"], dst, env)
     _run(["git", "commit", "-qm", "lock"], dst, env)
-    _run(["dvc", "exp", "run", "-S", "quantize.settings=[W8A8,W2A8]"], dst, env)
+    r = _run(["dvc", "exp", "run", "-S", "naive.settings=[W8A8,W2A8]"], dst, env)
+    ran = {line.split("'")[1] for line in r.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"validate", "quantize@naive", "evaluate", "report"}, r.stdout
     summary = json.loads((dst / "reports" / "summary.json").read_text())
-    assert "unet/naive/W2A8" in summary and "unet/naive/W4A4" not in summary
+    assert "unet/naive/naive/W2A8" in summary and "unet/naive/naive/W4A4" not in summary
     shown = _run(["dvc", "exp", "show", "--no-pager", "--md"], dst, env).stdout
     assert "W2A8" in shown or "fid" in shown
+
+
+def test_bad_value_fails_repro_before_any_compute(tmp_path):
+    """On a fresh clone, a bad value in any section stops `dvc repro` at the validate stage."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    dst = tmp_path / "repo"
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith(("reports/", "dvc.lock")):
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["naive"]["settings"] = ["W8A8", "W99A8"]
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    r = subprocess.run(["dvc", "repro"], cwd=dst, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "naive.settings[1]: unsupported bit setting 'W99A8'" in r.stdout + r.stderr
+    assert not (dst / "data" / "dataset").exists() and not (dst / "data" / "fp").exists()

@@ -1,6 +1,4 @@
 """Atomic outputs, content hashes and MLflow stage runs."""
-import os
-from pathlib import Path
 
 import pytest
 

@@ -7,30 +7,10 @@ import pytest
 import torch
 
 from pipeline import models, sampling
-from pipeline.config import BackboneModel, DiffusionConfig, DiTArch, PixArtArch, SamplingConfig, UNetArch
+from pipeline.config import BackboneModel, DiffusionConfig, SamplingConfig
 
 SIZE, CH, NCLS = 8, 1, 3
 KINDS = ("unet", "dit", "pixart")
-
-
-def tiny_cfg() -> BackboneModel:
-    return BackboneModel(
-        unet=UNetArch(block_out_channels=[8, 16], layers_per_block=1, attention_levels=[False, True], norm_num_groups=4),
-        dit=DiTArch(num_layers=1, num_attention_heads=2, attention_head_dim=8, patch_size=2),
-        pixart=PixArtArch(num_layers=1, num_attention_heads=2, attention_head_dim=8, patch_size=2,
-                          caption_channels=8, caption_length=2),
-    )
-
-
-def tiny(kind: str, seed: int = 0) -> models.DiffusionBackbone:
-    torch.manual_seed(seed)
-    bb = models.build_backbone(kind, tiny_cfg(), SIZE, CH, NCLS).eval()
-    # diffusers zero-initialises some output layers (adaLN-Zero, PixArt's final layer); randomise every
-    # parameter so equality checks compare non-trivial functions
-    with torch.no_grad():
-        for p in bb.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return bb
 
 
 def inputs(b: int = 4, seed: int = 0):
@@ -42,8 +22,8 @@ def inputs(b: int = 4, seed: int = 0):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_build_forward_shapes(kind):
-    bb = tiny(kind)
+def test_build_forward_shapes(tiny_backbone, kind):
+    bb = tiny_backbone(kind, classes=NCLS, randomise=True)
     assert bb.kind == kind and bb.num_classes == NCLS and bb.sample_shape == (CH, SIZE, SIZE)
     assert type(bb.net).__name__ == models.CLASS_FOR_KIND[kind]
     assert (bb.caption_table is not None) == (kind == "pixart")
@@ -53,8 +33,8 @@ def test_build_forward_shapes(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_mixed_timesteps_match_per_sample_calls(kind):
-    bb = tiny(kind)
+def test_mixed_timesteps_match_per_sample_calls(tiny_backbone, kind):
+    bb = tiny_backbone(kind, classes=NCLS, randomise=True)
     x, _, y = inputs()
     t = torch.tensor([999, 500, 20, 0])
     with torch.no_grad():
@@ -68,8 +48,8 @@ def test_mixed_timesteps_match_per_sample_calls(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_labels_change_the_prediction(kind):
-    bb = tiny(kind)
+def test_labels_change_the_prediction(tiny_backbone, kind):
+    bb = tiny_backbone(kind, classes=NCLS, randomise=True)
     x, t, _ = inputs()
     with torch.no_grad():
         a = bb(x, t, torch.zeros(4, dtype=torch.long))
@@ -78,8 +58,8 @@ def test_labels_change_the_prediction(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_save_load_round_trip(kind, tmp_path):
-    bb = tiny(kind)
+def test_save_load_round_trip(tiny_backbone, kind, tmp_path):
+    bb = tiny_backbone(kind, classes=NCLS, randomise=True)
     models.save_backbone(bb, tmp_path / "m")
     assert (tmp_path / "m" / "net" / "config.json").exists()
     meta = json.loads((tmp_path / "m" / "backbone.json").read_text())
@@ -93,8 +73,8 @@ def test_save_load_round_trip(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])
-def test_load_plain_diffusers_directory(kind, tmp_path):
-    bb = tiny(kind)
+def test_load_plain_diffusers_directory(tiny_backbone, kind, tmp_path):
+    bb = tiny_backbone(kind, classes=NCLS, randomise=True)
     bb.net.save_pretrained(str(tmp_path))
     loaded = models.load_backbone(tmp_path)
     assert loaded.kind == kind and loaded.num_classes == NCLS and loaded.sample_shape == (CH, SIZE, SIZE)
@@ -103,8 +83,8 @@ def test_load_plain_diffusers_directory(kind, tmp_path):
         assert torch.equal(bb(x, t, y), loaded(x, t, y))
 
 
-def test_plain_pixart_needs_caption_embeddings(tmp_path):
-    bb = tiny("pixart")
+def test_plain_pixart_needs_caption_embeddings(tiny_backbone, tmp_path):
+    bb = tiny_backbone("pixart", classes=NCLS, randomise=True)
     bb.net.save_pretrained(str(tmp_path))
     loaded = models.load_backbone(tmp_path)
     assert loaded.kind == "pixart" and loaded.caption_table is None
@@ -128,8 +108,8 @@ def test_load_errors(tmp_path):
 
 def test_build_errors():
     with pytest.raises(ValueError, match="kind.*unet, dit, pixart"):
-        models.build_backbone("vae", tiny_cfg(), SIZE, CH, NCLS)
-    cfg = tiny_cfg()
+        models.build_backbone("vae", BackboneModel(), SIZE, CH, NCLS)
+    cfg = BackboneModel()
     cfg.dit.patch_size = 3
     with pytest.raises(ValueError, match="patch_size"):
         models.build_backbone("dit", cfg, SIZE, CH, NCLS)
@@ -174,8 +154,8 @@ def test_timestep_values_and_scheduler():
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])
-def test_sample_is_deterministic_and_in_range(kind):
-    bb = tiny(kind)
+def test_sample_is_deterministic_and_in_range(tiny_backbone, kind):
+    bb = tiny_backbone(kind, classes=NCLS, randomise=True)
     bb.train()
     d, s = DiffusionConfig(), SamplingConfig(steps=4)
     noise = sampling.initial_noise(5, bb.sample_shape, 0)
@@ -190,8 +170,8 @@ def test_sample_is_deterministic_and_in_range(kind):
 
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "dpm"])
-def test_other_samplers_run_and_repeat(scheduler):
-    bb = tiny("unet")
+def test_other_samplers_run_and_repeat(tiny_backbone, scheduler):
+    bb = tiny_backbone("unet", classes=NCLS, randomise=True)
     d, s = DiffusionConfig(), SamplingConfig(scheduler=scheduler, steps=3)
     noise = sampling.initial_noise(3, bb.sample_shape, 0)
     labels = sampling.eval_labels(3, NCLS)
@@ -199,8 +179,8 @@ def test_other_samplers_run_and_repeat(scheduler):
     assert torch.isfinite(a).all() and torch.equal(a, sampling.sample(bb, noise, labels, d, s, seed=1))
 
 
-def test_step_hook_sees_every_step():
-    bb = tiny("dit")
+def test_step_hook_sees_every_step(tiny_backbone):
+    bb = tiny_backbone("dit", classes=NCLS, randomise=True)
     d, s = DiffusionConfig(), SamplingConfig(steps=5)
     noise = sampling.initial_noise(3, bb.sample_shape, 0)
     labels = sampling.eval_labels(3, NCLS)
@@ -217,7 +197,7 @@ def test_step_hook_sees_every_step():
     out = sampling.sample(bb, noise, labels, d, s, step_hook=hook)
     expected = sampling.timestep_values(d, s)
     assert [c[0] for c in calls] == list(range(5))
-    for (i, t, x_t, y), tv in zip(calls, expected):
+    for (_i, t, x_t, y), tv in zip(calls, expected):
         assert t.shape == (3,) and t.dtype == torch.long and bool((t == tv).all())
         assert x_t.shape == noise.shape and torch.equal(y, labels)
     assert torch.equal(calls[0][2], noise)  # the first input is x_T itself

@@ -9,10 +9,10 @@ from pipeline import report
 def _rows():
     rows = []
     for b, fp_fid in [("unet", 2.0), ("dit", 4.0)]:
-        rows.append(dict(backbone=b, method="fp", setting="FP32", fid=fp_fid, accuracy=0.95, clip_score=30.0,
+        rows.append(dict(backbone=b, family="fp", variant="fp", setting="FP32", fid=fp_fid, accuracy=0.95, clip_score=30.0,
                          hps=None, bitops_g=100.0, model_bytes=2**20, sec_per_image=0.01))
         for s, mult in [("W8A8", 1.1), ("W4A8", 2.0), ("W4A4", 10.0)]:
-            rows.append(dict(backbone=b, method="naive", setting=s, fid=fp_fid * mult, accuracy=0.9 / mult,
+            rows.append(dict(backbone=b, family="naive", variant="naive", setting=s, fid=fp_fid * mult, accuracy=0.9 / mult,
                              clip_score=29.0, hps=None, bitops_g=10.0 / mult, model_bytes=2**18,
                              sec_per_image=0.012))
     return rows
@@ -22,30 +22,40 @@ def test_fid_ratio_is_relative_to_same_backbone_fp():
     df = report.results_frame(_rows())
     r = df[(df.backbone == "dit") & (df.setting == "W4A4")].iloc[0]
     assert math.isclose(r.fid_ratio, 10.0)
-    assert (df[df.method == "fp"].fid_ratio == 1.0).all()
-    assert df.iloc[0].method == "fp"  # FP rows first
+    assert (df[df.family == "fp"].fid_ratio == 1.0).all()
+    assert df.iloc[0].family == "fp"  # FP rows first
 
 
 def test_summary_keys_and_markdown():
     df = report.results_frame(_rows())
     s = report.summary(df)
-    assert set(s) >= {"unet/fp/FP32", "dit/naive/W4A4"}
-    assert s["unet/naive/W4A8"]["fid_ratio"] == pytest.approx(2.0)
-    assert "hps" not in s["unet/naive/W4A8"]  # skipped metrics are absent, not zero
-    md = report.markdown_report(df)
-    assert "### unet" in md and "### dit" in md and "| naive | W4A4 |" in md
+    assert set(s) >= {"unet/fp/fp/FP32", "dit/naive/naive/W4A4"}
+    assert s["unet/naive/naive/W4A8"]["fid_ratio"] == pytest.approx(2.0)
+    assert "hps" not in s["unet/naive/naive/W4A8"]  # skipped metrics are absent, not zero
+    md = report.markdown_report(df, failed=[{"backbone": "unet", "family": "toy", "variant": "t", "setting": "W4A4",
+                                             "error": "ValueError: boom"}])
+    assert "### unet" in md and "### dit" in md and "| naive | naive | W4A4 |" in md
+    assert "## Failed jobs" in md and "| unet | toy | t | W4A4 | ValueError: boom |" in md
+
+
+def test_rows_of_two_families_with_one_variant_name_stay_apart():
+    rows = _rows() + [dict(backbone="unet", family="other", variant="naive", setting="W4A4", fid=3.0, accuracy=0.5,
+                           clip_score=1.0, hps=None, bitops_g=1.0, model_bytes=1, sec_per_image=0.1)]
+    s = report.summary(report.results_frame(rows))
+    assert s["unet/other/naive/W4A4"]["fid"] == 3.0 and s["unet/naive/naive/W4A4"]["fid"] == 20.0
 
 
 def test_focused_table_lists_rows_in_order_and_missing_ones():
-    from pipeline.config import ReportTable
+    from pipeline.methods import Table
 
     df = report.results_frame(_rows())
-    t = ReportTable(title="Ablation", backbone="unet", methods=["naive", "magic"], settings=["W4A4", "W8A8"],
-                    columns=["fid_ratio", "accuracy"])
+    t = {**Table(title="Ablation", backbone="unet", baselines=("naive/naive",), variants=("magic",),
+                 columns=("fid_ratio", "accuracy")).as_dict("toy"), "settings": ["W4A4", "W8A8"]}
     md = report.focused_table(df, t)
-    lines = [l for l in md.splitlines() if l.startswith("| ")]
-    assert [l.split("|")[1:3] for l in lines[1:]] == [[" fp ", " FP32 "], [" naive ", " W4A4 "], [" naive ", " W8A8 "]]
-    assert "Not in this run: magic W4A4, magic W8A8." in md
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[2:4] for line in lines[1:]] == [[" fp ", " FP32 "], [" naive ", " W4A4 "],
+                                                            [" naive ", " W8A8 "]]
+    assert "Not in this run: toy/magic W4A4, toy/magic W8A8." in md
 
 
 def test_plots_are_written(tmp_path):

@@ -328,6 +328,11 @@ class TimestepActQuantizer(nn.Module):
         self._samples: dict[int, torch.Tensor] = {}
 
     @property
+    def held_samples(self) -> dict[int, int]:
+        """How many observed values the MSE init keeps per timestep so far (each at most ``max_samples``)."""
+        return {t: int(s.numel()) for t, s in self._samples.items()}
+
+    @property
     def timesteps(self) -> list[int]:
         return [int(t) for t in self.timestep_values.tolist()]
 

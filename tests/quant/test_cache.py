@@ -17,15 +17,15 @@ def test_cache_matches_fresh_computation_and_follows_updates():
     with torch.no_grad():
         first = layer.quantized_weight()
         assert layer.quantized_weight() is first  # served from the cache
-        assert torch.equal(first, layer._compute_quantized_weight())
+        assert torch.equal(first, layer.compute_quantized_weight())
         layer.weight.mul_(2.0)  # in-place update (like an optimizer step) bumps the version
         layer.calibrate_weight()
         second = layer.quantized_weight()
         assert not torch.equal(first, second)
-        assert torch.equal(second, layer._compute_quantized_weight())
+        assert torch.equal(second, layer.compute_quantized_weight())
         layer.weight_quantizers[0].bits = 2  # a bit-width change invalidates too
         third = layer.quantized_weight()
-        assert torch.equal(third, layer._compute_quantized_weight())
+        assert torch.equal(third, layer.compute_quantized_weight())
         assert not torch.equal(third, second)
 
 

@@ -5,19 +5,10 @@ import copy
 import pytest
 import torch
 
-from pipeline.config import (BackboneModel, BitSetting, CalibrateConfig, ConfigError, DiffusionConfig, DiTArch,
-                             SamplingConfig, UNetArch, from_dict)
+from pipeline.config import (BitSetting, ConfigError, DiffusionConfig, SamplingConfig, from_dict)
 from pipeline.train import relation as rel
 from pipeline.train.qat import (CachedTeacher, QATConfig, distillation_error, find_feature_module,
                                 lora_step_match, parameter_groups, run_qat)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _feats(seed, shape=(2, 6, 4, 4)):
@@ -122,26 +113,20 @@ def test_qat_config_errors_name_the_key():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from pipeline.calibration import collect_calibration
-    from pipeline.methods import MethodContext, get_method
-    from pipeline.methods.mpqdm import MPQConfig
-    from pipeline.models import build_backbone
+def tiny(tiny_calibrated):
+    """{kind: (fp, MPQ-DMv2 W2A4 student)} on the shared tiny models, with their diffusion and sampling config."""
+    from pipeline.methods import MethodContext, get_family
+    from pipeline.methods.mpqdm import MPQConfig, quantize
 
-    torch.manual_seed(0)
-    cfg = BackboneModel(unet=UNetArch(block_out_channels=[8, 16], norm_num_groups=4),
-                        dit=DiTArch(num_layers=1, num_attention_heads=2, attention_head_dim=8, patch_size=4))
     diff, samp = DiffusionConfig(), SamplingConfig(steps=3)
     out = {}
-    for kind in ("unet", "dit"):
-        fp = build_backbone(kind, cfg, 8, 1, 10).eval()
-        calib = collect_calibration(fp, CalibrateConfig(n_samples=8, n_timesteps=3, batch_size=8), diff, samp)
-        m = get_method("mpqdm2")
+    for kind, (fp, calib) in tiny_calibrated.items():
+        v = get_family("mpq").variant("mpqdm2")
         student = copy.deepcopy(fp)
         torch.manual_seed(0)
-        m.fn(student, calib, BitSetting(2, 4), MPQConfig(lora_rank=4, calib_inputs=8, act_calib_batches=1,
+        quantize(student, calib, BitSetting(2, 4), MPQConfig(lora_rank=4, calib_inputs=8, act_calib_batches=1,
                                                           act_init="minmax", weight_init="minmax"),
-             MethodContext(variant=m.variant, extra={"keep_lora": True}))
+                 MethodContext(variant=v.switches))
         out[kind] = (fp, student)
     return out, diff, samp
 

@@ -8,14 +8,8 @@ import pytest
 import torch
 
 from pipeline import models
-from pipeline.config import BackboneModel, DiffusionConfig, TrainRun, UNetArch
+from pipeline.config import DiffusionConfig, TrainRun
 from pipeline.train.fp import DiffusionTrainingModule, RandomBatches, train_backbone, warmup_cosine
-
-
-def tiny_unet(seed: int = 0) -> models.DiffusionBackbone:
-    torch.manual_seed(seed)
-    cfg = BackboneModel(unet=UNetArch(block_out_channels=[8, 16], attention_levels=[False, False], norm_num_groups=4))
-    return models.build_backbone("unet", cfg, 8, 1, 3)
 
 
 def toy_data(n: int = 48):
@@ -56,8 +50,8 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(2, 0, 4) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
 
 
-def test_ema_update_follows_the_decay():
-    bb = tiny_unet()
+def test_ema_update_follows_the_decay(tiny_backbone):
+    bb = tiny_backbone("unet", classes=3, unet_attention=(False, False))
     module = DiffusionTrainingModule(bb, DiffusionConfig(), TrainRun(ema_decay=0.5))
     ema_before = [p.detach().clone() for p in module.ema.parameters()]
     with torch.no_grad():
@@ -88,8 +82,8 @@ def fixed_loss(backbone, x, y, diffusion, seed=123) -> float:
         return torch.nn.functional.mse_loss(backbone(noisy, t, ys), noise).item()
 
 
-def test_short_training_lowers_the_loss_and_returns_the_ema(caplog):
-    bb = tiny_unet()
+def test_short_training_lowers_the_loss_and_returns_the_ema(tiny_backbone, caplog):
+    bb = tiny_backbone("unet", classes=3, unet_attention=(False, False))
     x, y = toy_data()
     diffusion = DiffusionConfig()
     before = fixed_loss(bb, x, y, diffusion)
@@ -107,8 +101,8 @@ def test_short_training_lowers_the_loss_and_returns_the_ema(caplog):
     assert any("train unet: step 3/3" in m for m in lines)
 
 
-def test_train_backbone_rejects_mismatched_data():
-    bb = tiny_unet()
+def test_train_backbone_rejects_mismatched_data(tiny_backbone):
+    bb = tiny_backbone("unet", classes=3, unet_attention=(False, False))
     x, y = toy_data(6)
     with pytest.raises(ValueError, match="sample_shape"):
         train_backbone(bb, x[:, :, :4, :4], y, DiffusionConfig(), TrainRun(steps=1), progress=False)

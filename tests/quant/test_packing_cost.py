@@ -7,19 +7,10 @@ import torch
 import torch.nn as nn
 
 from pipeline.quant.cost import bitops, count_macs, model_bytes
-from pipeline.quant.packing import (load_quantized, pack_bits, packed_bytes, save_quantized, theoretical_bytes,
-                                    unpack_bits)
+from pipeline.quant.bitstream import pack_bits, pack_mask, packed_size, unpack_bits, unpack_mask
+from pipeline.quant.packing import load_quantized, packed_bytes, save_quantized, theoretical_bytes
 from pipeline.quant.primitives import BinaryResidual, IntQuantizer
 from pipeline.quant.surgery import (LayerQuant, QuantSpec, calibrate_activations, quant_layers, quantize_model)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs are far faster single-threaded on the shared 2-core box; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,6 +34,18 @@ def test_pack_bits_matches_reference_and_roundtrips(bits):
         assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n * bits / 8)
         assert packed.tolist() == _reference_stream(codes.tolist(), bits)
         assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 100])
+def test_bitstream_masks_and_sizes(n):
+    gen = torch.Generator().manual_seed(n)
+    mask = torch.rand(n, generator=gen) > 0.5
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(n, 1) == math.ceil(n / 8)
+    assert torch.equal(unpack_mask(packed, n), mask)
+    for bits in (2, 3, 5, 8):
+        assert packed_size(n, bits) == math.ceil(n * bits / 8) == pack_bits(torch.zeros(n, dtype=torch.long),
+                                                                              bits).numel()
 
 
 def test_pack_bits_3bit_density_and_errors():

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.train import evaluators as E
+from pipeline import data as D
+from pipeline.train import classifier as C
+from pipeline.train import tiny_clip as T
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def digits():
 @pytest.fixture(scope="module")
 def classifier(digits):
     x, y, _, _ = digits
-    return E.train_classifier(x, y, 10, steps=200, batch_size=128, lr=3e-3, seed=0, holdout_fraction=0.0)
+    return C.train_classifier(x, y, 10, steps=200, batch_size=128, lr=3e-3, seed=0, holdout_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +122,10 @@ def test_conditional_accuracy_correct_vs_shuffled_labels(classifier, digits):
 @pytest.fixture(scope="module")
 def clip_dir(digits, tmp_path_factory):
     x, y, _, _ = digits
-    model, tok, proc = E.train_clip(x, y, E.DIGIT_NAMES, steps=120, batch_size=64, lr=1e-3, seed=0,
+    model, tok, proc = T.train_clip(x, y, D.DIGIT_NAMES, steps=120, batch_size=64, lr=1e-3, seed=0,
                                     holdout_fraction=0.0)
     out = tmp_path_factory.mktemp("clip")
-    E.save_clip(model, tok, proc, out)
+    T.save_clip(model, tok, proc, out)
     return out
 
 
@@ -133,8 +135,8 @@ def test_clipscore_prefers_matching_captions(clip_dir, digits):
     metric = CLIPScoreMetric(clip_dir)
     _, _, xr, yr = digits
     xr, yr = xr[:200], yr[:200]
-    right = [E.caption_text(E.DIGIT_NAMES[i]) for i in yr.tolist()]
-    wrong = [E.caption_text(E.DIGIT_NAMES[(i + 5) % 10]) for i in yr.tolist()]
+    right = [T.caption_text(D.DIGIT_NAMES[i]) for i in yr.tolist()]
+    wrong = [T.caption_text(D.DIGIT_NAMES[(i + 5) % 10]) for i in yr.tolist()]
     s_right, s_wrong = metric.pair_scores(xr, right), metric.pair_scores(xr, wrong)
     assert s_right.mean() > s_wrong.mean() + 1.0
     # torchmetrics' CLIPScore = max(mean of 100 cos, 0) over the same pairs
@@ -219,7 +221,7 @@ def _ref_encode_text(sd, ids, heads, layers):
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    tok = E.build_clip_tokenizer([E.caption_text(n) for n in E.DIGIT_NAMES])
+    tok = T.build_clip_tokenizer([T.caption_text(n) for n in D.DIGIT_NAMES])
     out = tmp_path_factory.mktemp("tok")
     tok.save_pretrained(str(out))
     return out, tok
@@ -311,9 +313,9 @@ def test_fid_inception_loads_pytorch_fid_layout(tmp_path):
     for (k, a), (_, b) in zip(net.state_dict().items(), net2.state_dict().items()):
         assert torch.equal(a, b), k
     # the FID metric picks it up (feature size read from the module, no dummy forward)
-    metric = FIDMetric(classifier=E.DigitClassifier(), inception_weights=tmp_path / "inception.safetensors")
+    metric = FIDMetric(classifier=C.DigitClassifier(), inception_weights=tmp_path / "inception.safetensors")
     assert metric.feature_source == "inception" and metric.features_module.num_features == 2048
-    assert FIDMetric(classifier=E.DigitClassifier(), inception_weights=None).feature_source == "classifier"
+    assert FIDMetric(classifier=C.DigitClassifier(), inception_weights=None).feature_source == "classifier"
 
 
 def test_fid_inception_rejects_other_layouts(tmp_path):

@@ -11,14 +11,6 @@ from pipeline.train.recon import (ReconConfig, collect_unit_data, output_error, 
                                   reconstruction_units)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Toy(nn.Module):
     """A two-block MLP behind a ``net`` attribute, like DiffusionBackbone."""
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from pipeline.calibration import CalibrationSet
-from pipeline.config import BackboneModel, ConfigError, DiTArch, PixArtArch, from_dict, parse_setting
-from pipeline.methods import MethodContext, get_method
+from pipeline.config import BackboneModel, ConfigError, from_dict, parse_setting
+from pipeline.methods import MethodContext, get_family
 from pipeline.methods.fp4dit import (FP4DiTConfig, attach_caption_embeddings, format_at_width, fp4dit_spec,
                                      parse_format)
 from pipeline.quant.act import OnlineTokenActQuantizer, StaticActQuantizer
@@ -20,24 +20,7 @@ from pipeline.quant.primitives import FPQuantizer, IntQuantizer, fp_quantize
 from pipeline.quant.surgery import quant_attention, quant_layers, quantize_model
 
 W4A6, W4A8 = parse_setting("W4A6"), parse_setting("W4A8")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_backbone(kind="dit", layers=2):
-    from pipeline import models
-
-    torch.manual_seed(0)
-    cfg = BackboneModel(dit=DiTArch(num_layers=layers, num_attention_heads=2, attention_head_dim=16, patch_size=2),
-                        pixart=PixArtArch(num_layers=layers, num_attention_heads=2, attention_head_dim=16,
-                                          patch_size=2, caption_channels=8, caption_length=3))
-    return models.build_backbone(kind, cfg, 8, 1, 10).eval()
+ARCH = {"layers": 2, "head_dim": 16, "caption_length": 3}  # knobs of the conftest tiny_backbone fixture
 
 
 def tiny_calib(n=48, num_classes=10, seed=0):
@@ -48,15 +31,15 @@ def tiny_calib(n=48, num_classes=10, seed=0):
 
 
 def options(**kw):
-    base = {"recon_iters": 6, "recon_batch_size": 8}
+    base = {"recon": {"iters": 6, "batch_size": 8}}
     base.update(kw)
-    return from_dict(FP4DiTConfig, base, "fp4dit.fp4dit")
+    return from_dict(FP4DiTConfig, base, "fp4dit")
 
 
 def run_method(name, backbone, setting=W4A6, calib=None, **kw):
-    m = get_method(name)
-    ctx = MethodContext(device="cpu", variant=m.variant)
-    return m.fn(backbone, calib or tiny_calib(), setting, options(**kw), ctx)
+    fam = get_family("fp4dit")
+    ctx = MethodContext(device="cpu", variant=fam.variant(name).switches)
+    return fam.quantize(backbone, calib or tiny_calib(), setting, options(**kw), ctx)
 
 
 def _grid_check(layer):
@@ -102,8 +85,8 @@ def test_rows_shorter_than_a_group_use_one_clipping_value_per_row():
     assert torch.equal(q.maxval.reshape(-1), lin.weight.detach().abs().amax(dim=1))
 
 
-def test_e3m0_only_for_the_first_ffn_linear_and_exclusions_stay_fp():
-    bb = tiny_backbone("dit")
+def test_e3m0_only_for_the_first_ffn_linear_and_exclusions_stay_fp(tiny_backbone):
+    bb = tiny_backbone("dit", **ARCH)
     quantize_model(bb.net, fp4dit_spec(W4A6, options()))
     names = dict(quant_layers(bb.net))
     assert names, "nothing was quantized"
@@ -117,11 +100,11 @@ def test_e3m0_only_for_the_first_ffn_linear_and_exclusions_stay_fp():
                      "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"):
         assert isinstance(bb.net.get_submodule(excluded), (nn.Linear, nn.Conv2d)), excluded
     # the FFN ablation and a PixArt-Σ style default format
-    bb2 = tiny_backbone("dit")
+    bb2 = tiny_backbone("dit", **ARCH)
     quantize_model(bb2.net, fp4dit_spec(W4A6, options(), {"ffn1": False}))
     assert {(l.weight_quantizers[0].exp_bits, l.weight_quantizers[0].man_bits) for _, l in quant_layers(bb2.net)} \
         == {(2, 1)}
-    bb3 = tiny_backbone("pixart")
+    bb3 = tiny_backbone("pixart", **ARCH)
     quantize_model(bb3.net, fp4dit_spec(W4A6, options(weight_format="E1M2")))
     fmts = {n: (l.weight_quantizers[0].exp_bits, l.weight_quantizers[0].man_bits) for n, l in quant_layers(bb3.net)}
     assert fmts and all(f == ((3, 0) if n.endswith("ff.net.0.proj") else (1, 2)) for n, f in fmts.items())
@@ -136,22 +119,22 @@ def test_formats_options_and_errors_name_the_key():
     assert (spec.default.w_exp_bits, spec.default.w_man_bits) == (4, 3)
     assert (spec.default.a_exp_bits, spec.default.a_man_bits) == (3, 4)
     assert all(r[1] == {"skip": True} for r in spec.rules)
-    with pytest.raises(ConfigError, match=r"fp4dit\.fp4dit\.weight_format"):
+    with pytest.raises(ConfigError, match=r"fp4dit\.weight_format"):
         options(weight_format="FP4")
-    with pytest.raises(ConfigError, match=r"fp4dit\.fp4dit\.ffn1_format.*exponent"):
+    with pytest.raises(ConfigError, match=r"fp4dit\.ffn1_format.*exponent"):
         options(ffn1_format="E0M3")
-    with pytest.raises(ConfigError, match=r"fp4dit\.fp4dit\.softmax_bits"):
+    with pytest.raises(ConfigError, match=r"fp4dit\.softmax_bits"):
         options(softmax_bits=2)
-    with pytest.raises(ConfigError, match=r"fp4dit\.fp4dit\.recon_itres: unknown key"):
-        options(recon_itres=3)
+    with pytest.raises(ConfigError, match=r"fp4dit\.recon\.itres: unknown key"):
+        options(recon={"itres": 3})
 
 
-def test_activation_formats_softmax_bits_and_int_variant_spec():
+def test_activation_formats_softmax_bits_and_int_variant_spec(tiny_backbone):
     spec6 = fp4dit_spec(W4A6, options())
     assert (spec6.default.a_exp_bits, spec6.default.a_man_bits, spec6.default.a_mode) == (2, 3, "token")
     spec8 = fp4dit_spec(W4A8, options())
     assert (spec8.default.a_exp_bits, spec8.default.a_man_bits) == (3, 4)
-    bb = tiny_backbone("dit")
+    bb = tiny_backbone("dit", **ARCH)
     quantize_model(bb.net, spec6)
     lin = bb.net.transformer_blocks[0].attn1.to_q
     assert isinstance(lin.act_quantizer, OnlineTokenActQuantizer) and lin.act_quantizer.fmt == "fp"
@@ -160,7 +143,7 @@ def test_activation_formats_softmax_bits_and_int_variant_spec():
     p = procs[0][1].p_quantizer
     assert not p.signed and p.bits == 6 and (p.exp_bits, p.man_bits) == (2, 4)
     # softmax bits as their own parameter (the official default is 16)
-    res = run_method("fp4dit_no_adaround", tiny_backbone("dit"), softmax_bits=16)
+    res = run_method("fp4dit_no_adaround", tiny_backbone("dit", **ARCH), softmax_bits=16)
     for _, proc in quant_attention(res.backbone.net):
         assert proc.p_quantizer.bits == 16 and not proc.p_quantizer.signed
         assert proc.q_quantizer.bits == 6
@@ -171,8 +154,60 @@ def test_activation_formats_softmax_bits_and_int_variant_spec():
     assert spec_int.rules == [r for r in spec6.rules if r[1] == {"skip": True}]
 
 
-def test_online_token_scale_comes_from_each_token():
-    bb = tiny_backbone("dit")
+def _patched_softmax_quantizer(setting, cfg, grid, act_mode):
+    """The post-surgery P patch FP4DiT applied before P's format was a spec field (kept as the reference)."""
+    from pipeline.quant import act as act_mod
+
+    bits = cfg.softmax_bits
+    if grid == "int":
+        if bits > 8:
+            return None
+        if act_mode == "static":
+            return act_mod.StaticActQuantizer(bits, symmetric=False, init=cfg.static_act_init)
+        return act_mod.OnlineTokenActQuantizer(bits, fmt="int", signed=False, rows="last_dim")
+    if bits <= 8:
+        e, m = act_mod.resolve_fp_split(bits, None, None, signed=False)
+    else:
+        e, m = 5, bits - 5
+    if act_mode == "static":
+        return act_mod.StaticActQuantizer(bits, fmt="fp", exp_bits=e, man_bits=m, signed=False,
+                                          init=cfg.static_act_init)
+    return act_mod.OnlineTokenActQuantizer(bits, fmt="fp", exp_bits=e, man_bits=m, signed=False, rows="last_dim")
+
+
+@pytest.mark.parametrize("variant,setting,softmax_bits", [
+    ({}, W4A6, 8), ({}, W4A8, 16), ({}, W4A8, 6), ({"act_mode": "static"}, W4A6, 8),
+    ({"act_mode": "static"}, W4A8, 12), ({"grid": "int"}, W4A6, 8), ({"grid": "int"}, W4A8, 16),
+    ({"grid": "int", "act_mode": "static"}, W4A8, 4)])
+def test_spec_built_softmax_quantizer_equals_the_former_patch(tiny_backbone, variant, setting, softmax_bits):
+    from pipeline.methods.fp4dit import VARIANT_DEFAULTS
+    from pipeline.quant.surgery import calibrate_activations
+
+    cfg = options(softmax_bits=softmax_bits)
+    v = {**VARIANT_DEFAULTS, **variant}
+    spec = fp4dit_spec(setting, cfg, v)
+    calib = tiny_calib(16)
+    x, t, y = calib.x[:4], calib.t[:4], calib.labels[:4]
+    out = []
+    for patched in (False, True):
+        bb = tiny_backbone("dit", **ARCH)
+        if patched:
+            quantize_model(bb.net, spec.with_fields(attn_p_bits=None, attn_p_format=None))
+            for _, proc in quant_attention(bb.net):
+                proc.p_quantizer = _patched_softmax_quantizer(setting, cfg, v["grid"], v["act_mode"])
+        else:
+            quantize_model(bb.net, spec)
+        if v["act_mode"] == "static":
+            calibrate_activations(bb.net, lambda m=bb: m(calib.x, calib.t, calib.labels))
+        procs = [p for _, p in quant_attention(bb.net)]
+        with torch.no_grad():
+            out.append((bb(x, t, y), [repr(p.p_quantizer) for p in procs]))
+    assert out[0][1] == out[1][1]
+    assert torch.equal(out[0][0], out[1][0])
+
+
+def test_online_token_scale_comes_from_each_token(tiny_backbone):
+    bb = tiny_backbone("dit", **ARCH)
     quantize_model(bb.net, fp4dit_spec(W4A6, options()))
     aq = bb.net.transformer_blocks[0].attn1.to_q.act_quantizer
     g = torch.Generator().manual_seed(0)
@@ -240,10 +275,10 @@ def test_fp_reconstruction_lowers_output_error_on_a_random_layer():
     assert _grid_check(qm.net[0])
 
 
-def test_fp4dit_end_to_end_on_a_tiny_dit_saves_packed_weights_on_the_grid(tmp_path):
+def test_fp4dit_end_to_end_on_a_tiny_dit_saves_packed_weights_on_the_grid(tiny_backbone, tmp_path):
     from pipeline.quant.packing import load_quantized, save_quantized
 
-    bb = tiny_backbone("dit")
+    bb = tiny_backbone("dit", **ARCH)
     fp_copy = copy.deepcopy(bb)
     res = run_method("fp4dit", bb, W4A8)
     info = res.info
@@ -260,8 +295,8 @@ def test_fp4dit_end_to_end_on_a_tiny_dit_saves_packed_weights_on_the_grid(tmp_pa
         assert torch.equal(fp_copy(x, t, y), res.backbone(x, t, y))
 
 
-def test_static_activation_variant_calibrates_fp_per_tensor_scales():
-    res = run_method("fp4dit_static_act", tiny_backbone("dit"))
+def test_static_activation_variant_calibrates_fp_per_tensor_scales(tiny_backbone):
+    res = run_method("fp4dit_static_act", tiny_backbone("dit", **ARCH))
     layer = res.backbone.net.transformer_blocks[0].ff.net[2]
     aq = layer.act_quantizer
     assert isinstance(aq, StaticActQuantizer) and aq.fmt == "fp" and aq.quantizer.maxval.numel() == 1
@@ -270,8 +305,8 @@ def test_static_activation_variant_calibrates_fp_per_tensor_scales():
     assert isinstance(p, StaticActQuantizer) and not p.signed
 
 
-def test_int_adaround_variant_uses_int_group_weights_and_int_token_activations():
-    res = run_method("int_adaround", tiny_backbone("dit"))
+def test_int_adaround_variant_uses_int_group_weights_and_int_token_activations(tiny_backbone):
+    res = run_method("int_adaround", tiny_backbone("dit", **ARCH))
     for name, layer in quant_layers(res.backbone.net):
         q = layer.weight_quantizers[0]
         assert isinstance(q, IntQuantizer) and q.granularity == "group" and q.bits == 4, name
@@ -281,9 +316,10 @@ def test_int_adaround_variant_uses_int_group_weights_and_int_token_activations()
 
 
 def test_registry_and_unsupported_backbone():
-    for name in ("fp4dit", "fp4dit_no_adaround", "fp4dit_static_act", "fp4dit_ffn_e2m1", "int_adaround"):
-        m = get_method(name)
-        assert m.config_section == "fp4dit" and set(m.backbones) == {"dit", "pixart"}
+    fam = get_family("fp4dit")
+    assert fam.config_cls is FP4DiTConfig and set(fam.backbones) == {"dit", "pixart"}
+    assert fam.variant_names == ["fp4dit", "fp4dit_no_adaround", "fp4dit_static_act", "fp4dit_ffn_e2m1",
+                                 "int_adaround", "int_no_adaround"]
     from pipeline import models
 
     unet = models.build_backbone("unet", BackboneModel(), 8, 1, 10)
@@ -291,12 +327,12 @@ def test_registry_and_unsupported_backbone():
         run_method("fp4dit", unet)
 
 
-def test_plain_pixart_directory_with_caption_embeddings(tmp_path):
+def test_plain_pixart_directory_with_caption_embeddings(tiny_backbone, tmp_path):
     """A PixArt saved as a plain diffusers directory (as a real PixArt-α/Σ transformer would be),
     conditioned by a caption-embedding file (one [L, C] sequence per class + the null caption)."""
     from pipeline import models
 
-    src = tiny_backbone("pixart")
+    src = tiny_backbone("pixart", **ARCH)
     src.net.save_pretrained(str(tmp_path / "pixart"))
     bb = models.load_backbone(tmp_path / "pixart")
     assert bb.kind == "pixart" and bb.caption_table is None

@@ -1,7 +1,6 @@
 """MPQ-DM / MPQ-DMv2 initialisation: pre-scale, kurtosis ranking, OMQ groups and k search, binary residual,
 SVD LoRA init, the registered variants, the student checkpoint round trip and the packed export."""
 import copy
-import math
 
 import pytest
 import scipy.stats
@@ -9,20 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import (BackboneModel, BitSetting, CalibrateConfig, ConfigError, DiffusionConfig, DiTArch,
-                             SamplingConfig, UNetArch, from_dict)
-from pipeline.methods import MethodContext, available, get_method
+from pipeline.config import (BitSetting, ConfigError, from_dict)
+from pipeline.methods import MethodContext, get_family
 from pipeline.methods import mpqdm
 from pipeline.quant.layers import QuantConv2d, QuantLinear
 from pipeline.quant.primitives import IntQuantizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _heavy_weight(out=20, inp=32, heavy=(0, 3, 7), seed=0):
@@ -209,7 +199,7 @@ def test_init_lora_svd_keeps_latent_weight_and_spans_the_error(kind):
         r = mpqdm.init_lora(lay, rank, "svd")
         assert r == rank
         torch.testing.assert_close(lay.effective_weight(), latent, rtol=0, atol=1e-6)  # frozen W − BA + BA
-        delta = lay.lora_delta() * lay._in_scale_weight_view()  # B·A in the pre-scaled domain
+        delta = lay.lora_delta() * lay.in_scale_weight_view()  # B·A in the pre-scaled domain
         assert torch.linalg.norm(err - delta) < torch.linalg.norm(err)
         if rank == full:
             torch.testing.assert_close(delta, err, rtol=0, atol=1e-5)
@@ -223,64 +213,51 @@ def test_init_lora_svd_keeps_latent_weight_and_spans_the_error(kind):
 # registry, config, whole-model runs
 # ------------------------------------------------------------------------------------------------
 def test_variants_are_registered_with_their_switches():
-    names = available()
-    for n in ("mpqdm", "mpqdm2", "mpqdm2_no_residual", "mpqdm2_no_lora_init", "mpqdm2_no_memory"):
-        assert n in names and get_method(n).config_section == "mpqdm"
-    assert get_method("mpqdm").variant == {"salient": "extra_bit", "lora_init": "zero", "relation": "trd"}
-    assert get_method("mpqdm2").variant == {"salient": "residual", "lora_init": "svd", "relation": "memory"}
-    assert get_method("mpqdm2_no_residual").variant["salient"] == "extra_bit"
-    assert get_method("mpqdm2_no_lora_init").variant["lora_init"] == "zero"
-    assert get_method("mpqdm2_no_memory").variant["relation"] == "trd"
+    fam = get_family("mpq")
+    assert fam.variant_names == ["mpqdm", "mpqdm2", "mpqdm2_no_residual", "mpqdm2_no_lora_init", "mpqdm2_no_memory"]
+    assert fam.config_cls is mpqdm.MPQConfig and fam.finetune is not None and fam.finetune_field == "qat"
+    sw = {v.name: v.switches for v in fam.variants}
+    assert sw["mpqdm"] == {"salient": "extra_bit", "lora_init": "zero", "relation": "trd"}
+    assert sw["mpqdm2"] == {"salient": "residual", "lora_init": "svd", "relation": "memory"}
+    assert sw["mpqdm2_no_residual"]["salient"] == "extra_bit"
+    assert sw["mpqdm2_no_lora_init"]["lora_init"] == "zero"
+    assert sw["mpqdm2_no_memory"]["relation"] == "trd"
     with pytest.raises(ValueError, match="variant.salient"):
         mpqdm.check_variant({"salient": "bogus"})
-    with pytest.raises(ConfigError, match=r"mpq\.mpqdm\.omq_fractions\[1\]"):
-        from_dict(mpqdm.MPQConfig, {"omq_fractions": [0.0, 0.7]}, "mpq.mpqdm")
-    with pytest.raises(ConfigError, match=r"mpq\.mpqdm\.lora_rnak: unknown key"):
-        from_dict(mpqdm.MPQConfig, {"lora_rnak": 4}, "mpq.mpqdm")
+    with pytest.raises(ConfigError, match=r"mpq\.omq_fractions\[1\]"):
+        from_dict(mpqdm.MPQConfig, {"omq_fractions": [0.0, 0.7]}, "mpq")
+    with pytest.raises(ConfigError, match=r"mpq\.lora_rnak: unknown key"):
+        from_dict(mpqdm.MPQConfig, {"lora_rnak": 4}, "mpq")
+    with pytest.raises(ConfigError, match=r"mpq\.qat\.lr: unknown key"):
+        from_dict(mpqdm.MPQConfig, {"qat": {"lr": 0.1}}, "mpq")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from pipeline.calibration import collect_calibration
-    from pipeline.models import build_backbone
-
-    torch.manual_seed(0)
-    cfg = BackboneModel(unet=UNetArch(block_out_channels=[8, 16], norm_num_groups=4),
-                        dit=DiTArch(num_layers=1, num_attention_heads=2, attention_head_dim=8, patch_size=4))
-    diff, samp = DiffusionConfig(), SamplingConfig(steps=3)
-    out = {}
-    for kind in ("unet", "dit"):
-        fp = build_backbone(kind, cfg, 8, 1, 10).eval()
-        calib = collect_calibration(fp, CalibrateConfig(n_samples=8, n_timesteps=3, batch_size=8), diff, samp)
-        out[kind] = (fp, calib)
-    return out
-
-
-def _init(fp, calib, name, setting=BitSetting(3, 4), keep_lora=True):
-    m = get_method(name)
+def _init(fp, calib, name, setting=BitSetting(3, 4)):
+    v = get_family("mpq").variant(name)
     student = copy.deepcopy(fp)
     torch.manual_seed(0)
     # min-max ranges keep the test fast (the MSE search is the core's, tested there)
     cfg = mpqdm.MPQConfig(lora_rank=4, calib_inputs=8, act_calib_batches=1, act_init="minmax",
                           weight_init="minmax")
-    res = m.fn(student, calib, setting, cfg, MethodContext(variant=m.variant, extra={"keep_lora": keep_lora}))
+    res = mpqdm.quantize(student, calib, setting, cfg, MethodContext(variant=v.switches))
     return student, res
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])
-def test_student_checkpoint_round_trip_and_packed_export(tiny, kind, tmp_path):
+def test_student_checkpoint_round_trip_and_packed_export(tiny_calibrated, kind, tmp_path):
+    from pipeline.quant.checkpoint import load_student, save_student
     from pipeline.quant.packing import load_quantized, merge_lora, save_quantized
     from pipeline.quant.surgery import quant_layers
 
-    fp, calib = tiny[kind]
+    fp, calib = tiny_calibrated[kind]
     student, res = _init(fp, calib, "mpqdm2")
     layers = dict(quant_layers(student.net))
     assert any(l.lora_A is not None for l in layers.values())
     assert all(l.in_scale is not None for l in layers.values() if l.lora_A is not None)
     assert res.info["avg_weight_bits"] == pytest.approx(3.0)
-    mpqdm.save_student(student.net, res.spec, tmp_path / "ckpt", {"variant": res.info["variant"]})
+    save_student(student.net, res.spec, tmp_path / "ckpt", {"variant": res.info["variant"]})
     rebuilt = copy.deepcopy(fp)
-    _, spec, meta = mpqdm.load_student(rebuilt.net, tmp_path / "ckpt")
+    _, spec, meta = load_student(rebuilt.net, tmp_path / "ckpt")
     assert meta["variant"]["relation"] == "memory" and spec.to_dict() == res.spec.to_dict()
     x, t, y = calib.x[:4], calib.t[:4], calib.labels[:4]
     with torch.no_grad():
@@ -298,14 +275,5 @@ def test_student_checkpoint_round_trip_and_packed_export(tiny, kind, tmp_path):
     loaded.net = load_quantized(loaded.net, tmp_path / "packed")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t, y), before, rtol=1e-5, atol=1e-5)
-    with pytest.raises(FileNotFoundError, match="mpq_init"):
-        mpqdm.load_student(copy.deepcopy(fp).net, tmp_path / "nothing")
-
-
-def test_plain_quantize_stage_gets_merged_result(tiny):
-    from pipeline.quant.surgery import quant_layers
-
-    fp, calib = tiny["dit"]
-    student, res = _init(fp, calib, "mpqdm", keep_lora=False)
-    assert all(l.lora_A is None for _, l in quant_layers(student.net))
-    assert res.info["variant"]["salient"] == "extra_bit"
+    with pytest.raises(FileNotFoundError, match="save_student"):
+        load_student(copy.deepcopy(fp).net, tmp_path / "nothing")

@@ -12,16 +12,6 @@ from pipeline.quant.layers import QuantConv2d, QuantLinear
 from pipeline.quant.primitives import BinaryResidual, FPQuantizer, IntQuantizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs are far faster single-threaded on the shared 2-core box; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def _linear(i=48, o=12, seed=0):
     torch.manual_seed(seed)
     return nn.Linear(i, o)
@@ -165,7 +155,7 @@ def test_lora_linear_and_conv_products_and_merge():
         layer.weight_quant = layer.act_quant = False
         # "off" with LoRA attached runs W + ΔW
         y_off = layer(x)
-        assert torch.equal(y_off, layer._op(x, layer.weight + layer.lora_delta()))
+        assert torch.equal(y_off, layer.op(x, layer.weight + layer.lora_delta()))
         layer.weight_quant = True
         layer.merge_lora()
         assert layer.lora_A is None and layer.lora_rank == 0

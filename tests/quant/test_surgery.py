@@ -12,46 +12,9 @@ from pipeline.quant.surgery import (LayerQuant, QuantSpec, calibrate_activations
                                     quant_layers, quant_state, quantize_model, resolve_model)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs are far faster single-threaded on the shared 2-core box; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 # ---------------------------------------------------------------------------------------------
 # tiny models (built from config, never from a hub)
 # ---------------------------------------------------------------------------------------------
-def tiny_unet():
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, attention_head_dim=8, num_class_embeds=10).eval()
-
-
-def tiny_dit():
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-                                 norm_num_groups=8).eval()
-
-
-def tiny_pixart():
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(0)
-    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-                                    num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=16,
-                                    caption_channels=12, norm_num_groups=8).eval()
-
-
 _CAPTIONS = torch.randn(4, 3, 12, generator=torch.Generator().manual_seed(1))
 
 
@@ -65,7 +28,6 @@ def run_model(kind, model, x, t, labels=None):
                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
 
 
-BUILDERS = {"unet": tiny_unet, "dit": tiny_dit, "pixart": tiny_pixart}
 # Relative L2 error bounds at W8A8 (+ 8-bit attention matmuls, static per-tensor activations).
 # The random-init UNet amplifies input perturbations ~7x (quantizing only conv_in's input already costs
 # ~5 %), so its bound is wider than the transformers' (~1.3 % measured for both).
@@ -83,8 +45,8 @@ def _quantized_copy(kind, fp, w_bits, a_bits=8, attn_bits=8, **kw):
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit", "pixart"])
-def test_w8a8_close_to_fp_and_exact_when_off(kind):
-    fp = BUILDERS[kind]()
+def test_w8a8_close_to_fp_and_exact_when_off(diffusers_model, kind):
+    fp = diffusers_model(kind)
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(7))
     t = torch.tensor([10, 400, 999, 3])
     with torch.no_grad():
@@ -109,8 +71,8 @@ def test_w8a8_close_to_fp_and_exact_when_off(kind):
         assert rel4 > rel8
 
 
-def test_weight_error_monotone_in_bits_unet():
-    fp = tiny_unet()
+def test_weight_error_monotone_in_bits_unet(diffusers_model):
+    fp = diffusers_model("unet")
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([50, 700])
     with torch.no_grad():
@@ -123,8 +85,8 @@ def test_weight_error_monotone_in_bits_unet():
     assert errs == sorted(errs), errs
 
 
-def test_timestep_mode_installs_context_and_gathers_per_sample():
-    fp = tiny_dit()
+def test_timestep_mode_installs_context_and_gathers_per_sample(diffusers_model):
+    fp = diffusers_model("dit")
     ts = [999, 500, 10]
     model = copy.deepcopy(fp)
     spec = QuantSpec(LayerQuant(w_bits=8, a_bits=8, a_mode="timestep", attn_bits=8))
@@ -146,8 +108,8 @@ def test_timestep_mode_installs_context_and_gathers_per_sample():
     assert type(layer.act_quantizer).__name__ == "TimestepActQuantizer"
 
 
-def test_token_mode_and_fp_format():
-    fp = tiny_pixart()
+def test_token_mode_and_fp_format(diffusers_model):
+    fp = diffusers_model("pixart")
     model = copy.deepcopy(fp)
     spec = QuantSpec(LayerQuant(w_bits=4, w_format="fp", w_granularity="group", group_size=128, a_bits=8,
                                 a_format="fp", a_mode="token", attn_bits=8), rules=default_rules(8))
@@ -223,26 +185,26 @@ def test_spec_json_roundtrip_and_fp_split_rederived():
     assert (fp8.w_exp_bits, fp8.w_man_bits) == (4, 3)
 
 
-def test_default_rules_keep_first_last_embeddings_at_8_bits():
+def test_default_rules_keep_first_last_embeddings_at_8_bits(diffusers_model):
     spec = QuantSpec(LayerQuant(w_bits=4, a_bits=8), rules=default_rules(8))
-    r = resolve_model(tiny_unet(), spec)
+    r = resolve_model(diffusers_model("unet"), spec)
     for name in ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2",
                  "down_blocks.0.resnets.0.time_emb_proj"):
         assert r[name].w_bits == 8, name
     assert r["down_blocks.0.resnets.0.conv1"].w_bits == 4
     assert r["mid_block.attentions.0.to_q"].w_bits == 4
-    rp = resolve_model(tiny_pixart(), spec)
+    rp = resolve_model(diffusers_model("pixart"), spec)
     for name in ("pos_embed.proj", "proj_out", "adaln_single.emb.timestep_embedder.linear_1",
                  "caption_projection.linear_2"):
         assert rp[name].w_bits == 8, name
     assert rp["transformer_blocks.0.ff.net.2"].w_bits == 4
     wrapper = nn.Module()
-    wrapper.net = tiny_pixart()  # as in DiffusionBackbone: names get a "net." prefix
+    wrapper.net = diffusers_model("pixart")  # as in DiffusionBackbone: names get a "net." prefix
     rw = resolve_model(wrapper, spec)
     assert rw["net.proj_out"].w_bits == 8 and rw["net.caption_projection.linear_1"].w_bits == 8
     assert rw["net.transformer_blocks.1.attn2.to_out.0"].w_bits == 4
     assert spec.resolve("down_blocks.1.attentions.0.proj_out").w_bits == 4  # inner proj_out stays
-    rd = resolve_model(tiny_dit(), QuantSpec(LayerQuant(w_bits=4), rules=default_rules(None)))
+    rd = resolve_model(diffusers_model("dit"), QuantSpec(LayerQuant(w_bits=4), rules=default_rules(None)))
     assert rd["pos_embed.proj"] is None and rd["proj_out_2"] is None and rd["proj_out_1"] is None
     assert rd["transformer_blocks.0.attn1.to_k"].w_bits == 4
 
@@ -274,3 +236,112 @@ def test_bad_spec_input_errors():
         quantize_model(Toy(), {"default": {}})
     with pytest.raises(ValueError, match="keep_bits"):
         default_rules(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the one name-pattern matcher
+# ---------------------------------------------------------------------------------------------
+def test_matcher_glob_regex_first_last():
+    from pipeline.quant.surgery import check_pattern, matches, matches_any
+
+    assert matches("*attn1.to_q", "transformer_blocks.0.attn1.to_q")
+    assert not matches("*attn1.to_q", "transformer_blocks.0.attn1.to_k")
+    assert matches("*emb*", "time_embedding.linear_1") and not matches("emb*", "time_embedding.linear_1")
+    # re: must match the whole name
+    assert matches(r"re:([^.]+\.)?proj_out(_\d+)?", "proj_out_2")
+    assert matches(r"re:([^.]+\.)?proj_out(_\d+)?", "net.proj_out")
+    assert not matches(r"re:([^.]+\.)?proj_out(_\d+)?", "transformer_blocks.0.ff.proj_out")
+    assert not matches("re:proj", "proj_out")
+    # @first / @last stand for the names given; without them they match nothing
+    assert matches("@first", "conv_in", first="conv_in", last="conv_out")
+    assert matches("@last", "conv_out", first="conv_in", last="conv_out")
+    assert not matches("@first", "conv_out", first="conv_in", last="conv_out")
+    assert not matches("@first", "conv_in") and not matches("@last", "conv_in")
+    assert matches_any(["x", "re:a\\.\\d+", "@last"], "a.3")
+    assert matches_any(["x", "@last"], "y", last="y") and not matches_any([], "y")
+    assert check_pattern("re:a+", "here") == "re:a+"
+    for bad, msg in (("", "non-empty"), ("@middle", "unknown token"), ("re:(", "invalid regex"), (3, "non-empty")):
+        with pytest.raises(ValueError, match=msg):
+            check_pattern(bad, "here")
+
+
+def test_recon_units_and_spec_use_the_same_matcher(diffusers_model):
+    """The reconstruction units (pipeline.train.recon) and the spec rules accept the same syntax."""
+    from pipeline.train.recon import reconstruction_units
+
+    model = diffusers_model("dit")
+    quantize_model(model, QuantSpec(default=LayerQuant(w_bits=8)))
+    units = reconstruction_units(model, [r"re:transformer_blocks\.\d+", "pos_embed*"])
+    names = [u.name for u in units]
+    assert "transformer_blocks.0" in names and "transformer_blocks.1" in names
+    with pytest.raises(ValueError, match="block_patterns\\[0\\].*unknown token"):
+        reconstruction_units(model, ["@middle"])
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax-probability (P) format fields
+# ---------------------------------------------------------------------------------------------
+def test_attn_p_fields_build_the_softmax_quantizer(diffusers_model):
+    from pipeline.quant.act import OnlineTokenActQuantizer, StaticActQuantizer
+
+    def p_quantizer(**kw):
+        model = diffusers_model("dit")
+        quantize_model(model, QuantSpec(default=LayerQuant(w_bits=None, **kw)))
+        procs = [p for _, p in quant_attention(model)]
+        assert procs
+        return procs[0].p_quantizer, procs[0].q_quantizer
+
+    # default: P follows attn_bits and the activation format, unsigned (sign bit -> mantissa)
+    p, q = p_quantizer(a_bits=6, a_format="fp", a_mode="token", attn_bits=6)
+    assert isinstance(p, OnlineTokenActQuantizer) and not p.signed and (p.exp_bits, p.man_bits) == (2, 4)
+    assert q.signed and (q.exp_bits, q.man_bits) == (2, 3)
+    # own width: table split (8 -> E3M4 -> unsigned E3M5); beyond the table E5 (fp16's exponent)
+    p, _ = p_quantizer(a_bits=6, a_format="fp", a_mode="token", attn_bits=6, attn_p_bits=8)
+    assert (p.bits, p.exp_bits, p.man_bits) == (8, 3, 5)
+    p, _ = p_quantizer(a_bits=6, a_format="fp", a_mode="static", attn_bits=6, attn_p_bits=16)
+    assert isinstance(p, StaticActQuantizer) and (p.bits, p.quantizer.exp_bits, p.quantizer.man_bits) == (16, 5, 11)
+    # explicit split, other format, kept FP
+    p, _ = p_quantizer(a_bits=8, a_format="int", a_mode="token", attn_bits=8, attn_p_format="fp", attn_p_bits=7,
+                       attn_p_exp_bits=4, attn_p_man_bits=3)
+    assert (p.fmt, p.exp_bits, p.man_bits, p.signed) == ("fp", 4, 3, False)
+    p, q = p_quantizer(a_bits=8, a_format="int", a_mode="token", attn_bits=8, attn_p_format="none")
+    assert p is None and q is not None
+    p, _ = p_quantizer(a_bits=8, a_format="int", a_mode="static", attn_bits=8, attn_p_bits=4)
+    assert isinstance(p, StaticActQuantizer) and p.fmt == "int" and p.bits == 4 and not p.symmetric
+
+
+def test_attn_p_fields_validation_and_json():
+    with pytest.raises(ValueError, match="attn_p_format"):
+        LayerQuant(attn_bits=8, a_bits=8, attn_p_format="bf16")
+    with pytest.raises(ValueError, match="attn_p_bits"):
+        LayerQuant(attn_bits=8, a_bits=8, attn_p_bits=12)  # int P: 2..8
+    with pytest.raises(ValueError, match="no meaning"):
+        LayerQuant(attn_bits=8, a_bits=8, attn_p_format="none", attn_p_bits=8)
+    with pytest.raises(ValueError, match="both attn_p_exp_bits"):
+        LayerQuant(attn_bits=8, a_bits=8, a_format="fp", a_mode="token", attn_p_exp_bits=3)
+    with pytest.raises(ValueError, match="unsigned 8-bit"):
+        LayerQuant(attn_bits=8, a_bits=8, a_format="fp", a_mode="token", attn_p_exp_bits=3, attn_p_man_bits=4)
+    with pytest.raises(ValueError, match="integer only"):
+        LayerQuant(attn_bits=8, a_bits=8, a_mode="timestep", attn_p_format="fp")
+    # a rule changing the P width re-derives its split
+    spec = QuantSpec(default=LayerQuant(a_bits=8, a_format="fp", a_mode="token", attn_bits=8, attn_p_bits=7,
+                                        attn_p_exp_bits=2, attn_p_man_bits=5),
+                     rules=[("*attn2", {"attn_p_bits": 8})])
+    assert spec.resolve("blocks.0.attn2").p_split() == (3, 5)
+    assert spec.resolve("blocks.0.attn1").p_split() == (2, 5)
+    again = QuantSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again.to_dict() == spec.to_dict()
+    # specs saved before the P fields existed still load
+    old = spec.to_dict()
+    for k in ("attn_p_bits", "attn_p_format", "attn_p_exp_bits", "attn_p_man_bits"):
+        old["default"].pop(k)
+    assert QuantSpec.from_dict(old).default.p_bits == 8
+
+
+def test_with_fields_forces_a_field_on_every_layer():
+    spec = QuantSpec(default=LayerQuant(w_init="mse"), rules=[("a*", {"w_init": "mse", "w_bits": 4})])
+    forced = spec.with_fields(w_init="minmax")
+    assert forced.resolve("ab").w_init == "minmax" and forced.resolve("ab").w_bits == 4
+    assert spec.resolve("ab").w_init == "mse"
+    with pytest.raises(ValueError, match="unknown field"):
+        spec.with_fields(nope=1)

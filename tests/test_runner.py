@@ -1,0 +1,160 @@
+"""The family runner: job planning, one output layout + manifest, reuse of unchanged jobs, a failing
+variant as a row (siblings finish, the stage fails), and the fine-tune phase reusing its first phase."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.config import BackboneModel, CalibrateConfig, DiffusionConfig, SamplingConfig, UNetArch
+from pipeline.io import read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _toy_module():
+    """Register the toy family from tests/fixtures (once per process)."""
+    from pipeline import methods
+
+    if "toy" not in methods._REGISTRY:
+        spec = importlib.util.spec_from_file_location("toy_family", ROOT / "tests" / "fixtures" / "toy_family.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses resolve annotations through the module
+        spec.loader.exec_module(mod)
+    return methods._REGISTRY["toy"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny FP UNet and its calibration file on disk, as train_fp / calibrate write them."""
+    from pipeline.calibration import collect_calibration, save_calibration
+    from pipeline.models import build_backbone, save_backbone
+
+    root = tmp_path_factory.mktemp("runner")
+    torch.manual_seed(0)
+    fp = build_backbone("unet", BackboneModel(unet=UNetArch(block_out_channels=[8, 16], norm_num_groups=4)),
+                        8, 1, 10).eval()
+    save_backbone(fp, root / "fp" / "unet")
+    calib = collect_calibration(fp, CalibrateConfig(n_samples=4, n_timesteps=2, batch_size=4), DiffusionConfig(),
+                                SamplingConfig(steps=3))
+    save_calibration(calib, root / "calib" / "unet")
+    return root
+
+
+def _params(root, **toy):
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["sampling"]["steps"] = 3
+    p["model"]["backbones"] = ["unet"]
+    p["families"] = ["toy"]
+    for fam in ("naive", "fp4dit", "mpq"):
+        p.pop(fam)
+    p["toy"] = {"variants": ["toy_rtn", "toy_fragile"], "settings": ["W8A8", "W4A8"], "backbones": ["unet"], **toy}
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(p))
+    return path
+
+
+def _runner(root, **toy):
+    from pipeline.runner import FamilyRunner
+
+    return FamilyRunner("toy", _params(root, **toy), root / "fp", root / "calib", root / "out")
+
+
+def test_plan_order_layout_and_manifest(inputs, monkeypatch):
+    import mlflow
+
+    _toy_module()
+    monkeypatch.chdir(inputs)
+    monkeypatch.setenv("TOY_FAIL_ON", "W4A8")
+    runner = _runner(inputs)
+    assert [j.label for j in runner.jobs] == ["toy/toy_rtn/W8A8@unet", "toy/toy_fragile/W8A8@unet",
+                                              "toy/toy_rtn/W4A8@unet", "toy/toy_fragile/W4A8@unet"]
+    failed = runner.run()
+    manifest = read_json(inputs / "out" / "manifest.json")
+    status = {(m["variant"], m["setting"]): m["status"] for m in manifest["models"]}
+    assert status == {("toy_rtn", "W8A8"): "ok", ("toy_fragile", "W8A8"): "ok", ("toy_rtn", "W4A8"): "ok",
+                      ("toy_fragile", "W4A8"): "failed"}
+    assert [f["variant"] for f in failed] == ["toy_fragile"] and "asked to fail at W4A8" in failed[0]["error"]
+    assert (inputs / "out" / "W4A8" / "toy_rtn" / "unet" / "packed.safetensors").exists()
+    assert not (inputs / "out" / "W4A8" / "toy_fragile" / "unet" / "info.json").exists()
+    assert manifest["tables"][0]["settings"] == ["W8A8", "W4A8"]
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.family = 'toy'")
+    by_variant = {(r["tags.variant"], r["tags.setting"]): r["status"] for _, r in runs.iterrows()}
+    assert by_variant[("toy_fragile", "W4A8")] == "FAILED" and by_variant[("toy_rtn", "W4A8")] == "FINISHED"
+
+
+def test_rerun_reuses_finished_jobs_and_retries_the_failed_one(inputs, monkeypatch):
+    _toy_module()
+    monkeypatch.chdir(inputs)
+    monkeypatch.setenv("TOY_FAIL_ON", "W4A8")
+    assert len(_runner(inputs).run()) == 1
+    monkeypatch.delenv("TOY_FAIL_ON")
+    assert _runner(inputs).run() == []
+    reused = {(m["variant"], m["setting"]): m["reused"] for m in read_json(inputs / "out" / "manifest.json")["models"]}
+    assert reused == {("toy_rtn", "W8A8"): True, ("toy_fragile", "W8A8"): True, ("toy_rtn", "W4A8"): True,
+                      ("toy_fragile", "W4A8"): False}
+
+
+def test_packed_models_load_and_error_grows_as_bits_shrink(inputs, monkeypatch):
+    from pipeline.evaluation import ModelEntry, load_entry
+    from pipeline.models import load_backbone
+
+    _toy_module()
+    monkeypatch.chdir(inputs)
+    _runner(inputs).run()
+    fp = load_backbone(inputs / "fp" / "unet")
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(4, 1, 8, 8, generator=g), torch.tensor([999, 500, 100, 1]), torch.arange(4)
+    with torch.no_grad():
+        ref = fp(x, t, y)
+        errs = {}
+        for s in ("W8A8", "W4A8"):
+            e = ModelEntry("unet", "toy", "toy_rtn", s, inputs / "fp" / "unet", inputs / "out" / s / "toy_rtn" / "unet")
+            errs[s] = float((load_entry(e, "cpu")(x, t, y) - ref).pow(2).mean() / ref.pow(2).mean())
+    assert 0 < errs["W8A8"] < errs["W4A8"]
+
+
+def test_finetune_phase_reuses_its_first_phase(inputs, monkeypatch):
+    from dataclasses import dataclass, field
+
+    from pipeline import methods
+    from pipeline.methods import Family, Variant, naive_ptq
+    from pipeline.runner import FamilyRunner
+
+    calls = {"quantize": 0, "finetune": 0}
+
+    @dataclass
+    class FtOptions:
+        calib_batches: int = 1
+        tune: dict[str, int] = field(default_factory=lambda: {"steps": 1})
+
+    def quantize(backbone, calib, setting, cfg, ctx):
+        calls["quantize"] += 1
+        return naive_ptq.quantize(backbone, calib, setting, naive_ptq.NaivePTQConfig(calib_batches=1), ctx)
+
+    def finetune(student, teacher, setting, cfg, ctx):
+        calls["finetune"] += 1
+        return {"steps": cfg.tune["steps"]}
+
+    if "ftoy" not in methods._REGISTRY:
+        methods.register_family(Family(name="ftoy", config_cls=FtOptions, quantize=quantize, finetune=finetune,
+                                       finetune_field="tune", variants=(Variant("ftoy", "naive + a no-op tune"),)))
+    monkeypatch.chdir(inputs)
+    p = yaml.safe_load(_params(inputs).read_text())
+    p["families"] = ["ftoy"]
+    p.pop("toy")
+    p["ftoy"] = {"variants": ["ftoy"], "settings": ["W8A8"], "backbones": ["unet"], "tune": {"steps": 1}}
+    path = inputs / "ft.yaml"
+    path.write_text(yaml.safe_dump(p))
+    out = inputs / "ftout"
+    assert FamilyRunner("ftoy", path, inputs / "fp", inputs / "calib", out).run() == []
+    assert calls == {"quantize": 1, "finetune": 1}
+    assert (out / "W8A8" / "ftoy" / "unet" / "init" / "info.json").exists()
+    p["ftoy"]["tune"] = {"steps": 2}
+    path.write_text(yaml.safe_dump(p))
+    assert FamilyRunner("ftoy", path, inputs / "fp", inputs / "calib", out).run() == []
+    assert calls == {"quantize": 1, "finetune": 2}  # only the fine-tune phase re-ran
+    info = read_json(out / "W8A8" / "ftoy" / "unet" / "info.json")
+    assert info["finetune"] == {"steps": 2} and info["method_seconds"] >= info["init_seconds"]

@@ -1,0 +1,85 @@
+"""Whole-pipeline validation (the `validate` stage): every section, every family, before any compute."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError
+from pipeline.validation import stamps, validate_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _params():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _write(tmp_path, params):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(params, sort_keys=False))
+    return p
+
+
+def test_default_params_are_valid_and_normalised():
+    out = validate_params(ROOT / "params.yaml")
+    assert out["families"] == _params()["families"]
+    for fam in out["families"]:
+        assert out[fam]["variants"] and out[fam]["settings"]
+    # defaults are filled in: a key absent from params.yaml still appears
+    assert "chunk_size" in out["fp4dit"]["recon"]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda p: p["naive"].update(settings=["W8A8", "W99A8"]), r"naive\.settings\[1\]: unsupported bit setting"),
+    (lambda p: p["mpq"].update(variants=["mpqdm", "magic"]), r"mpq\.variants\[1\]: unknown variant 'magic'"),
+    (lambda p: p["fp4dit"].update(backbones=["unet"]), r"fp4dit\.backbones\[0\]: family 'fp4dit' does not support"),
+    (lambda p: p["mpq"]["qat"].update(epochs=0), r"mpq\.qat\.epochs: must be >= 1"),
+    (lambda p: p["fp4dit"]["recon"].update(itres=3), r"fp4dit\.recon\.itres: unknown key"),
+    (lambda p: p.update(families=["naive", "nope"]), r"families\[1\]: unknown method family 'nope'"),
+    (lambda p: p.update(bogus={}), r"bogus: unknown section"),
+    (lambda p: p["eval"].update(n_samples=-1), r"eval\.n_samples: must be > 0"),
+    (lambda p: p["model"].update(backbones=["unet"]), r"naive\.backbones\[1\]: backbone 'dit' is not in model"),
+    (lambda p: p["fp4dit"].update(settings=["W2A8"]), r"fp4dit\.settings\[0\]: W2A8 is not supported"),
+])
+def test_bad_value_anywhere_is_named(tmp_path, edit, match):
+    p = _params()
+    edit(p)
+    with pytest.raises(ConfigError, match=match):
+        validate_params(_write(tmp_path, p))
+
+
+def test_family_not_listed_is_a_clear_error(tmp_path):
+    p = _params()
+    p["families"] = ["naive", "fp4dit"]
+    with pytest.raises(ConfigError, match=r"mpq: unknown section .*not listed in 'families'"):
+        validate_params(_write(tmp_path, p))
+
+
+def test_stamps_change_only_where_params_changed(tmp_path):
+    a = stamps(validate_params(ROOT / "params.yaml"))
+    p = _params()
+    p["mpq"]["qat"]["epochs"] += 1
+    p["train_fp"]["dit"]["steps"] += 1
+    b = stamps(validate_params(_write(tmp_path, p)))
+    changed = sorted(k for k in a if a[k] != b[k])
+    assert changed == ["mpq.json", "mpq.qat.json", "train_fp.dit.json", "train_fp.json"]
+
+
+def test_validate_stage_fails_fast_naming_the_key(tmp_path):
+    p = _params()
+    p["calibrate"]["selection"] = "best"
+    _write(tmp_path, p)
+    r = subprocess.run([sys.executable, str(ROOT / "stages" / "validate.py"), "--out", "stamps"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "calibrate.selection: 'best' is not allowed (allowed values: uniform, random)" in r.stderr
+    assert not (tmp_path / "stamps").exists()
+    p["calibrate"]["selection"] = "random"
+    _write(tmp_path, p)
+    r = subprocess.run([sys.executable, str(ROOT / "stages" / "validate.py"), "--out", "stamps"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "stamps" / "calibrate.json").read_text())["selection"] == "random"
