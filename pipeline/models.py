@@ -130,9 +130,22 @@ def _down_up_blocks(attention_levels: list[bool]) -> tuple[tuple[str, ...], tupl
 
 
 def build_backbone(
-    kind: str, model_cfg: BackboneModel, image_size: int, channels: int, num_classes: int
+    kind: str, model_cfg: BackboneModel, image_size: int, channels: int, num_classes: int,
+    seed: Optional[int] = None,
 ) -> DiffusionBackbone:
-    """A freshly initialised class-conditional backbone of ``kind`` from ``model_cfg``'s architecture."""
+    """A freshly initialised class-conditional backbone of ``kind`` from ``model_cfg``'s architecture.
+
+    ``seed``: initialise the weights from ``torch.manual_seed(seed)`` without touching the caller's
+    global RNG state (the same seed gives bit-identical weights); None draws from the global RNG."""
+    if seed is None:
+        return _build_backbone(kind, model_cfg, image_size, channels, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return _build_backbone(kind, model_cfg, image_size, channels, num_classes)
+
+
+def _build_backbone(kind: str, model_cfg: BackboneModel, image_size: int, channels: int,
+                    num_classes: int) -> DiffusionBackbone:
     if kind not in KINDS:
         raise ValueError(f"kind: unknown backbone kind {kind!r} (allowed values: {', '.join(KINDS)})")
     if num_classes < 1:

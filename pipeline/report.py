@@ -46,19 +46,33 @@ def row_label(r) -> str:
     return r["variant"] if r["variant"] == r["family"] or r["family"] == "fp" else f"{r['family']}:{r['variant']}"
 
 
-def summary(df: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """DVC metrics: ``{"<backbone>/<family>/<variant>/<setting>": {metric: value}}``."""
+# wall-clock columns: they differ between identical reruns, so they stay out of summary.json (which two
+# runs of the same params and seeds reproduce byte for byte) and go to timings.json
+TIMING_COLUMNS = ("sec_per_image", "method_seconds")
+METRIC_COLUMNS = ("fid", "fid_ratio", "accuracy", "clip_score", "hps", "bitops_g", "model_mb")
+
+
+def _keyed(df: pd.DataFrame, columns) -> dict[str, dict[str, float]]:
     out = {}
     for _, r in df.iterrows():
-        key = row_key(r)
         vals = {}
-        for c in ["fid", "fid_ratio", "accuracy", "clip_score", "hps", "bitops_g", "model_mb", "sec_per_image",
-                  "method_seconds"]:
+        for c in columns:
             v = r.get(c)
             if v is not None and v == v:
                 vals[c] = round(float(v), 6)
-        out[key] = vals
+        out[row_key(r)] = vals
     return out
+
+
+def summary(df: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """DVC metrics: ``{"<backbone>/<family>/<variant>/<setting>": {metric: value}}`` — results only, no
+    timings, so the same params and seeds give a byte-identical file."""
+    return _keyed(df, METRIC_COLUMNS)
+
+
+def timings(df: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Wall-clock per row (seconds per image, method seconds): machine- and load-dependent."""
+    return _keyed(df, TIMING_COLUMNS)
 
 
 def _fmt(v: Any, nd: int = 3) -> str:

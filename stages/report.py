@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """report: one table over all evaluations -> reports/summary.json (DVC metrics, keyed by
-backbone/family/variant/setting), the comparison tables the families declare, reports/results.md, reports/results.csv and plots (FID vs weight bits,
+backbone/family/variant/setting; no timings: those go to reports/timings.json), the comparison tables the families declare, reports/results.md, reports/results.csv and plots (FID vs weight bits,
 FID vs BitOPs, sample montages), all logged to MLflow."""
 from _common import log_path, main, parser, require
 
@@ -38,12 +38,13 @@ def run(args):
             shutil.rmtree(plots)
         scratch.rename(plots)
         write_json(out / "summary.json", report.summary(df))
+        write_json(out / "timings.json", report.timings(df))
         with atomic_file(out / "results.md") as fh:
             fh.write(report.markdown_report(df, tables=res.get("tables"), failed=res.get("failed")))
         with atomic_file(out / "results.csv") as fh:
             df[[c for c in report.COLUMNS + ["wbits", "abits", "macs_m", "model_bytes"] if c in df]].to_csv(
                 fh, index=False)
-        for f in [out / "summary.json", out / "results.md", out / "results.csv"]:
+        for f in [out / "summary.json", out / "timings.json", out / "results.md", out / "results.csv"]:
             run_.log_artifact(f)
         run_.log_artifact(plots, "plots")
         log.info("report: %d rows\n%s", len(df), report.markdown_table(df))

@@ -45,7 +45,7 @@ def run(args):
             meta = data.load_meta(args.data)
             x, y = data.load_split(args.data, "train")
             backbone = models.build_backbone(args.backbone, bb_cfg, meta["image_size"], meta["channels"],
-                                             len(meta["class_names"]))
+                                             len(meta["class_names"]), seed=run_cfg.seed)
             n_params = sum(p.numel() for p in backbone.parameters())
             log.info("%s: %d parameters, %d steps at batch %d", name, n_params, run_cfg.steps, run_cfg.batch_size)
             run_.log_metrics({"n_params": n_params})

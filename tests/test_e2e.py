@@ -43,9 +43,9 @@ def _run(cmd, cwd, env, timeout=900):
     return r
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    dst = tmp_path_factory.mktemp("e2e") / "repo"
+def make_repo(dst: Path):
+    """A fresh clone in ``dst``: the working tree (no reports/, no dvc.lock), the toy family, the miniature
+    params, git + dvc initialised. Returns the environment to run dvc in."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
@@ -65,12 +65,20 @@ def repo(tmp_path_factory):
         _run(["dvc", "init", "-q"], dst, env)
     _run(["git", "add", "-A"], dst, env)
     _run(["git", "commit", "-qm", "e2e"], dst, env)
+    return env
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("e2e") / "repo"
+    env = make_repo(dst)
     r = _run(["dvc", "repro"], dst, env)
-    return dst, env, r
+    # the first run's outputs, before later tests change params
+    return dst, env, r, (dst / "reports" / "summary.json").read_bytes()
 
 
 def test_repro_writes_summary_for_every_model(repo):
-    dst, _, _ = repo
+    dst, *_ = repo
     summary = json.loads((dst / "reports" / "summary.json").read_text())
     for b in ("unet", "dit"):
         for m in ("fp/fp/FP32", "naive/naive/W8A8", "naive/naive/W4A4"):
@@ -94,10 +102,25 @@ def test_repro_writes_summary_for_every_model(repo):
     assert [m["status"] for m in manifest["models"]] == ["ok"]
 
 
+def test_a_second_clean_run_reproduces_summary_exactly(repo, tmp_path):
+    """Same params and seeds, a new clone from scratch: summary.json byte for byte (timings live in
+    timings.json, the one output allowed to differ)."""
+    *_, first = repo
+    dst = tmp_path / "repo"
+    env = make_repo(dst)
+    _run(["dvc", "repro"], dst, env)
+    second = (dst / "reports" / "summary.json").read_bytes()
+    if second != first:
+        a, b = json.loads(first), json.loads(second)
+        diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+        pytest.fail(f"summary.json differs between two clean runs: {diff}")
+    assert json.loads((dst / "reports" / "timings.json").read_text()).keys() == json.loads(first).keys()
+
+
 def test_every_stage_is_an_mlflow_run(repo):
     import mlflow
 
-    dst, _, _ = repo
+    dst, *_ = repo
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{dst}/mlflow.db")
     exp = client.get_experiment_by_name("diffusion-quant")
     runs = client.search_runs([exp.experiment_id], max_results=500)
@@ -114,13 +137,13 @@ def test_every_stage_is_an_mlflow_run(repo):
 
 
 def test_second_repro_is_a_noop(repo):
-    dst, env, _ = repo
+    dst, env, *_ = repo
     r = _run(["dvc", "repro"], dst, env)
     assert "Running stage" not in r.stdout
 
 
 def test_sweep_with_exp_run_reruns_only_what_changed(repo):
-    dst, env, _ = repo
+    dst, env, *_ = repo
     _run(["git", "add", "-A"], dst, env)
     _run(["git", "commit", "-qm", "lock"], dst, env)
     r = _run(["dvc", "exp", "run", "-S", "naive.settings=[W8A8,W2A8]"], dst, env)

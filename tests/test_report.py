@@ -32,6 +32,10 @@ def test_summary_keys_and_markdown():
     assert set(s) >= {"unet/fp/fp/FP32", "dit/naive/naive/W4A4"}
     assert s["unet/naive/naive/W4A8"]["fid_ratio"] == pytest.approx(2.0)
     assert "hps" not in s["unet/naive/naive/W4A8"]  # skipped metrics are absent, not zero
+    # wall-clock columns differ between identical reruns: they go to timings(), never into the summary
+    assert not any("sec_per_image" in v or "method_seconds" in v for v in s.values())
+    t = report.timings(df)
+    assert set(t) == set(s) and t["unet/naive/naive/W4A8"]["sec_per_image"] > 0
     md = report.markdown_report(df, failed=[{"backbone": "unet", "family": "toy", "variant": "t", "setting": "W4A4",
                                              "error": "ValueError: boom"}])
     assert "### unet" in md and "### dit" in md and "| naive | naive | W4A4 |" in md

@@ -183,6 +183,9 @@ def train_backbone(
         accelerator="auto",
         devices=1,
         max_steps=run_cfg.steps,
+        # deterministic kernels wherever torch has one; "warn" (not True) so CUDA ops without one (e.g. the
+        # UNet upsampling backward) warn instead of failing. On CPU every op used here is deterministic.
+        deterministic="warn",
         logger=logger or False,
         enable_checkpointing=False,
         log_every_n_steps=10,

@@ -331,7 +331,7 @@ def run_qat(student, teacher, diffusion, sampling, cfg: QATConfig, relation: str
     trainer = L.Trainer(accelerator="auto", devices=1, max_epochs=1, logger=logger or False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                         log_every_n_steps=cfg.log_every_n_steps, callbacks=[_ProgressLog(cfg.epochs)] if progress else [],
-                        num_sanity_val_steps=0)
+                        num_sanity_val_steps=0, deterministic="warn")
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -381,7 +381,8 @@ def reconstruct_unit(unit: ReconUnit, data: UnitData, cfg: ReconConfig, logger=N
         trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=cfg.iters, max_epochs=-1,
                             logger=logger if logger is not None else False, enable_checkpointing=False,
                             enable_model_summary=False, enable_progress_bar=False,
-                            log_every_n_steps=cfg.log_every, num_sanity_val_steps=0, precision="32-true")
+                            log_every_n_steps=cfg.log_every, num_sanity_val_steps=0, precision="32-true",
+                            deterministic="warn")
         trainer.fit(module)
     for _, layer in unit.layers:
         layer.harden_adaround()
