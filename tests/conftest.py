@@ -97,7 +97,25 @@ def tiny_calibrated():
     diff, samp = DiffusionConfig(), SamplingConfig(steps=3)
     out = {}
     for kind in ("unet", "dit"):
-        fp = _pipeline_backbone(kind, patch=4, unet_attention=(False, True))
+        fp = _pipeline_backbone(kind, patch=4)
         calib = collect_calibration(fp, CalibrateConfig(n_samples=8, n_timesteps=3, batch_size=8), diff, samp)
         out[kind] = (fp, calib)
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    """Factory fixture: ``digits_split(seed)`` -> (x_train, y_train, x_test, y_test), scikit-learn's 8x8
+    digits in the project convention ([-1, 1], [N, 1, 8, 8]) split 75/25 by a permutation seeded ``seed``."""
+    def split(seed: int):
+        import torch
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0 * 2.0 - 1.0
+        y = torch.tensor(d.target, dtype=torch.long)
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        n = int(0.75 * len(y))
+        return x[perm[:n]], y[perm[:n]], x[perm[n:]], y[perm[n:]]
+
+    return split

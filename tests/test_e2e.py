@@ -43,9 +43,9 @@ def _run(cmd, cwd, env, timeout=900):
     return r
 
 
-def make_repo(dst: Path):
-    """A fresh clone in ``dst``: the working tree (no reports/, no dvc.lock), the toy family, the miniature
-    params, git + dvc initialised. Returns the environment to run dvc in."""
+def copy_checkout(dst: Path) -> None:
+    """The working tree's tracked and untracked-not-ignored files, without reports/ and dvc.lock: what a
+    fresh clone holds before its first run."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
@@ -53,6 +53,12 @@ def make_repo(dst: Path):
         if src.is_file() and not f.startswith(("reports/", "dvc.lock")):
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
+
+
+def make_repo(dst: Path):
+    """A fresh clone in ``dst``: the working tree (no reports/, no dvc.lock), the toy family, the miniature
+    params, git + dvc initialised. Returns the environment to run dvc in."""
+    copy_checkout(dst)
     shutil.copy2(ROOT / "tests" / "fixtures" / "toy_family.py", dst / "pipeline" / "methods" / "toy_family.py")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (dst / "params.yaml").write_text(yaml.safe_dump(miniature(params), sort_keys=False))
@@ -157,13 +163,8 @@ def test_sweep_with_exp_run_reruns_only_what_changed(repo):
 
 def test_bad_value_fails_repro_before_any_compute(tmp_path):
     """On a fresh clone, a bad value in any section stops `dvc repro` at the validate stage."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
     dst = tmp_path / "repo"
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("reports/", "dvc.lock")):
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
+    copy_checkout(dst)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["naive"]["settings"] = ["W8A8", "W99A8"]
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

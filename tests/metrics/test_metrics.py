@@ -15,15 +15,8 @@ from pipeline.train import tiny_clip as T
 
 
 @pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0 * 2.0 - 1.0
-    y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
-    n = int(0.75 * len(y))
-    return x[perm[:n]], y[perm[:n]], x[perm[n:]], y[perm[n:]]
+def digits(digits_split):
+    return digits_split(seed=1)
 
 
 @pytest.fixture(scope="module")
