@@ -396,7 +396,7 @@ class CalibrateConfig:
         _check_positive(self, p, "n_samples", "n_timesteps", "batch_size")
 
 
-MATRIX_KEYS = ("variants", "settings", "backbones")
+MATRIX_KEYS = ("variants", "settings", "backbones", "seeds", "seeded_variants")
 
 
 @dataclass
@@ -408,14 +408,27 @@ class FamilyMatrix:
     variants: list[str] = field(default_factory=list)
     settings: list[str] = field(default_factory=list)
     backbones: list[str] = field(default_factory=lambda: ["unet", "dit"])
+    # method seeds: each job runs once per seed (offsetting every ``seed`` option of the family's config,
+    # see :func:`pipeline.runner.seeded_config`); ``seeded_variants`` (null = all) run every seed, the other
+    # variants only the first one
+    seeds: list[int] = field(default_factory=lambda: [0])
+    seeded_variants: Optional[list[str]] = None
 
     def validate(self, p: str) -> None:
         if not self.variants:
             raise ConfigError(f"{p}.variants: list at least one variant")
         if not self.settings:
             raise ConfigError(f"{p}.settings: list at least one bit setting")
+        if not self.seeds:
+            raise ConfigError(f"{p}.seeds: list at least one seed (e.g. [0])")
+        for i, v in enumerate(self.seeds):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{p}.seeds[{i}]: must be a non-negative int, got {v!r}")
+        for i, v in enumerate(self.seeded_variants or []):
+            if v not in self.variants:
+                raise ConfigError(f"{p}.seeded_variants[{i}]: {v!r} is not in {p}.variants")
         _check_backbones(self.backbones, f"{p}.backbones")
-        for key in ("variants", "settings", "backbones"):
+        for key in ("variants", "settings", "backbones", "seeds"):
             values = getattr(self, key)
             for i, v in enumerate(values):
                 if values.index(v) != i:
@@ -426,6 +439,12 @@ class FamilyMatrix:
     @property
     def bit_settings(self) -> list[BitSetting]:
         return [parse_setting(s) for s in self.settings]
+
+    def seeds_of(self, variant: str) -> list[int]:
+        """The method seeds ``variant`` runs with."""
+        if self.seeded_variants is None or variant in self.seeded_variants:
+            return list(self.seeds)
+        return list(self.seeds[:1])
 
 
 def split_family_section(section: str, raw: Any) -> tuple[FamilyMatrix, dict]:
@@ -442,6 +461,7 @@ def split_family_section(section: str, raw: Any) -> tuple[FamilyMatrix, dict]:
 class FIDConfig:
     backend: str = choice("torchmetrics", "clean-fid", default="torchmetrics")
     inception_weights: Optional[str] = None  # local file -> standard Inception features
+    reference: str = choice("all", "heldout", default="all")  # reference statistics: all real images or the held-out split
 
 
 @dataclass
@@ -463,12 +483,18 @@ class EvalConfig:
     batch_size: int = 250
     seed: int = 1234
     grid_size: int = 10
+    floor_seed_offset: int = 1  # the FP model is also sampled at seed + offset (the seed-noise floor)
+    floor_real_splits: int = 5  # real-vs-real floor: random disjoint splits (0 = skip)
     fid: FIDConfig = field(default_factory=FIDConfig)
     clip: CLIPEvalConfig = field(default_factory=CLIPEvalConfig)
     hps: HPSConfig = field(default_factory=HPSConfig)
 
     def validate(self, p: str) -> None:
-        _check_positive(self, p, "n_samples", "batch_size", "grid_size")
+        _check_positive(self, p, "n_samples", "batch_size", "grid_size", "floor_seed_offset")
+        if self.n_samples < 2:
+            raise ConfigError(f"{p}.n_samples: FID needs at least 2 samples, got {self.n_samples}")
+        if self.floor_real_splits < 0:
+            raise ConfigError(f"{p}.floor_real_splits: must be >= 0, got {self.floor_real_splits}")
 
 
 REPORT_COLUMNS = ("fid", "fid_ratio", "accuracy", "clip_score", "hps", "bitops_g", "model_mb", "sec_per_image",
@@ -480,6 +506,15 @@ class ReportConfig:
     """``report``: the summary table and plots (comparison tables are declared by the method families)."""
 
     primary_metric: str = choice("fid", "accuracy", "clip_score", default="fid")
+    bootstrap: int = 1000  # replicates of the two-level (samples x method seeds) bootstrap
+    ci_level: float = 0.95
+    seed: int = 0  # the bootstrap's resampling plan
+
+    def validate(self, p: str) -> None:
+        if self.bootstrap < 10:
+            raise ConfigError(f"{p}.bootstrap: need at least 10 replicates, got {self.bootstrap}")
+        if not 0.5 <= self.ci_level < 1.0:
+            raise ConfigError(f"{p}.ci_level: must be in [0.5, 1), got {self.ci_level}")
 
 
 @dataclass

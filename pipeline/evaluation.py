@@ -9,7 +9,17 @@ and is scored by the same evaluators against the same held-out reference set:
 - conditional accuracy (the classifier's agreement with the requested class),
 - CLIP score (torchmetrics ``CLIPScore``; the embedded tiny CLIP by default),
 - HPSv2 (only when a local checkpoint is configured; otherwise skipped with the reason recorded),
-- BitOPs (MACs x b_w x b_a summed over all sampling steps), model bytes on disk, seconds per image.
+- BitOPs (MACs x b_w x b_a summed over all sampling steps), model bytes on disk, seconds per image,
+- paired fidelity to the FP model's images of the same noise (PSNR, SSIM, feature distance;
+  :mod:`pipeline.metrics.paired`).
+
+FID's reference statistics come from all real images by default (``eval.fid.reference: all``; or the
+held-out split). Per model, the stage keeps the per-sample arrays (FID features, paired metrics) in
+``samples/<slug>.safetensors`` and the reference features in ``reference.safetensors``, so the report
+can bootstrap over samples and method seeds (:mod:`pipeline.metrics.stats`). ``results.json`` also
+carries the noise floor: FID of the FP model sampled from other noise (``eval.seed +
+floor_seed_offset``), and real-vs-real FID of ``n_samples`` real images against the statistics of the
+other real images over ``floor_real_splits`` random disjoint splits.
 
 Which models exist comes from the method families' manifests (:func:`discover_entries`). Results are
 cached by content (:func:`evaluate_all`): the key hashes the model files, the evaluation / sampling
@@ -38,14 +48,21 @@ class ModelEntry:
     setting: str  # "FP32" for the full-precision model
     fp_dir: Path
     quant_dir: Optional[Path] = None
+    seed: int = 0  # the method seed of a quantized model
 
     @property
-    def label(self) -> str:
+    def row(self) -> str:
+        """The results-table row this model belongs to (its method seeds are aggregated there)."""
         return f"{self.backbone}/{self.family}/{self.variant}/{self.setting}"
 
     @property
+    def label(self) -> str:
+        return self.row if self.quant_dir is None else f"{self.row}#seed{self.seed}"
+
+    @property
     def slug(self) -> str:
-        return f"{self.backbone}__{self.family}__{self.variant}__{self.setting}"
+        base = f"{self.backbone}__{self.family}__{self.variant}__{self.setting}"
+        return base if self.quant_dir is None else f"{base}__seed{self.seed}"
 
 
 def code_hash(root: Path) -> str:
@@ -126,11 +143,13 @@ class Evaluator:
         self.cfg, self.diffusion, self.sampling, self.device = cfg, diffusion, sampling, device
         meta = data.load_meta(data_dir)
         self.class_names = list(meta["class_names"])
-        ref_x, _ = data.load_split(data_dir, "reference")
+        self.real_x = reference_images(data_dir, "all")
+        ref_x = self.real_x if cfg.fid.reference == "all" else reference_images(data_dir, "heldout")
         self.classifier = load_classifier(Path(evaluators_dir) / "classifier").to(device).eval()
         self.fid = FIDMetric(classifier=self.classifier, backend=cfg.fid.backend,
                              inception_weights=cfg.fid.inception_weights, device=device)
         self.fid.set_reference(ref_x)
+        self.reference_features = self.fid.features(ref_x)
         clip_dir = cfg.clip.model_dir or str(Path(evaluators_dir) / "clip")
         self.clip = CLIPScoreMetric(clip_dir, device=device)
         self.hps = None
@@ -142,15 +161,12 @@ class Evaluator:
                                    device=device)
             self.hps_reason = ""
 
-    def evaluate(self, entry: ModelEntry) -> tuple[dict[str, Any], torch.Tensor]:
-        from .data import caption
-        from .metrics.accuracy import conditional_accuracy
-        from .quant.cost import bitops, count_macs
+    def sample(self, backbone, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``eval.n_samples`` images from the noise of ``seed`` and the balanced labels; (images, labels, s)."""
         from .sampling import eval_labels, initial_noise, sample
 
-        backbone = load_entry(entry, self.device)
         n = self.cfg.n_samples
-        noise = initial_noise(n, backbone.sample_shape, self.cfg.seed)
+        noise = initial_noise(n, backbone.sample_shape, seed)
         labels = eval_labels(n, backbone.num_classes)
         images = []
         t0 = time.time()
@@ -158,16 +174,32 @@ class Evaluator:
             images.append(sample(backbone, noise[i:i + self.cfg.batch_size].to(self.device),
                                  labels[i:i + self.cfg.batch_size].to(self.device),
                                  self.diffusion, self.sampling).cpu())
-        seconds = time.time() - t0
-        images = torch.cat(images)
+        return torch.cat(images), labels, time.time() - t0
 
-        x0, t0_, y0 = noise[:2].to(self.device), torch.full((2,), 500, device=self.device), labels[:2].to(self.device)
+    def evaluate(self, entry: ModelEntry, fp_pair: Optional[dict] = None
+                 ) -> tuple[dict[str, Any], torch.Tensor, dict[str, torch.Tensor]]:
+        """(row, images, per-sample arrays) of one model. ``fp_pair``: the FP model's arrays of the same
+        backbone (``images``, ``features``), for the paired metrics (none for the FP model itself)."""
+        from .data import caption
+        from .metrics.accuracy import conditional_accuracy
+        from .metrics.paired import paired_metrics
+        from .quant.cost import bitops, count_macs
+        from .sampling import eval_labels, initial_noise
+
+        backbone = load_entry(entry, self.device)
+        n = self.cfg.n_samples
+        images, labels, seconds = self.sample(backbone, self.cfg.seed)
+        features = self.fid.features(images)
+        arrays = {"images": images.contiguous(), "features": features.contiguous()}
+
+        x0 = initial_noise(2, backbone.sample_shape, self.cfg.seed).to(self.device)
+        t0_, y0 = torch.full((2,), 500, device=self.device), eval_labels(2, backbone.num_classes).to(self.device)
         with torch.no_grad():
             macs = count_macs(backbone.net, lambda: backbone(x0, t0_, y0))
         per_image_macs = {k: v / 2 for k, v in macs.items()}
         row: dict[str, Any] = {
             "backbone": entry.backbone, "family": entry.family, "variant": entry.variant,
-            "setting": entry.setting,
+            "setting": entry.setting, "seed": entry.seed,
             "fid": self.fid.compute(images),
             "accuracy": conditional_accuracy(self.classifier, images.to(self.device), labels.to(self.device)),
             "clip_score": self.clip.compute(images, [caption(self.class_names[int(k)]) for k in labels]),
@@ -177,6 +209,10 @@ class Evaluator:
             "sec_per_image": seconds / n,
             "n_samples": n,
         }
+        if fp_pair is not None:
+            paired = paired_metrics(images, fp_pair["images"], features, fp_pair["features"])
+            arrays.update({k: v.contiguous() for k, v in paired.items()})
+            row.update({k: float(v.double().mean()) for k, v in paired.items()})
         info_file = Path(entry.quant_dir or "") / "info.json"
         if entry.quant_dir is not None and info_file.exists():
             from .io import read_json
@@ -188,7 +224,54 @@ class Evaluator:
         else:
             row["hps"] = None
             row["hps_skipped"] = self.hps_reason
-        return row, images
+        return row, images, arrays
+
+    def seed_floor(self, entry: ModelEntry, fp_arrays: dict) -> dict[str, float]:
+        """The FP model sampled from other noise (``eval.seed + floor_seed_offset``): its FID, the FID
+        between its images and those of ``eval.seed``, and its paired metrics to them — what a "perfect"
+        quantized model that only changed the noise would score."""
+        from .metrics.paired import paired_metrics
+        from .metrics.stats import fid_between
+
+        backbone = load_entry(entry, self.device)
+        images, _, _ = self.sample(backbone, self.cfg.seed + self.cfg.floor_seed_offset)
+        features = self.fid.features(images)
+        paired = paired_metrics(images, fp_arrays["images"], features, fp_arrays["features"])
+        return {"fid": self.fid.compute(images), "fid_to_fp": fid_between(features.numpy(), fp_arrays["features"].numpy()),
+                **{k: float(v.double().mean()) for k, v in paired.items()}}
+
+    def real_floor(self) -> dict[str, Any]:
+        """Real-vs-real FID at the protocol's N: ``n_samples`` real images (capped at half of them)
+        against the statistics of the remaining real images, over ``floor_real_splits`` seeded splits."""
+        import numpy as np
+
+        from .metrics.stats import Reference
+
+        k = self.cfg.floor_real_splits
+        if k == 0:
+            return {}
+        feats = self.fid.features(self.real_x).numpy()
+        n = min(self.cfg.n_samples, feats.shape[0] // 2)
+        rng = np.random.default_rng(self.cfg.seed)
+        vals = []
+        for _ in range(k):
+            perm = rng.permutation(feats.shape[0])
+            vals.append(Reference.from_features(feats[perm[n:]]).fid_of(feats[perm[:n]]))
+        return {"n": int(n), "rest": int(feats.shape[0] - n), "splits": k, "fid_mean": float(np.mean(vals)),
+                "fid_min": float(np.min(vals)), "fid_max": float(np.max(vals))}
+
+
+def reference_images(data_dir: Path, which: str) -> torch.Tensor:
+    """The real images FID compares against: ``all`` (training + held-out split) or ``heldout``."""
+    from . import data
+
+    ref_x, _ = data.load_split(data_dir, "reference")
+    if which == "heldout":
+        return ref_x
+    if which != "all":
+        raise ValueError(f"eval.fid.reference: {which!r} is not allowed (allowed values: all, heldout)")
+    train_x, _ = data.load_split(data_dir, "train")
+    return torch.cat([train_x, ref_x])
 
 
 def discover_entries(families: list[str], backbones: list[str], fp_root: Path, quant_root: Path):
@@ -210,19 +293,26 @@ def discover_entries(families: list[str], backbones: list[str], fp_root: Path, q
                                "setting": m["setting"], "status": m["status"], "error": m.get("error", "")})
                 continue
             entries.append(ModelEntry(m["backbone"], fam, m["variant"], m["setting"], Path(fp_root) / m["backbone"],
-                                      Path(quant_root) / fam / m["path"]))
+                                      Path(quant_root) / fam / m["path"], int(m.get("seed", 0))))
     return entries, failed, tables
+
+
+def _cached(old_cache: Path, key: str) -> bool:
+    return all((old_cache / f"{key}{ext}").exists() for ext in (".json", ".png", ".safetensors"))
 
 
 def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, data_dir: Path, evaluators_dir: Path,
                  out: Path) -> list[dict]:
-    """Evaluate ``entries`` into ``out`` (``results.json``, ``grids/``, a content-addressed ``cache/``).
-    A model whose key (its files, the protocol params, evaluators, reference data, library code) is in
-    the previous output's cache is not re-evaluated. One MLflow run for the stage, one nested run per
-    newly evaluated model."""
+    """Evaluate ``entries`` into ``out``: ``results.json`` (rows, failed jobs, tables, noise floor),
+    ``grids/``, ``samples/`` (per-sample arrays), ``reference.safetensors`` and a content-addressed
+    ``cache/``. A model whose key (its files, the protocol params, evaluators, reference data, library
+    code) is in the previous output's cache is not re-evaluated. The FP model of each backbone comes
+    first: its images are the pairs of every other model's. One MLflow run for the stage, one nested
+    run per newly evaluated model."""
     import shutil
 
     import mlflow
+    from safetensors.torch import load_file, save_file
 
     from .config import to_dict
     from .io import atomic_dir, read_json, write_json
@@ -231,42 +321,83 @@ def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, da
     device = "cuda" if torch.cuda.is_available() else "cpu"
     context = evaluation_context(cfg, diffusion, sampling, data_dir, evaluators_dir)
     old_cache = Path(out) / "cache"
+    entries = sorted(entries, key=lambda e: e.quant_dir is not None)  # FP models first (stable)
     stage_params = {"eval": to_dict(cfg), "sampling": to_dict(sampling), "n_models": len(entries)}
     rows: list[dict] = []
+    floor: dict[str, Any] = {}
+    evaluator = None
+
+    def get_evaluator():
+        nonlocal evaluator
+        if evaluator is None:
+            evaluator = Evaluator(cfg, diffusion, sampling, Path(data_dir), Path(evaluators_dir), device)
+        return evaluator
+
     with stage_run("evaluate", params=stage_params, experiment=tracking.experiment, uri=tracking.uri,
                    inputs=[data_dir, evaluators_dir], log_file=Path("data") / "logs" / "evaluate.log") as run_:
-        evaluator = None
         with atomic_dir(out) as tmp:
-            (tmp / "cache").mkdir()
-            (tmp / "grids").mkdir()
+            for d in ("cache", "grids", "samples"):
+                (tmp / d).mkdir()
+            fp_arrays: dict[str, dict] = {}
             for i, e in enumerate(entries, 1):
                 key = entry_key(e, context)
-                cached, png = old_cache / f"{key}.json", old_cache / f"{key}.png"
-                if cached.exists() and png.exists():
-                    row = read_json(cached)
-                    shutil.copy(cached, tmp / "cache" / cached.name)
-                    shutil.copy(png, tmp / "cache" / png.name)
+                if e.quant_dir is not None and e.backbone not in fp_arrays:
+                    raise ValueError(f"{e.label}: no FP model of backbone {e.backbone!r} to pair its images with")
+                if _cached(old_cache, key):
+                    row = read_json(old_cache / f"{key}.json")
+                    for ext in (".json", ".png", ".safetensors"):
+                        shutil.copy(old_cache / f"{key}{ext}", tmp / "cache" / f"{key}{ext}")
                     log.info("[%d/%d] %s: cached (FID %.3f, acc %.3f)", i, len(entries), e.label, row["fid"],
                              row["accuracy"])
                 else:
-                    if evaluator is None:
-                        evaluator = Evaluator(cfg, diffusion, sampling, Path(data_dir), Path(evaluators_dir), device)
-                    row, images = evaluator.evaluate(e)
+                    row, images, arrays = get_evaluator().evaluate(e, fp_arrays.get(e.backbone))
                     row["key"] = key
                     save_grid(images[: cfg.grid_size * cfg.grid_size], tmp / "cache" / f"{key}.png", nrow=cfg.grid_size)
+                    save_file(arrays, str(tmp / "cache" / f"{key}.safetensors"))
                     write_json(tmp / "cache" / f"{key}.json", row)
                     tags = {"stage": "evaluate", "backbone": e.backbone, "family": e.family, "variant": e.variant,
-                            "setting": e.setting, "eval_key": key}
+                            "setting": e.setting, "seed": e.seed, "eval_key": key}
                     with mlflow.start_run(run_name=f"evaluate@{e.label}", nested=True, tags=tags):
                         mlflow.log_params({**{k: v for k, v in tags.items() if k != "stage"},
                                            "n_samples": cfg.n_samples})
                         mlflow.log_metrics({k: float(v) for k, v in row.items()
                                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
                         mlflow.log_artifact(str(tmp / "cache" / f"{key}.png"), "samples")
-                    log.info("[%d/%d] %s: FID %.3f, accuracy %.3f, CLIP %.2f, %.4f s/image", i, len(entries),
-                             e.label, row["fid"], row["accuracy"], row["clip_score"], row["sec_per_image"])
+                    log.info("[%d/%d] %s: FID %.3f, accuracy %.3f, CLIP %.2f, PSNR vs FP %s, %.4f s/image", i,
+                             len(entries), e.label, row["fid"], row["accuracy"], row["clip_score"],
+                             f"{row['psnr']:.2f} dB" if "psnr" in row else "-", row["sec_per_image"])
                 shutil.copy(tmp / "cache" / f"{key}.png", tmp / "grids" / f"{e.slug}.png")
+                shutil.copy(tmp / "cache" / f"{key}.safetensors", tmp / "samples" / f"{e.slug}.safetensors")
+                if e.quant_dir is None:
+                    fp_arrays[e.backbone] = load_file(str(tmp / "cache" / f"{key}.safetensors"))
+                    floor_key = f"{key}-floor"
+                    if (old_cache / f"{floor_key}.json").exists():
+                        floor[e.backbone] = read_json(old_cache / f"{floor_key}.json")
+                    else:
+                        floor[e.backbone] = get_evaluator().seed_floor(e, fp_arrays[e.backbone])
+                        log.info("noise floor %s: FP at another noise seed: FID %.3f (vs %.3f), PSNR %.2f dB",
+                                 e.backbone, floor[e.backbone]["fid"], row["fid"], floor[e.backbone]["psnr"])
+                    write_json(tmp / "cache" / f"{floor_key}.json", floor[e.backbone])
                 rows.append(row)
-            write_json(tmp / "results.json", {"rows": rows, "failed": failed, "tables": tables})
+            ref_key = data_hash({"context": context, "what": "reference"})[:24]
+            if _cached_reference(old_cache, ref_key):
+                for ext in (".json", ".safetensors"):
+                    shutil.copy(old_cache / f"reference-{ref_key}{ext}", tmp / "cache" / f"reference-{ref_key}{ext}")
+            else:
+                ev = get_evaluator()
+                write_json(tmp / "cache" / f"reference-{ref_key}.json", {"real": ev.real_floor()})
+                save_file({"features": ev.reference_features.contiguous()},
+                          str(tmp / "cache" / f"reference-{ref_key}.safetensors"))
+            shutil.copy(tmp / "cache" / f"reference-{ref_key}.safetensors", tmp / "reference.safetensors")
+            real = read_json(tmp / "cache" / f"reference-{ref_key}.json")["real"]
+            write_json(tmp / "results.json", {"rows": rows, "failed": failed, "tables": tables,
+                                              "noise_floor": {"seed": floor, "real": real},
+                                              "protocol": {"n_samples": cfg.n_samples, "seed": cfg.seed,
+                                                           "fid_reference": cfg.fid.reference,
+                                                           "floor_seed": cfg.seed + cfg.floor_seed_offset}})
         run_.log_artifact(Path(out) / "results.json")
     return rows
+
+
+def _cached_reference(old_cache: Path, key: str) -> bool:
+    return all((old_cache / f"reference-{key}{ext}").exists() for ext in (".json", ".safetensors"))

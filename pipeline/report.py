@@ -1,13 +1,26 @@
-"""The results table: one pandas frame over every evaluation, rendered as DVC metrics, Markdown and plots."""
+"""The results table: one pandas frame over every evaluation, rendered as DVC metrics, Markdown and plots.
+
+Two frames: :func:`results_frame` has one row per evaluated model (a method seed of a variant is its
+own model); :func:`aggregate` has one row per table row (backbone / family / variant / setting), the
+mean over its method seeds, with bootstrap confidence intervals over samples and seeds when the
+per-sample arrays of the evaluate stage are given (:mod:`pipeline.metrics.stats`). The families'
+comparison tables declare claims (:class:`pipeline.methods.Claim`); :func:`evaluate_claims` gives each
+its paired-bootstrap interval and verdict.
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
+import numpy as np
 import pandas as pd
 
-COLUMNS = ["backbone", "family", "variant", "setting", "fid", "fid_ratio", "accuracy", "clip_score", "hps",
-           "bitops_g", "model_mb", "sec_per_image", "method_seconds"]
+COLUMNS = ["backbone", "family", "variant", "setting", "n_seeds", "fid", "fid_ratio", "psnr", "ssim", "feat_dist",
+           "accuracy", "clip_score", "hps", "bitops_g", "model_mb", "sec_per_image", "method_seconds"]
+ROW_KEYS = ["backbone", "family", "variant", "setting"]
+# metrics with a bootstrap interval: FID from the features, the paired metrics from per-sample arrays
+CI_METRICS = ("fid", "psnr", "ssim", "feat_dist")
+LOWER_IS_BETTER = {"fid": True, "fid_ratio": True, "feat_dist": True, "psnr": False, "ssim": False}
 
 
 def _bits(setting: str) -> tuple[float, float]:
@@ -22,18 +35,158 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         raise ValueError("no evaluation results to report (did the evaluate stage run?)")
     df = pd.DataFrame(rows)
-    for col in ("hps", "method_seconds"):
+    for col in ("hps", "method_seconds", "psnr", "ssim", "feat_dist"):
         if col not in df:
             df[col] = None
+    if "seed" not in df:
+        df["seed"] = 0
+    df["seed"] = df["seed"].fillna(0).astype(int)
     df["wbits"], df["abits"] = zip(*df["setting"].map(_bits))
     fp = df[df["family"] == "fp"].set_index("backbone")["fid"]
     df["fid_ratio"] = df.apply(lambda r: r["fid"] / fp[r["backbone"]] if r["backbone"] in fp else float("nan"),
                                axis=1)
     df["model_mb"] = df["model_bytes"] / 2**20
     df["_fp_first"] = (df["family"] != "fp").astype(int)
-    df = df.sort_values(["backbone", "_fp_first", "family", "variant", "wbits", "abits"],
-                        ascending=[True, True, True, True, False, False])
+    df = df.sort_values(["backbone", "_fp_first", "family", "variant", "wbits", "abits", "seed"],
+                        ascending=[True, True, True, True, False, False, True])
     return df.drop(columns="_fp_first").reset_index(drop=True)
+
+
+def slug(r, seed: Optional[int] = None) -> str:
+    """File stem of a model's arrays / grid (``pipeline.evaluation.ModelEntry.slug``)."""
+    base = f"{r['backbone']}__{r['family']}__{r['variant']}__{r['setting']}"
+    return base if r["family"] == "fp" else f"{base}__seed{int(r['seed'] if seed is None else seed)}"
+
+
+class RowStats:
+    """Per table row: the per-seed arrays and the bootstrap replicates of every CI metric (shared
+    resampling plan, so two rows' replicates can be subtracted: a paired comparison)."""
+
+    def __init__(self, boot, reference, level: float):
+        self.boot, self.reference, self.level = boot, reference, level
+        self.arrays: dict[str, list[dict]] = {}
+        self.replicates: dict[tuple[str, str], np.ndarray] = {}
+        self.points: dict[tuple[str, str], float] = {}
+
+    def has(self, key: str, metric: str) -> bool:
+        arrs = self.arrays.get(key) or []
+        name = "features" if metric == "fid" else metric
+        return bool(arrs) and all(name in a for a in arrs) and (metric != "fid" or self.reference is not None)
+
+    def point(self, key: str, metric: str) -> float:
+        from .metrics.stats import point_stat
+
+        if (key, metric) not in self.points:
+            self.points[key, metric] = point_stat(metric, self.reference, self._per_seed(key, metric))
+        return self.points[key, metric]
+
+    def reps(self, key: str, metric: str) -> np.ndarray:
+        from .metrics.stats import replicate_stat
+
+        if (key, metric) not in self.replicates:
+            self.replicates[key, metric] = replicate_stat(self.boot, metric, self.reference,
+                                                          self._per_seed(key, metric))
+        return self.replicates[key, metric]
+
+    def interval(self, key: str, metric: str) -> tuple[float, float]:
+        from .metrics.stats import interval
+
+        return interval(self.point(key, metric), self.reps(key, metric), self.level)
+
+    def _per_seed(self, key: str, metric: str) -> list[np.ndarray]:
+        return [a["features"] if metric == "fid" else a[metric] for a in self.arrays[key]]
+
+
+def aggregate(df: pd.DataFrame, load_arrays: Optional[Callable[[str], dict]] = None, reference_features=None,
+              replicates: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[pd.DataFrame, Optional[RowStats]]:
+    """One row per ``backbone/family/variant/setting``: the mean over its method seeds of every numeric
+    column, ``n_seeds``, the across-seed standard deviation of FID (``fid_sd``), and — when
+    ``load_arrays(slug)`` gives the evaluate stage's per-sample arrays — ``<metric>_lo`` / ``_hi``: the
+    bootstrap interval (samples x seeds, :mod:`pipeline.metrics.stats`) of FID and the paired metrics, and
+    of ``fid_ratio`` (the row's FID interval over the FP model's FID point). Returns the frame and the
+    :class:`RowStats` (None without arrays) for :func:`evaluate_claims`."""
+    numeric = [c for c in df.columns if c not in (*ROW_KEYS, "seed") and pd.api.types.is_numeric_dtype(df[c])]
+    out = []
+    for _, g in df.groupby(ROW_KEYS, sort=False):
+        r = g.iloc[0].copy()
+        for c in numeric:
+            vals = pd.to_numeric(g[c], errors="coerce")
+            r[c] = float(vals.mean()) if vals.notna().any() else None
+        r["n_seeds"] = int(len(g))
+        r["seeds"] = ",".join(str(int(s)) for s in g["seed"])
+        r["fid_sd"] = float(g["fid"].std(ddof=1)) if len(g) > 1 else None
+        out.append(r)
+    agg = pd.DataFrame(out).drop(columns=["seed"]).reset_index(drop=True)
+    fp = agg[agg["family"] == "fp"].set_index("backbone")["fid"]
+    agg["fid_ratio"] = agg.apply(lambda r: r["fid"] / fp[r["backbone"]] if r["backbone"] in fp else float("nan"),
+                                 axis=1)
+    if load_arrays is None:
+        return agg, None
+    from .metrics.stats import Bootstrap, Reference
+
+    n = int(df["n_samples"].iloc[0]) if "n_samples" in df else None
+    ref = Reference.from_features(np.asarray(reference_features, dtype=np.float64)) \
+        if reference_features is not None else None
+    first = load_arrays(slug(df.iloc[0]))
+    n = n or int(np.asarray(first["features"]).shape[0])
+    stats = RowStats(Bootstrap(n, replicates, seed, max_seeds=max(16, int(agg["n_seeds"].max()))), ref, level)
+    for _, g in df.groupby(ROW_KEYS, sort=False):
+        stats.arrays[row_key(g.iloc[0])] = [{k: np.asarray(v, dtype=np.float64) for k, v in load_arrays(slug(r)).items()
+                                             if k != "images"} for _, r in g.iterrows()]
+    for m in CI_METRICS:
+        agg[f"{m}_lo"], agg[f"{m}_hi"] = None, None
+    agg["fid_ratio_lo"], agg["fid_ratio_hi"] = None, None
+    for i, r in agg.iterrows():
+        key = row_key(r)
+        for m in CI_METRICS:
+            if stats.has(key, m) and not (m != "fid" and r["family"] == "fp"):
+                lo, hi = stats.interval(key, m)
+                agg.at[i, f"{m}_lo"], agg.at[i, f"{m}_hi"] = lo, hi
+        if agg.at[i, "fid_lo"] is not None and r["backbone"] in fp:
+            agg.at[i, "fid_ratio_lo"] = agg.at[i, "fid_lo"] / fp[r["backbone"]]
+            agg.at[i, "fid_ratio_hi"] = agg.at[i, "fid_hi"] / fp[r["backbone"]]
+    return agg, stats
+
+
+def claim_rows(tables: list) -> list[dict]:
+    """The claims of the families' tables, one per (claim, setting the table ran)."""
+    out = []
+    for t in tables or []:
+        for c in t.get("claims", []):
+            for s in c.get("settings") or t.get("settings", []):
+                out.append({"backbone": t["backbone"], "setting": s, "better": c["better"], "worse": c["worse"],
+                            "metrics": list(c.get("metrics") or ("fid", "psnr")), "source": c.get("source", ""),
+                            "table": t["title"]})
+    return out
+
+
+def evaluate_claims(agg: pd.DataFrame, stats: Optional[RowStats], tables: list) -> list[dict]:
+    """Every declared claim "``better`` beats ``worse``" at each setting: per metric the two rows'
+    points, the paired-bootstrap interval of their difference (better − worse) and the verdict
+    (:func:`pipeline.metrics.stats.verdict`). A claim whose rows did not run is listed as such."""
+    from .metrics.stats import interval, verdict
+
+    keys = set(agg.apply(row_key, axis=1)) if len(agg) else set()
+    out = []
+    for c in claim_rows(tables):
+        kb, kw = f"{c['backbone']}/{c['better']}/{c['setting']}", f"{c['backbone']}/{c['worse']}/{c['setting']}"
+        item = {k: c[k] for k in ("backbone", "setting", "better", "worse", "source", "table")}
+        if kb not in keys or kw not in keys:
+            item["status"] = "not run: " + ", ".join(k for k in (kb, kw) if k not in keys)
+            out.append(item)
+            continue
+        item["status"] = "ok"
+        item["metrics"] = {}
+        for m in c["metrics"]:
+            if stats is None or not (stats.has(kb, m) and stats.has(kw, m)):
+                continue
+            pb, pw = stats.point(kb, m), stats.point(kw, m)
+            diff = stats.reps(kb, m) - stats.reps(kw, m)
+            lo, hi = interval(pb - pw, diff, stats.level)
+            item["metrics"][m] = {"better": pb, "worse": pw, "diff": pb - pw, "lo": lo, "hi": hi,
+                                  "verdict": verdict(lo, hi, LOWER_IS_BETTER[m])}
+        out.append(item)
+    return out
 
 
 def row_key(r) -> str:
@@ -49,10 +202,12 @@ def row_label(r) -> str:
 # wall-clock columns: they differ between identical reruns, so they stay out of summary.json (which two
 # runs of the same params and seeds reproduce byte for byte) and go to timings.json
 TIMING_COLUMNS = ("sec_per_image", "method_seconds")
-METRIC_COLUMNS = ("fid", "fid_ratio", "accuracy", "clip_score", "hps", "bitops_g", "model_mb")
+METRIC_COLUMNS = ("n_seeds", "fid", "fid_lo", "fid_hi", "fid_sd", "fid_ratio", "fid_ratio_lo", "fid_ratio_hi",
+                  "psnr", "psnr_lo", "psnr_hi", "ssim", "ssim_lo", "ssim_hi", "feat_dist", "feat_dist_lo",
+                  "feat_dist_hi", "accuracy", "clip_score", "hps", "bitops_g", "model_mb")
 
 
-def _keyed(df: pd.DataFrame, columns) -> dict[str, dict[str, float]]:
+def _keyed(df: pd.DataFrame, columns, key=None) -> dict[str, dict[str, float]]:
     out = {}
     for _, r in df.iterrows():
         vals = {}
@@ -60,35 +215,77 @@ def _keyed(df: pd.DataFrame, columns) -> dict[str, dict[str, float]]:
             v = r.get(c)
             if v is not None and v == v:
                 vals[c] = round(float(v), 6)
-        out[row_key(r)] = vals
+        out[(key or row_key)(r)] = vals
     return out
 
 
-def summary(df: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """DVC metrics: ``{"<backbone>/<family>/<variant>/<setting>": {metric: value}}`` — results only, no
-    timings, so the same params and seeds give a byte-identical file."""
-    return _keyed(df, METRIC_COLUMNS)
+def seed_key(r) -> str:
+    """``backbone/family/variant/setting#seed<s>`` (the FP model has no method seed)."""
+    return row_key(r) if r["family"] == "fp" else f"{row_key(r)}#seed{int(r['seed'])}"
+
+
+def summary(agg: pd.DataFrame, claims: Optional[list] = None, floor: Optional[dict] = None) -> dict:
+    """DVC metrics: ``{"<backbone>/<family>/<variant>/<setting>": {metric: value}}`` over the aggregated
+    rows (means over method seeds, with their intervals), plus ``claims/<n>`` (difference, interval,
+    verdict) and ``noise_floor/<backbone>`` — results only, no timings, so the same params and seeds
+    give a byte-identical file."""
+    out: dict[str, Any] = _keyed(agg, METRIC_COLUMNS)
+    for c in claims or []:
+        for m, v in (c.get("metrics") or {}).items():
+            out[f"claims/{claim_label(c)}/{m}"] = {"diff": round(v["diff"], 6), "lo": round(v["lo"], 6),
+                                                   "hi": round(v["hi"], 6), "verdict": v["verdict"]}
+    for b, v in ((floor or {}).get("seed") or {}).items():
+        out[f"noise_floor/{b}/fp_other_noise"] = {k: round(float(x), 6) for k, x in v.items()}
+    real = (floor or {}).get("real") or {}
+    if real:
+        out["noise_floor/real_vs_real"] = {k: round(float(x), 6) for k, x in real.items()}
+    return out
 
 
 def timings(df: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """Wall-clock per row (seconds per image, method seconds): machine- and load-dependent."""
-    return _keyed(df, TIMING_COLUMNS)
+    """Wall-clock per evaluated model (seconds per image, method seconds): machine- and load-dependent."""
+    return _keyed(df, TIMING_COLUMNS, seed_key)
+
+
+def claim_label(c: dict) -> str:
+    return f"{c['backbone']}/{c['setting']}/{c['better']}<{c['worse']}"
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
     if v is None or (isinstance(v, float) and v != v):
         return "–"
-    if isinstance(v, float):
+    if isinstance(v, (float, np.floating)):
         return f"{v:.{nd}f}"
     return str(v)
+
+
+def _cell(r, c: str) -> str:
+    nd = 4 if c in ("sec_per_image", "ssim", "feat_dist") else 3
+    v = _fmt(r.get(c), nd)
+    lo, hi = r.get(f"{c}_lo"), r.get(f"{c}_hi")
+    if v != "–" and lo is not None and hi is not None and lo == lo and hi == hi:
+        v += f" [{_fmt(lo, nd)}, {_fmt(hi, nd)}]"
+    return v
 
 
 def markdown_table(df: pd.DataFrame, columns: list[str] | None = None) -> str:
     cols = columns or [c for c in COLUMNS if c in df]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, r in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(r[c], 4 if c in ("sec_per_image",) else 3) for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r, c) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def table_columns(table: dict) -> list[str]:
+    """A declared table's columns with the protocol's always-on ones: seeds, FID with its interval and
+    the paired metrics next to ``fid_ratio``."""
+    cols = ["n_seeds", "fid"]
+    for c in table["columns"]:
+        if c not in cols:
+            cols.append(c)
+        if c == "fid_ratio":
+            cols += [m for m in ("psnr", "ssim", "feat_dist") if m not in table["columns"]]
+    return cols
 
 
 def focused_table(df: pd.DataFrame, table: dict) -> str:
@@ -113,25 +310,89 @@ def focused_table(df: pd.DataFrame, table: dict) -> str:
     if table.get("note"):
         out += [table["note"], ""]
     if rows:
-        out.append(markdown_table(pd.DataFrame(rows), ["family", "variant", "setting", *table["columns"]]))
+        out.append(markdown_table(pd.DataFrame(rows), ["family", "variant", "setting", *table_columns(table)]))
     if missing:
         out += ["", f"Not in this run: {', '.join(missing)}."]
     return "\n".join(out)
 
 
+def claims_markdown(claims: list, level: float = 0.95) -> str:
+    """One line per claim and metric: both rows' values, the difference with its interval, the verdict."""
+    if not claims:
+        return ""
+    pct = int(round(level * 100))
+    lines = [f"| backbone | setting | claim | metric | better | worse | difference [{pct} % CI] | verdict | source |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in claims:
+        claim = f"{c['better']} beats {c['worse']}"
+        if c["status"] != "ok" or not c.get("metrics"):
+            lines.append(f"| {c['backbone']} | {c['setting']} | {claim} | – | – | – | – | "
+                         f"{c['status'] if c['status'] != 'ok' else 'no per-sample arrays'} | {c['source']} |")
+            continue
+        for m, v in c["metrics"].items():
+            nd = 4 if m in ("ssim", "feat_dist") else 3
+            lines.append(f"| {c['backbone']} | {c['setting']} | {claim} | {m} | {_fmt(v['better'], nd)} | "
+                         f"{_fmt(v['worse'], nd)} | {_fmt(v['diff'], nd)} [{_fmt(v['lo'], nd)}, {_fmt(v['hi'], nd)}] | "
+                         f"**{v['verdict']}** | {c['source']} |")
+    return "\n".join(lines)
+
+
+def floor_markdown(agg: pd.DataFrame, floor: Optional[dict], protocol: Optional[dict]) -> str:
+    if not floor:
+        return ""
+    p = protocol or {}
+    lines = [f"Every model draws N = {p.get('n_samples', '?')} images from the noise of eval seed "
+             f"{p.get('seed', '?')}; FID's reference statistics: {p.get('fid_reference', '?')} real images. "
+             "What FID and the paired metrics read when nothing is quantized:", "",
+             "| backbone | FP FID [95 % CI] | FP, other noise (seed "
+             f"{p.get('floor_seed', '?')}): FID | FID between the two FP sample sets | PSNR / SSIM / feat_dist "
+             "FP vs FP other noise |", "|---|---|---|---|---|"]
+    for b, v in sorted((floor.get("seed") or {}).items()):
+        fp = agg[(agg["backbone"] == b) & (agg["family"] == "fp")]
+        cell = _cell(fp.iloc[0], "fid") if len(fp) else "–"
+        lines.append(f"| {b} | {cell} | {_fmt(v.get('fid'))} | {_fmt(v.get('fid_to_fp'))} | "
+                     f"{_fmt(v.get('psnr'), 2)} dB / {_fmt(v.get('ssim'), 4)} / {_fmt(v.get('feat_dist'), 4)} |")
+    real = floor.get("real") or {}
+    if real:
+        lines += ["", f"Real vs real: {real['n']} real images against the statistics of the other {real['rest']} "
+                  f"real images, {real['splits']} random splits: FID {_fmt(real['fid_mean'])} "
+                  f"(min {_fmt(real['fid_min'])}, max {_fmt(real['fid_max'])})."]
+    lines += ["", "Paired metrics of a quantized model compare its image i with the FP model's image i of the "
+              "same noise; the FP-vs-other-noise column is what two unrelated draws score (the far end, not the "
+              "floor: a model identical to FP has PSNR = 100 dB, SSIM = 1, feat_dist = 0)."]
+    return "\n".join(lines)
+
+
 def markdown_report(df: pd.DataFrame, notes: list[str] | None = None, tables: list | None = None,
-                    failed: list | None = None) -> str:
+                    failed: list | None = None, claims: list | None = None, floor: Optional[dict] = None,
+                    protocol: Optional[dict] = None, level: float = 0.95) -> str:
+    """``df``: the aggregated frame (:func:`aggregate`)."""
+    pct = int(round(level * 100))
     parts = ["# Results", "",
-             "Generated by the `report` stage from `data/eval/results.json`. FID uses the domain feature "
-             "extractor of the embedded default unless configured otherwise; `fid_ratio` = FID / FID of the FP "
-             "model of the same backbone. BitOPs are summed over all sampling steps (G = 1e9). Sample grids: "
-             "`reports/plots/samples_<backbone>.png` (one column per class, one row per model). `method_seconds` is the "
-             "wall time of the method itself (calibration / reconstruction / QAT), `model_mb` the size on disk.", ""]
+             "Generated by the `report` stage from `data/eval`. One row per backbone / family / variant / setting: "
+             "the mean over its method seeds (`n_seeds`); `value [lo, hi]` is the "
+             f"{pct} % bootstrap interval over samples and method seeds (`pipeline/metrics/stats.py`). FID uses the "
+             "domain feature extractor of the embedded default unless configured otherwise; `fid_ratio` = FID / "
+             "FID of the FP model of the same backbone. `psnr` (dB), `ssim` and `feat_dist` compare each image "
+             "with the FP model's image from the same noise (`pipeline/metrics/paired.py`). BitOPs are summed over "
+             "all sampling steps (G = 1e9). Sample grids: `reports/plots/samples_<backbone>.png`. "
+             "`method_seconds` is the wall time of the method itself (calibration / reconstruction / QAT), "
+             "`model_mb` the size on disk; timings per model are in `reports/timings.json`.", ""]
     if failed:
-        parts += ["## Failed jobs", "", "| backbone | family | variant | setting | error |", "|---|---|---|---|---|"]
-        parts += [f"| {f['backbone']} | {f['family']} | {f['variant']} | {f['setting']} | "
+        parts += ["## Failed jobs", "", "| backbone | family | variant | setting | seed | error |", "|---|---|---|---|---|---|"]
+        parts += [f"| {f['backbone']} | {f['family']} | {f['variant']} | {f['setting']} | {f.get('seed', 0)} | "
                   f"{str(f.get('error', '')).replace('|', '/')[:300]} |" for f in failed]
         parts.append("")
+    fl = floor_markdown(df, floor, protocol)
+    if fl:
+        parts += ["## Noise floor", "", fl, ""]
+    if claims:
+        parts += ["## Paper claims", "",
+                  "Each claim \"A beats B\" at one setting, per metric: the difference A − B (lower is better "
+                  "for FID and feat_dist, higher for PSNR and SSIM) with its paired bootstrap interval — the same "
+                  "resampled samples and method seeds for both rows. *holds*: the whole interval favours A; *does "
+                  "not hold*: it favours B; *not separable at this N*: it contains 0. "
+                  "Plot: `reports/plots/claims.png`.", "", claims_markdown(claims, level), ""]
     if tables:
         parts += ["## Comparisons", ""]
         for t in tables:
@@ -161,7 +422,12 @@ def plot_fid_vs_wbits(df: pd.DataFrame, path: Path) -> None:
         fp = sub[sub["family"] == "fp"]
         for (_, _, a), g in sub[sub["family"] != "fp"].groupby(["family", "variant", "abits"]):
             g = g.sort_values("wbits")
-            ax.plot(g["wbits"], g["fid"], marker="o", label=f"{row_label(g.iloc[0])} A{int(a)}")
+            line, = ax.plot(g["wbits"], g["fid"], marker="o", label=f"{row_label(g.iloc[0])} A{int(a)}")
+            if "fid_lo" in g and g["fid_lo"].notna().all():
+                lo = (g["fid"] - g["fid_lo"].astype(float)).clip(lower=0)
+                hi = (g["fid_hi"].astype(float) - g["fid"]).clip(lower=0)
+                ax.errorbar(g["wbits"], g["fid"], yerr=[lo, hi], fmt="none", ecolor=line.get_color(), capsize=2,
+                            lw=0.8)
         if len(fp):
             ax.axhline(float(fp["fid"].iloc[0]), color="k", ls="--", lw=1, label="FP")
         ax.set_xlabel("weight bits")
@@ -214,7 +480,8 @@ def sample_montage(df: pd.DataFrame, grids_dir: Path, backbone: str, path: Path,
     sub = df[df["backbone"] == backbone]
     rows = []
     for _, r in sub.iterrows():
-        f = grids_dir / f"{r['backbone']}__{r['family']}__{r['variant']}__{r['setting']}.png"
+        first_seed = int(str(r["seeds"]).split(",")[0]) if "seeds" in r and r["seeds"] == r["seeds"] else 0
+        f = grids_dir / f"{slug(r, first_seed)}.png"
         if f.exists():
             rows.append((f"{row_label(r)} {r['setting']}", Image.open(f)))
     if not rows:
@@ -232,3 +499,41 @@ def sample_montage(df: pd.DataFrame, grids_dir: Path, backbone: str, path: Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_claims(claims: list, path: Path, level: float = 0.95) -> bool:
+    """Forest plot: per claim (and metric FID / PSNR), the difference better − worse with its interval,
+    oriented so that right of 0 = the claim's direction; colour = verdict. False when nothing to plot."""
+    items = [(c, m, v) for c in claims or [] for m, v in (c.get("metrics") or {}).items()]
+    if not items:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = sorted({m for _, m, _ in items}, key=lambda m: list(CI_METRICS).index(m) if m in CI_METRICS else 99)
+    colours = {"holds": "tab:green", "does not hold": "tab:red", "not separable at this N": "tab:gray"}
+    n = max(sum(1 for _, mm, _ in items if mm == m) for m in metrics)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 0.32 * n + 1.2), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        sel = [(c, v) for c, mm, v in items if mm == m]
+        sign = -1.0 if LOWER_IS_BETTER.get(m, True) else 1.0
+        for y, (_, v) in enumerate(sel):
+            d = sign * v["diff"]
+            lo, hi = sorted((sign * v["lo"], sign * v["hi"]))
+            ax.plot([lo, hi], [y, y], color=colours[v["verdict"]], lw=2)
+            ax.plot([d], [y], "o", color=colours[v["verdict"]])
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(sel)))
+        ax.set_yticklabels([f"{c['backbone']} {c['setting']}: {c['better']} vs {c['worse']}" for c, _ in sel], fontsize=6)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{m}: improvement of the claimed winner ({int(round(level * 100))} % CI; > 0 = claim holds)",
+                      fontsize=7)
+    handles = [plt.Line2D([], [], color=col, lw=2, label=k) for k, col in colours.items()]
+    axes[0][-1].legend(handles=handles, fontsize=6, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

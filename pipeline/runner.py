@@ -3,7 +3,7 @@
 One DVC item per family (``quantize@<family>``) calls :func:`run_family`. Each *job* (variant, setting,
 backbone) is its own MLflow run and writes one model folder in the single output layout
 
-    data/quantized/<family>/<setting>/<variant>/<backbone>/
+    data/quantized/<family>/<setting>/<variant>/<backbone>/seed<s>/
         packed.safetensors, quant_spec.json   the core's real low-bit format (what evaluate loads)
         info.json                             job metadata, timings, the method's numbers, cache key
         init/                                 (fine-tuned families) the first phase's student checkpoint
@@ -51,19 +51,40 @@ class Job:
     variant: str
     setting: BitSetting
     backbone: str
+    seed: int = 0
 
     @property
     def rel(self) -> Path:
-        return Path(self.setting.name) / self.variant / self.backbone
+        return Path(self.setting.name) / self.variant / self.backbone / f"seed{self.seed}"
 
     @property
     def label(self) -> str:
-        return f"{self.family}/{self.variant}/{self.setting.name}@{self.backbone}"
+        return f"{self.family}/{self.variant}/{self.setting.name}@{self.backbone}#seed{self.seed}"
 
 
 def plan(family, matrix) -> list[Job]:
-    """Jobs of a family section, in params order: settings, then variants, then backbones."""
-    return [Job(family.name, v, s, b) for s in matrix.bit_settings for v in matrix.variants for b in matrix.backbones]
+    """Jobs of a family section, in params order: settings, variants, backbones, then method seeds."""
+    return [Job(family.name, v, s, b, seed) for s in matrix.bit_settings for v in matrix.variants
+            for b in matrix.backbones for seed in matrix.seeds_of(v)]
+
+
+def seeded_config(cfg, seed: int):
+    """The family config of method seed ``seed``: every int field named ``seed`` (nested sub-configs
+    included, e.g. ``mpq.qat.seed``, ``fp4dit.recon.seed``) is offset by ``seed``. Seed 0 is the
+    config as written; seed s draws other calibration inputs, another batch order / trajectory set and
+    other random inits, everything else equal."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name == "seed" and isinstance(v, int) and not isinstance(v, bool):
+            changes[f.name] = v + int(seed)
+        elif dataclasses.is_dataclass(v):
+            changes[f.name] = seeded_config(v, seed)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def code_hash(root: Optional[Path] = None) -> str:
@@ -131,11 +152,11 @@ class FamilyRunner:
         b = job.backbone
         if b not in self._hashes:
             self._hashes[b] = data_hash([tree_hash(self.fp_root / b), tree_hash(self.calib_root / b)])
-        options = to_dict(self.cfg)
+        options = to_dict(seeded_config(self.cfg, job.seed))
         ft_field = self.family.finetune_field
         ft = options.pop(ft_field) if ft_field else None
         base = {"family": job.family, "variant": job.variant, "switches": self.family.variant(job.variant).switches,
-                "setting": job.setting.name, "backbone": b, "options": options, "inputs": self._hashes[b],
+                "setting": job.setting.name, "backbone": b, "seed": job.seed, "options": options, "inputs": self._hashes[b],
                 "diffusion": to_dict(self.diffusion), "sampling": to_dict(self.sampling), "code": code_hash()}
         key1 = data_hash(base)[:24]
         return key1, (data_hash([key1, ft])[:24] if ft_field else key1)
@@ -164,7 +185,7 @@ class FamilyRunner:
         with atomic_dir(self.out) as tmp:
             for i, job in enumerate(self.jobs, 1):
                 entry = {"variant": job.variant, "setting": job.setting.name, "backbone": job.backbone,
-                         "wbits": job.setting.wbits, "abits": job.setting.abits, "path": str(job.rel)}
+                         "seed": job.seed, "wbits": job.setting.wbits, "abits": job.setting.abits, "path": str(job.rel)}
                 dest = tmp / job.rel
                 try:
                     entry["reused"] = self.run_job(job, dest, device)
@@ -181,7 +202,7 @@ class FamilyRunner:
             write_json(tmp / MANIFEST, {
                 "version": MANIFEST_VERSION, "family": self.family.name, "description": self.family.description,
                 "settings": list(self.matrix.settings), "variants": list(self.matrix.variants),
-                "backbones": list(self.matrix.backbones),
+                "backbones": list(self.matrix.backbones), "seeds": list(self.matrix.seeds),
                 "tables": [{**t.as_dict(self.family.name), "settings": list(self.matrix.settings),
                             "variants": list(t.variants) or list(self.matrix.variants)} for t in self.family.tables],
                 "models": entries})
@@ -198,9 +219,11 @@ class FamilyRunner:
 
         fam, setting = self.family, job.setting
         tags = {"family": fam.name, "variant": job.variant, "method": job.variant, "setting": setting.name,
-                "backbone": job.backbone, "wbits": setting.wbits, "abits": setting.abits}
-        params = {**tags, "config": to_dict(self.cfg), "switches": fam.variant(job.variant).switches}
-        log_file = Path("data") / "logs" / f"quantize@{job.family}-{job.variant}-{setting.name}@{job.backbone}.log"
+                "backbone": job.backbone, "wbits": setting.wbits, "abits": setting.abits, "seed": job.seed}
+        params = {**tags, "config": to_dict(seeded_config(self.cfg, job.seed)),
+                  "switches": fam.variant(job.variant).switches}
+        log_file = (Path("data") / "logs" /
+                    f"quantize@{job.family}-{job.variant}-{setting.name}@{job.backbone}-seed{job.seed}.log")
         with stage_run("quantize", params=params, tags=tags, experiment=self.tracking.experiment,
                        uri=self.tracking.uri, run_name=job.label, log_file=log_file,
                        inputs=[self.fp_root / job.backbone, self.calib_root / job.backbone]) as run_:
@@ -208,7 +231,7 @@ class FamilyRunner:
             info = (self._finetuned(job, dest, old, key1, run_, device) if fam.finetune
                     else self._calibrated(job, dest, run_, device))
             info.update(family=fam.name, variant=job.variant, method=job.variant, setting=setting.name,
-                        backbone=job.backbone, wbits=setting.wbits, abits=setting.abits, key=key)
+                        backbone=job.backbone, seed=job.seed, wbits=setting.wbits, abits=setting.abits, key=key)
             write_json(dest / "info.json", info)  # written last: its key marks the folder complete
             run_.log_metrics({**_numbers(info), **_numbers(info.get("info", {})),
                               **_numbers(info.get("finetune", {}))})
@@ -220,12 +243,12 @@ class FamilyRunner:
 
         from . import models
 
-        seed = getattr(self.cfg, "seed", 0)
-        torch.manual_seed(seed)
+        cfg = seeded_config(self.cfg, job.seed)
+        torch.manual_seed(getattr(cfg, "seed", job.seed))
         backbone = models.load_backbone(self.fp_root / job.backbone, device=device)
         log.info("%s: %s", job.label, self.family.variant(job.variant).description)
         t0 = time.time()
-        result = self.family.quantize(backbone, self.calibration(job.backbone), job.setting, self.cfg,
+        result = self.family.quantize(backbone, self.calibration(job.backbone), job.setting, cfg,
                                       self.context(job, run_, workdir, device))
         return result, time.time() - t0
 
@@ -255,7 +278,8 @@ class FamilyRunner:
         student = models.load_backbone(self.fp_root / job.backbone, device=device)
         _, spec, _ = load_student(student.net, init_dir)
         t0 = time.time()
-        ft = self.family.finetune(student, teacher, job.setting, self.cfg, self.context(job, run_, dest, device))
+        ft = self.family.finetune(student, teacher, job.setting, seeded_config(self.cfg, job.seed),
+                                  self.context(job, run_, dest, device))
         seconds = time.time() - t0
         _save_packed(student.net, spec, dest, {"family": job.family, "variant": job.variant})
         return {"init_seconds": init["init_seconds"], "finetune_seconds": seconds,

@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """report: one table over all evaluations -> reports/summary.json (DVC metrics, keyed by
-backbone/family/variant/setting; no timings: those go to reports/timings.json), the comparison tables the families declare, reports/results.md, reports/results.csv and plots (FID vs weight bits,
-FID vs BitOPs, sample montages), all logged to MLflow."""
+backbone/family/variant/setting: means over method seeds with bootstrap intervals, the verdict of every
+declared paper claim and the noise floor; no timings: those go to reports/timings.json), the comparison
+tables the families declare, reports/results.md, reports/results.csv (one line per evaluated model),
+reports/claims.json and plots (FID vs weight bits, FID vs BitOPs, claims, sample montages), all logged
+to MLflow."""
 from _common import log_path, main, parser, require
 
 
@@ -26,28 +29,53 @@ def run(args):
                    inputs=[results], log_file=log_path("report")) as run_:
         res = read_json(results, "evaluation results")
         df = report.results_frame(res["rows"])
+        samples = Path(args.eval) / "samples"
+        ref_file = require(f"{args.eval}/reference.safetensors", "reference features (stage evaluate)")
+
+        from safetensors.numpy import load_file
+
+        def load_arrays(slug):
+            f = samples / f"{slug}.safetensors"
+            if not f.exists():
+                raise FileNotFoundError(f"{f} not found (stage evaluate writes one per model); rerun `dvc repro`")
+            return load_file(str(f))
+
+        log.info("report: bootstrap (%d replicates) over %d models", cfg.bootstrap, len(df))
+        agg, stats = report.aggregate(df, load_arrays, load_file(str(ref_file))["features"], cfg.bootstrap,
+                                      cfg.ci_level, cfg.seed)
+        claims = report.evaluate_claims(agg, stats, res.get("tables"))
+        floor = res.get("noise_floor")
         # plots first (into a scratch folder), then the metric files, each replaced atomically
         scratch = out / ".plots-tmp"
         shutil.rmtree(scratch, ignore_errors=True)
-        report.plot_fid_vs_wbits(df, scratch / "fid_vs_wbits.png")
-        report.plot_fid_vs_bitops(df, scratch / "fid_vs_bitops.png")
-        for b in sorted(df["backbone"].unique()):
-            report.sample_montage(df, Path(args.eval) / "grids", b, scratch / f"samples_{b}.png")
+        report.plot_fid_vs_wbits(agg, scratch / "fid_vs_wbits.png")
+        report.plot_fid_vs_bitops(agg, scratch / "fid_vs_bitops.png")
+        report.plot_claims(claims, scratch / "claims.png", cfg.ci_level)
+        for b in sorted(agg["backbone"].unique()):
+            report.sample_montage(agg, Path(args.eval) / "grids", b, scratch / f"samples_{b}.png")
         plots = out / "plots"
         if plots.exists():
             shutil.rmtree(plots)
         scratch.rename(plots)
-        write_json(out / "summary.json", report.summary(df))
+        write_json(out / "summary.json", report.summary(agg, claims, floor))
         write_json(out / "timings.json", report.timings(df))
+        write_json(out / "claims.json", {"level": cfg.ci_level, "replicates": cfg.bootstrap, "claims": claims})
         with atomic_file(out / "results.md") as fh:
-            fh.write(report.markdown_report(df, tables=res.get("tables"), failed=res.get("failed")))
+            fh.write(report.markdown_report(agg, tables=res.get("tables"), failed=res.get("failed"), claims=claims,
+                                            floor=floor, protocol=res.get("protocol"), level=cfg.ci_level))
         with atomic_file(out / "results.csv") as fh:
-            df[[c for c in report.COLUMNS + ["wbits", "abits", "macs_m", "model_bytes"] if c in df]].to_csv(
+            df[[c for c in report.COLUMNS + ["seed", "wbits", "abits", "macs_m", "model_bytes"] if c in df]].to_csv(
                 fh, index=False)
-        for f in [out / "summary.json", out / "timings.json", out / "results.md", out / "results.csv"]:
+        for f in [out / "summary.json", out / "timings.json", out / "claims.json", out / "results.md",
+                  out / "results.csv"]:
             run_.log_artifact(f)
         run_.log_artifact(plots, "plots")
-        log.info("report: %d rows\n%s", len(df), report.markdown_table(df))
+        held = {}
+        for c in claims:
+            for v in (c.get("metrics") or {}).values():
+                held[v["verdict"]] = held.get(v["verdict"], 0) + 1
+        run_.log_metrics({f"claims_{k.replace(' ', '_')}": float(v) for k, v in held.items()})
+        log.info("report: %d rows, %d claims (%s)\n%s", len(agg), len(claims), held, report.markdown_table(agg))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def test_repro_writes_summary_for_every_model(repo):
     assert "### unet" in md and "### Toy vs naive" in md and "### FP4DiT vs INT at the same bits (DiT)" in md
     for f in ("fid_vs_wbits.png", "fid_vs_bitops.png", "samples_unet.png", "samples_dit.png"):
         assert (dst / "reports" / "plots" / f).stat().st_size > 0
-    assert (dst / "data" / "quantized" / "naive" / "W4A4" / "naive" / "unet" / "packed.safetensors").exists()
+    assert (dst / "data" / "quantized" / "naive" / "W4A4" / "naive" / "unet" / "seed0" / "packed.safetensors").exists()
     manifest = json.loads((dst / "data" / "quantized" / "toy" / "manifest.json").read_text())
     assert [m["status"] for m in manifest["models"]] == ["ok"]
 

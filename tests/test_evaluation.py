@@ -33,7 +33,9 @@ def test_discover_entries_reads_manifests_and_separates_failures(tmp_path):
     _manifest(q, "mpq", [_model("mpqdm", "W2A4", "unet"),
                          _model("mpqdm2", "W2A4", "unet", status="failed", error="RuntimeError: boom")])
     entries, failed, tables = discover_entries(["naive", "mpq"], ["unet"], fp, q)
-    assert [e.label for e in entries] == ["unet/fp/fp/FP32", "unet/naive/naive/W8A8", "unet/mpq/mpqdm/W2A4"]
+    assert [e.label for e in entries] == ["unet/fp/fp/FP32", "unet/naive/naive/W8A8#seed0",
+                                          "unet/mpq/mpqdm/W2A4#seed0"]
+    assert [e.row for e in entries] == ["unet/fp/fp/FP32", "unet/naive/naive/W8A8", "unet/mpq/mpqdm/W2A4"]
     assert entries[1].quant_dir == q / "naive" / "W8A8" / "naive" / "unet" and entries[1].fp_dir == fp / "unet"
     assert entries[0].quant_dir is None
     assert failed == [{"backbone": "unet", "family": "mpq", "variant": "mpqdm2", "setting": "W2A4",
@@ -107,6 +109,15 @@ def test_evaluate_all_reuses_cached_rows_without_building_evaluators(tmp_path, m
     row = {"key": key, "fid": 1.5, "accuracy": 0.9, "backbone": "unet"}
     _write(out / "cache" / f"{key}.json", json.dumps(row))
     save_grid(torch.zeros(1, 1, 8, 8), out / "cache" / f"{key}.png", nrow=1)
+    from safetensors.torch import save_file
+
+    from pipeline.io import data_hash
+
+    save_file({"images": torch.zeros(4, 1, 8, 8), "features": torch.zeros(4, 3)}, str(out / "cache" / f"{key}.safetensors"))
+    _write(out / "cache" / f"{key}-floor.json", json.dumps({"fid": 1.6}))
+    ref_key = data_hash({"context": context, "what": "reference"})[:24]
+    _write(out / "cache" / f"reference-{ref_key}.json", json.dumps({"real": {"fid_mean": 0.5}}))
+    save_file({"features": torch.zeros(5, 3)}, str(out / "cache" / f"reference-{ref_key}.safetensors"))
 
     def no_evaluator(*a, **k):
         raise AssertionError("a cached model was evaluated again")
@@ -117,8 +128,10 @@ def test_evaluate_all_reuses_cached_rows_without_building_evaluators(tmp_path, m
     rows = evaluate_all(cfg, diff, samp, TrackingConfig(), entries, failed, [], data_dir, evaluators_dir, out)
     assert rows == [row]
     results = json.loads((out / "results.json").read_text())
-    assert results == {"rows": [row], "failed": failed, "tables": []}
+    assert {k: results[k] for k in ("rows", "failed", "tables")} == {"rows": [row], "failed": failed, "tables": []}
+    assert results["noise_floor"] == {"seed": {"unet": {"fid": 1.6}}, "real": {"fid_mean": 0.5}}
     assert (out / "grids" / f"{entries[0].slug}.png").exists()
+    assert (out / "samples" / f"{entries[0].slug}.safetensors").exists() and (out / "reference.safetensors").exists()
     # a changed model misses the cache and would be evaluated
     _write(fp / "model.safetensors", "new weights")
     with pytest.raises(AssertionError, match="evaluated again"):

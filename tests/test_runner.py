@@ -69,16 +69,16 @@ def test_plan_order_layout_and_manifest(inputs, monkeypatch):
     monkeypatch.chdir(inputs)
     monkeypatch.setenv("TOY_FAIL_ON", "W4A8")
     runner = _runner(inputs)
-    assert [j.label for j in runner.jobs] == ["toy/toy_rtn/W8A8@unet", "toy/toy_fragile/W8A8@unet",
-                                              "toy/toy_rtn/W4A8@unet", "toy/toy_fragile/W4A8@unet"]
+    assert [j.label for j in runner.jobs] == ["toy/toy_rtn/W8A8@unet#seed0", "toy/toy_fragile/W8A8@unet#seed0",
+                                              "toy/toy_rtn/W4A8@unet#seed0", "toy/toy_fragile/W4A8@unet#seed0"]
     failed = runner.run()
     manifest = read_json(inputs / "out" / "manifest.json")
     status = {(m["variant"], m["setting"]): m["status"] for m in manifest["models"]}
     assert status == {("toy_rtn", "W8A8"): "ok", ("toy_fragile", "W8A8"): "ok", ("toy_rtn", "W4A8"): "ok",
                       ("toy_fragile", "W4A8"): "failed"}
     assert [f["variant"] for f in failed] == ["toy_fragile"] and "asked to fail at W4A8" in failed[0]["error"]
-    assert (inputs / "out" / "W4A8" / "toy_rtn" / "unet" / "packed.safetensors").exists()
-    assert not (inputs / "out" / "W4A8" / "toy_fragile" / "unet" / "info.json").exists()
+    assert (inputs / "out" / "W4A8" / "toy_rtn" / "unet" / "seed0" / "packed.safetensors").exists()
+    assert not (inputs / "out" / "W4A8" / "toy_fragile" / "unet" / "seed0" / "info.json").exists()
     assert manifest["tables"][0]["settings"] == ["W8A8", "W4A8"]
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.family = 'toy'")
     by_variant = {(r["tags.variant"], r["tags.setting"]): r["status"] for _, r in runs.iterrows()}
@@ -111,7 +111,7 @@ def test_packed_models_load_and_error_grows_as_bits_shrink(inputs, monkeypatch):
         ref = fp(x, t, y)
         errs = {}
         for s in ("W8A8", "W4A8"):
-            e = ModelEntry("unet", "toy", "toy_rtn", s, inputs / "fp" / "unet", inputs / "out" / s / "toy_rtn" / "unet")
+            e = ModelEntry("unet", "toy", "toy_rtn", s, inputs / "fp" / "unet", inputs / "out" / s / "toy_rtn" / "unet" / "seed0")
             errs[s] = float((load_entry(e, "cpu")(x, t, y) - ref).pow(2).mean() / ref.pow(2).mean())
     assert 0 < errs["W8A8"] < errs["W4A8"]
 
@@ -151,10 +151,51 @@ def test_finetune_phase_reuses_its_first_phase(inputs, monkeypatch):
     out = inputs / "ftout"
     assert FamilyRunner("ftoy", path, inputs / "fp", inputs / "calib", out).run() == []
     assert calls == {"quantize": 1, "finetune": 1}
-    assert (out / "W8A8" / "ftoy" / "unet" / "init" / "info.json").exists()
+    assert (out / "W8A8" / "ftoy" / "unet" / "seed0" / "init" / "info.json").exists()
     p["ftoy"]["tune"] = {"steps": 2}
     path.write_text(yaml.safe_dump(p))
     assert FamilyRunner("ftoy", path, inputs / "fp", inputs / "calib", out).run() == []
     assert calls == {"quantize": 1, "finetune": 2}  # only the fine-tune phase re-ran
-    info = read_json(out / "W8A8" / "ftoy" / "unet" / "info.json")
+    info = read_json(out / "W8A8" / "ftoy" / "unet" / "seed0" / "info.json")
     assert info["finetune"] == {"steps": 2} and info["method_seconds"] >= info["init_seconds"]
+
+
+def test_method_seeds_plan_and_offset_every_seed_option(inputs):
+    from dataclasses import dataclass, field
+
+    from pipeline.runner import seeded_config
+
+    _toy_module()
+    runner = _runner(inputs, seeds=[0, 2], seeded_variants=["toy_rtn"])
+    assert [(j.variant, j.setting.name, j.seed) for j in runner.jobs] == [
+        ("toy_rtn", "W8A8", 0), ("toy_rtn", "W8A8", 2), ("toy_fragile", "W8A8", 0),
+        ("toy_rtn", "W4A8", 0), ("toy_rtn", "W4A8", 2), ("toy_fragile", "W4A8", 0)]
+    assert runner.jobs[1].rel.as_posix() == "W8A8/toy_rtn/unet/seed2"
+    assert runner.keys(runner.jobs[0]) != runner.keys(runner.jobs[1])
+
+    @dataclass
+    class Inner:
+        seed: int = 5
+        lr: float = 0.1
+
+    @dataclass
+    class Outer:
+        seed: int = 1
+        steps: int = 3
+        inner: Inner = field(default_factory=Inner)
+
+    c = seeded_config(Outer(), 2)
+    assert (c.seed, c.steps, c.inner.seed, c.inner.lr) == (3, 3, 7, 0.1)
+    assert seeded_config(Outer(), 0) == Outer()
+
+
+@pytest.mark.parametrize("bad, msg", [({"seeds": []}, "list at least one seed"),
+                                      ({"seeds": [0, -1]}, r"seeds\[1\]: must be a non-negative int"),
+                                      ({"seeds": [0, 0]}, "listed twice"),
+                                      ({"seeded_variants": ["nope"]}, r"seeded_variants\[0\]: 'nope' is not in")])
+def test_bad_seed_matrix_is_a_clear_error(inputs, bad, msg):
+    from pipeline.config import ConfigError
+
+    _toy_module()
+    with pytest.raises(ConfigError, match=msg):
+        _runner(inputs, **bad)

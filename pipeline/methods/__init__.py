@@ -27,7 +27,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-MATRIX_KEYS = ("variants", "settings", "backbones")
+from ..config import MATRIX_KEYS  # noqa: E402,F401  (re-exported)
 
 
 @dataclass
@@ -61,6 +61,23 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """A paper's claim the report tests: row ``better`` beats row ``worse`` (``"family/variant"``) at each
+    of ``settings`` (empty = every setting the table ran), on each of ``metrics`` (FID, and PSNR to the
+    FP images as the low-noise check). ``source``: where the paper makes it."""
+
+    better: str
+    worse: str
+    source: str = ""
+    settings: tuple = ()
+    metrics: tuple = ("fid", "psnr")
+
+    def as_dict(self) -> dict:
+        return {"better": self.better, "worse": self.worse, "source": self.source, "settings": list(self.settings),
+                "metrics": list(self.metrics)}
+
+
+@dataclass(frozen=True)
 class Table:
     """A comparison table of the report, declared by its family. Rows: the FP model of ``backbone``,
     then for every bit setting the family ran, the ``baselines`` (``"family/variant"`` rows of other
@@ -72,10 +89,12 @@ class Table:
     baselines: tuple = ()
     variants: tuple = ()
     note: str = ""
+    claims: tuple = ()  # Claim objects: the orderings the report gives a verdict on
 
     def as_dict(self, family: str) -> dict:
         return {"family": family, "title": self.title, "backbone": self.backbone, "columns": list(self.columns),
-                "baselines": list(self.baselines), "variants": list(self.variants), "note": self.note}
+                "baselines": list(self.baselines), "variants": list(self.variants), "note": self.note,
+                "claims": [c.as_dict() for c in self.claims]}
 
 
 @dataclass

@@ -30,12 +30,14 @@ class NaivePTQConfig:
     weight_init / act_init: range init (min-max, or the MSE search of the core).
     keep_first_last_bits: bits of the input/output/embedding layers (0 = keep them FP).
     calib_batches: batches of 64 calibration inputs used for the activation ranges.
+    seed: which calibration batches are drawn (the method seed of the family offsets it).
     """
 
     weight_init: str = choice("minmax", "mse", default="minmax")
     act_init: str = choice("minmax", "mse", default="minmax")
     keep_first_last_bits: int = 8
     calib_batches: int = 4
+    seed: int = 0
 
     def validate(self, p: str) -> None:
         if self.keep_first_last_bits not in (0, *WEIGHT_BITS):
@@ -67,7 +69,7 @@ def quantize(backbone, calib, setting, cfg: NaivePTQConfig, ctx: MethodContext) 
     if setting.act_quantized:
         def run():
             with torch.no_grad():
-                for x, t, y in calib.batches(64, ctx.device, shuffle=True, limit=cfg.calib_batches):
+                for x, t, y in calib.batches(64, ctx.device, shuffle=True, seed=cfg.seed, limit=cfg.calib_batches):
                     backbone(x, t, y)
 
         calibrate_activations(backbone.net, run)
