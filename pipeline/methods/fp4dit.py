@@ -53,7 +53,6 @@ difference to ``fp4dit`` / ``fp4dit_no_adaround`` is the grid alone.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
