@@ -18,22 +18,28 @@ Algorithm (top to bottom, as :func:`quantize` runs it):
    whose weight width differs from a format's width uses the core's default ExMy split for that width
    (``pipeline.quant.primitives.FP_WEIGHT_FORMATS``: W3 E1M1, W5 E2M2, W6 E2M3, W8 E4M3) and per-pattern formats of another width
    are not applied (ours; the paper only runs W4).
-2. Exclusions [CODE ``quant_model.py``, adapted to diffusers names]: patch embedding (``pos_embed``),
-   timestep / class / caption embeddings (``*emb*``, ``adaln_single``, ``caption_projection``), the
-   per-block adaLN modulation of the diffusers DiT (``*norm1.linear``: the projection of the timestep +
-   class embedding, i.e. the conditioning path; PixArt's equivalent is the global ``adaln_single``), and
-   the final layer (``proj_out*``, ``norm_out``) stay FP. The list is the ``exclude`` parameter.
+2. Exclusions [CODE ``quant_model.py``: ``quant_module_refactor`` skips children named pos_embed,
+   time_extra_emb, text_embedder, norm_out, proj_out]: one list (``exclude``) for every row of the family.
+   Only the patch embedding (``pos_embed``), the final layer (``proj_out*``, ``norm_out``) and the
+   Hunyuan-DiT embedders stay FP; everything else is quantized, including the adaLN modulation linears
+   (``*norm1.linear``), the diffusers DiT's per-block timestep embedder and, on PixArt, ``adaln_single``
+   and ``caption_projection`` (not in the official skip list). Tiny default DiT: 2.4 % of the linear/conv
+   weights stay FP (44.2 % with the former list that kept ``*emb*`` and ``*norm1.linear``;
+   :func:`fp_kept_share`).
 3. Scale-aware FP AdaRound [CODE ``adaptive_rounding.py``], reconstructed block by block over the DiT's
    transformer blocks and layer by layer elsewhere (:mod:`pipeline.train.recon`): loss = block-output
    MSE + λ·Σ(1 − |2h − 1|^β), λ = 0.01, β 20 → 2 after a 20 % warm-up, Adam on the rounding logits only,
    inputs from the quantized-so-far model, targets from the FP model, hard rounding at the end.
    The official schedule is ``recon.iters: 2500`` (batch 16); the default here is short (CPU budget).
 4. Online activation quantization [CODE ``online_per_tensor_quant``]: every quantized linear's input
-   is FP-quantized per token with α = the token's absmax at run time (A6 = E2M3, A8 = E3M4), no
+   is FP-quantized per token with α = the token's absmax at run time (A4 = E2M1, A6 = E2M3, A8 = E3M4), no
    activation calibration. Attention: Q, K before Q·Kᵀ and P, V before P·V with their own per-token
-   quantizers; P (post-softmax) unsigned, the sign bit going to the mantissa. ``softmax_bits`` sets P's
-   width (null = the setting's activation bits, so "A6" means every activation operand is 6-bit as for
-   the other methods of this project; the official default ``--sm_abit 16`` is ``softmax_bits: 16``).
+   quantizers. P (post-softmax) at ``softmax_bits`` = 16 (official ``--sm_abit 16``), unsigned as the
+   official code makes it (``sign_bits = 0``, mantissa unchanged): the activation's mantissa M and
+   E = 16 − M (E13M3 at A6, E12M4 at A8, E15M1 at A4) — not lossless: P keeps the activations' relative
+   precision with an unbounded range. ``softmax_bits: null`` = the activation width (E + 1, M).
+   INT cells: P unsigned INT when ``softmax_bits`` <= 8, else FP (INT16 on [0, 1] is within 1.5e-5 of the
+   row max; the core's INT widths stop at 8).
 
 Calibration data (differs from the official code): the reconstruction uses the project's shared
 calibration file — the FP model's own inputs (x_t, t, label) recorded along its DDIM sampling
@@ -41,14 +47,14 @@ trajectories (Q-Diffusion style). FP4DiT's released scripts instead forward-nois
 latents at 20 timesteps (apparently the 20 least noisy training timesteps, ``range(20)``) with their
 captions. Ours covers the timesteps the sampler actually visits and needs no real data.
 
-Ablation variants (registered names, one row each in the results):
-``fp4dit`` (everything), ``fp4dit_no_adaround`` (round to nearest on the FP grid),
-``fp4dit_static_act`` (static per-tensor FP activations calibrated by absmax on the calibration set
-instead of online per-token ones), ``fp4dit_ffn_e2m1`` (E2M1 also in the first FFN linear), and the
-INT baselines on the same pipeline: ``int_adaround`` (INT weights, same group size, asymmetric min-max
-per group, plain AdaRound with the same reconstruction; INT per-token activations, symmetric absmax;
-unsigned INT for P) and ``int_no_adaround`` (the same INT grid with round to nearest), so that the
-difference to ``fp4dit`` / ``fp4dit_no_adaround`` is the grid alone.
+Variants: the crossed design at equal bits, group size and FP-kept layers, named
+``<grid>_<act>_<rounding>``: grid ``fp`` (E2M1 + E3M0 FFN-1) | ``int-asym`` | ``int-sym`` (INT min-max per
+group), act ``tok`` (online per-token) | ``static`` (per-tensor, calibrated by absmax on the calibration
+set), rounding ``ada`` (block AdaRound; plain AdaRound on INT grids) | ``nearest``. Activations use the
+grid's number format (FP ExMy, or symmetric INT for both INT grids, so the INT cells differ in the weights
+only). The paper's cell ``fp_tok_ada`` is the method row ``fp4dit``. Also ``fp4dit_ffn_e2m1`` (E2M1 in
+FFN-1) and the pre-cross names as aliases (``fp4dit_no_adaround`` = fp_tok_nearest, ``fp4dit_static_act``
+= fp_static_ada, ``int_adaround`` = int-asym_tok_ada, ``int_no_adaround`` = int-asym_tok_nearest).
 """
 from __future__ import annotations
 
