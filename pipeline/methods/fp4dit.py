@@ -18,22 +18,28 @@ Algorithm (top to bottom, as :func:`quantize` runs it):
    whose weight width differs from a format's width uses the core's default ExMy split for that width
    (``pipeline.quant.primitives.FP_WEIGHT_FORMATS``: W3 E1M1, W5 E2M2, W6 E2M3, W8 E4M3) and per-pattern formats of another width
    are not applied (ours; the paper only runs W4).
-2. Exclusions [CODE ``quant_model.py``, adapted to diffusers names]: patch embedding (``pos_embed``),
-   timestep / class / caption embeddings (``*emb*``, ``adaln_single``, ``caption_projection``), the
-   per-block adaLN modulation of the diffusers DiT (``*norm1.linear``: the projection of the timestep +
-   class embedding, i.e. the conditioning path; PixArt's equivalent is the global ``adaln_single``), and
-   the final layer (``proj_out*``, ``norm_out``) stay FP. The list is the ``exclude`` parameter.
+2. Exclusions [CODE ``quant_model.py``: ``quant_module_refactor`` skips children named pos_embed,
+   time_extra_emb, text_embedder, norm_out, proj_out]: one list (``exclude``) for every row of the family.
+   Only the patch embedding (``pos_embed``), the final layer (``proj_out*``, ``norm_out``) and the
+   Hunyuan-DiT embedders stay FP; everything else is quantized, including the adaLN modulation linears
+   (``*norm1.linear``), the diffusers DiT's per-block timestep embedder and, on PixArt, ``adaln_single``
+   and ``caption_projection`` (not in the official skip list). Tiny default DiT: 2.4 % of the linear/conv
+   weights stay FP (44.2 % with the former list that kept ``*emb*`` and ``*norm1.linear``;
+   :func:`fp_kept_share`).
 3. Scale-aware FP AdaRound [CODE ``adaptive_rounding.py``], reconstructed block by block over the DiT's
    transformer blocks and layer by layer elsewhere (:mod:`pipeline.train.recon`): loss = block-output
    MSE + λ·Σ(1 − |2h − 1|^β), λ = 0.01, β 20 → 2 after a 20 % warm-up, Adam on the rounding logits only,
    inputs from the quantized-so-far model, targets from the FP model, hard rounding at the end.
    The official schedule is ``recon.iters: 2500`` (batch 16); the default here is short (CPU budget).
 4. Online activation quantization [CODE ``online_per_tensor_quant``]: every quantized linear's input
-   is FP-quantized per token with α = the token's absmax at run time (A6 = E2M3, A8 = E3M4), no
+   is FP-quantized per token with α = the token's absmax at run time (A4 = E2M1, A6 = E2M3, A8 = E3M4), no
    activation calibration. Attention: Q, K before Q·Kᵀ and P, V before P·V with their own per-token
-   quantizers; P (post-softmax) unsigned, the sign bit going to the mantissa. ``softmax_bits`` sets P's
-   width (null = the setting's activation bits, so "A6" means every activation operand is 6-bit as for
-   the other methods of this project; the official default ``--sm_abit 16`` is ``softmax_bits: 16``).
+   quantizers. P (post-softmax) at ``softmax_bits`` = 16 (official ``--sm_abit 16``), unsigned as the
+   official code makes it (``sign_bits = 0``, mantissa unchanged): the activation's mantissa M and
+   E = 16 − M (E13M3 at A6, E12M4 at A8, E15M1 at A4) — not lossless: P keeps the activations' relative
+   precision with an unbounded range. ``softmax_bits: null`` = the activation width (E + 1, M).
+   INT cells: P unsigned INT when ``softmax_bits`` <= 8, else FP (INT16 on [0, 1] is within 1.5e-5 of the
+   row max; the core's INT widths stop at 8).
 
 Calibration data (differs from the official code): the reconstruction uses the project's shared
 calibration file — the FP model's own inputs (x_t, t, label) recorded along its DDIM sampling
@@ -41,19 +47,18 @@ trajectories (Q-Diffusion style). FP4DiT's released scripts instead forward-nois
 latents at 20 timesteps (apparently the 20 least noisy training timesteps, ``range(20)``) with their
 captions. Ours covers the timesteps the sampler actually visits and needs no real data.
 
-Ablation variants (registered names, one row each in the results):
-``fp4dit`` (everything), ``fp4dit_no_adaround`` (round to nearest on the FP grid),
-``fp4dit_static_act`` (static per-tensor FP activations calibrated by absmax on the calibration set
-instead of online per-token ones), ``fp4dit_ffn_e2m1`` (E2M1 also in the first FFN linear), and the
-INT baselines on the same pipeline: ``int_adaround`` (INT weights, same group size, asymmetric min-max
-per group, plain AdaRound with the same reconstruction; INT per-token activations, symmetric absmax;
-unsigned INT for P) and ``int_no_adaround`` (the same INT grid with round to nearest), so that the
-difference to ``fp4dit`` / ``fp4dit_no_adaround`` is the grid alone.
+Variants: the crossed design at equal bits, group size and FP-kept layers, named
+``<grid>_<act>_<rounding>``: grid ``fp`` (E2M1 + E3M0 FFN-1) | ``int-asym`` | ``int-sym`` (INT min-max per
+group), act ``tok`` (online per-token) | ``static`` (per-tensor, calibrated by absmax on the calibration
+set), rounding ``ada`` (block AdaRound; plain AdaRound on INT grids) | ``nearest``. Activations use the
+grid's number format (FP ExMy, or symmetric INT for both INT grids, so the INT cells differ in the weights
+only). The paper's cell ``fp_tok_ada`` is the method row ``fp4dit``. Also ``fp4dit_ffn_e2m1`` (E2M1 in
+FFN-1) and the pre-cross names as aliases (``fp4dit_no_adaround`` = fp_tok_nearest, ``fp4dit_static_act``
+= fp_static_ada, ``int_adaround`` = int-asym_tok_ada, ``int_no_adaround`` = int-asym_tok_nearest).
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -68,15 +73,22 @@ from . import Family, MethodContext, QuantResult, Table, Variant, register_famil
 
 _FORMAT_RE = re.compile(r"^E(\d+)M(\d+)$")
 
+# The one exclusion list of every row of the family: what the official code keeps in FP
+# (``QuantModel.quant_module_refactor`` skips children named pos_embed, time_extra_emb, text_embedder,
+# norm_out, proj_out) [CODE]. Everything inside the transformer blocks is quantized, including the adaLN
+# modulation linears (diffusers DiT ``*norm1.linear``) and the per-block timestep embedder of the diffusers
+# DiT (``*norm1.emb.timestep_embedder.*``; official PixArt: ``adaln_single`` and ``caption_projection`` are
+# not in the skip list, so they are quantized too).
 DEFAULT_EXCLUDE = [
     "pos_embed.*",  # patch embedding
-    "*emb*",  # timestep / class / caption / size embedders (DiT norm1.emb.*, PixArt adaln_single.emb.*)
-    "adaln_single.*",  # PixArt: global timestep conditioning (adaLN-single)
-    "*norm1.linear",  # DiT: per-block adaLN modulation of the timestep + class embedding
-    "caption_projection.*",  # PixArt: caption projection (FP4DiT's text_embedder)
+    "time_extra_emb.*",  # Hunyuan-DiT timestep / size / style embedding (official name; absent in DiT/PixArt)
+    "text_embedder.*",  # Hunyuan-DiT caption projection (official name; absent in DiT/PixArt)
+    "norm_out*",  # final norm (PixArt has no linear there; DiT has none)
     "proj_out*",  # final layer (DiT proj_out_1 / proj_out_2, PixArt proj_out)
-    "norm_out*",
 ]
+# the exclusion list used before the fidelity review (kept for the FP-share comparison and tests)
+LEGACY_EXCLUDE = ["pos_embed.*", "*emb*", "adaln_single.*", "*norm1.linear", "caption_projection.*",
+                  "proj_out*", "norm_out*"]
 
 
 def parse_format(text: str, key: str) -> tuple[int, int]:
@@ -97,14 +109,15 @@ class FP4DiTConfig:
 
     Formats: ``weight_format`` (default layers), ``ffn1_format`` for ``ffn1_pattern`` (first FFN linear),
     ``weight_format_rules`` (more ``pattern: format`` pairs, applied after the FFN-1 rule),
-    ``act_format`` (null = A6 -> E2M3, A8 -> E3M4, other widths the core's default split),
-    ``softmax_bits`` (null = the setting's activation bits). ``group_size``: weights per clipping value.
-    ``exclude``: module-name patterns kept in FP. ``recon``: the block reconstruction
+    ``act_format`` (null = A4 -> E2M1, A6 -> E2M3, A8 -> E3M4, other widths the core's default split),
+    ``softmax_bits``: width of the post-softmax probabilities P (official ``--sm_abit 16``; null = the
+    setting's activation bits); on the FP grid P is unsigned with the activation's mantissa and the rest of
+    the width in the exponent (official ``sign_bits = 0``), on the INT grid unsigned INT when it fits 8 bits,
+    else FP. ``group_size``: weights per clipping value (every cell of the cross). ``exclude``: module-name
+    patterns kept in FP, one list for every row. ``recon``: the block reconstruction
     (:class:`pipeline.train.configs.ReconConfig`; the paper's setting is ``recon.iters: 2500``,
     ``recon.batch_size: 16``; ``recon.max_inputs`` caps the calibration inputs used, null = all;
-    ``recon.seed`` the batch order).
-    ``int_weight_symmetric``: symmetric INT weights for the INT variants (default asymmetric min-max).
-    ``static_act_init``: absmax ("minmax") or MSE for the static-activation variant.
+    ``recon.seed`` the batch order). ``static_act_init``: absmax ("minmax") or MSE for the static cells.
     """
 
     weight_format: str = "E2M1"
@@ -112,11 +125,10 @@ class FP4DiTConfig:
     ffn1_pattern: str = "*ff.net.0.proj"
     weight_format_rules: dict[str, str] = field(default_factory=dict)
     act_format: Optional[str] = None
-    softmax_bits: Optional[int] = None
+    softmax_bits: Optional[int] = 16
     group_size: int = 128
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     recon: ReconConfig = field(default_factory=lambda: ReconConfig(iters=80, batch_size=16))
-    int_weight_symmetric: bool = False
     static_act_init: str = "minmax"
 
     def validate(self, p: str) -> None:
@@ -141,8 +153,45 @@ class FP4DiTConfig:
                 raise ConfigError(f"{p}.exclude[{i}]: empty pattern")
 
 
-# fixed switches of the registered variants
-VARIANT_DEFAULTS = {"grid": "fp", "adaround": True, "act_mode": "token", "ffn1": True}
+# switches of a variant: weight grid ("fp" = FP4DiT's ExMy formats, "int" = integer), INT weight symmetry,
+# activation mode ("token" = online per-token, "static" = calibrated per-tensor), rounding (AdaRound or
+# nearest), FFN-1 format rule (FP grid only)
+VARIANT_DEFAULTS = {"grid": "fp", "w_symmetric": False, "act_mode": "token", "adaround": True, "ffn1": True}
+
+# the crossed design: weight grid x activations x rounding, same bits / group size / exclusions everywhere
+CROSS_GRIDS = {"fp": {"grid": "fp"}, "int-asym": {"grid": "int", "w_symmetric": False},
+               "int-sym": {"grid": "int", "w_symmetric": True}}
+CROSS_ACTS = {"tok": {"act_mode": "token"}, "static": {"act_mode": "static"}}
+CROSS_ROUNDINGS = {"ada": {"adaround": True}, "nearest": {"adaround": False}}
+_GRID_TEXT = {"fp": "FP weights (E2M1, E3M0 FFN-1)", "int-asym": "INT asymmetric weights",
+              "int-sym": "INT symmetric weights"}
+_ACT_TEXT = {"tok": "online per-token activations", "static": "static per-tensor activations"}
+_ROUND_TEXT = {"ada": "AdaRound", "nearest": "round to nearest"}
+
+
+def cross_name(grid: str, act: str, rounding: str) -> str:
+    """Variant name of a cell of the cross; the paper's cell (fp, tok, ada) is the method row ``fp4dit``."""
+    return "fp4dit" if (grid, act, rounding) == ("fp", "tok", "ada") else f"{grid}_{act}_{rounding}"
+
+
+def _cross_variants() -> list:
+    out = []
+    for g, gs in CROSS_GRIDS.items():
+        for a, as_ in CROSS_ACTS.items():
+            for r, rs in CROSS_ROUNDINGS.items():
+                name = cross_name(g, a, r)
+                desc = f"{_GRID_TEXT[g]}, {_ACT_TEXT[a]}, {_ROUND_TEXT[r]} (same group size and exclusions)"
+                if name == "fp4dit":
+                    desc = "FP4DiT (cell fp_tok_ada): " + desc
+                out.append(Variant(name, desc, {**gs, **as_, **rs}))
+    return out
+
+
+CROSS_VARIANTS = tuple(_cross_variants())
+CROSS_NAMES = tuple(v.name for v in CROSS_VARIANTS)
+# names used before the cross (same switches; kept so existing experiment commands keep working)
+LEGACY_ALIASES = {"fp4dit_no_adaround": "fp_tok_nearest", "fp4dit_static_act": "fp_static_ada",
+                  "int_adaround": "int-asym_tok_ada", "int_no_adaround": "int-asym_tok_nearest"}
 
 
 def format_at_width(text: str, bits: int, key: str) -> Optional[tuple[int, int]]:
@@ -155,7 +204,8 @@ def format_at_width(text: str, bits: int, key: str) -> Optional[tuple[int, int]]
 
 def act_split(setting, cfg: FP4DiTConfig) -> tuple[int, int]:
     """Activation ExMy split: ``act_format`` when it has the setting's width, else the core's table
-    (``pipeline.quant.primitives.FP_ACT_FORMATS``: FP4DiT's A6 E2M3 and A8 E3M4, our split elsewhere)."""
+    (``pipeline.quant.primitives.FP_ACT_FORMATS``: FP4DiT's A6 E2M3 and A8 E3M4, E2M1 at A4, our split
+    elsewhere)."""
     from ..quant.primitives import FP_ACT_FORMATS
 
     if cfg.act_format is not None:
@@ -168,28 +218,49 @@ def act_split(setting, cfg: FP4DiTConfig) -> tuple[int, int]:
     return FP_ACT_FORMATS[setting.abits]
 
 
+def softmax_split(p_bits: int, act_man_bits: int) -> tuple[int, int]:
+    """Unsigned (E, M) of P as the official code forms it: the activation quantizer's mantissa, sign bit 0,
+    E = width − M (``quantize_to_fp8_ste_MM`` with ``sign_bits = 0``; at ``--sm_abit 16`` and A6 that is
+    E13M3, at A8 E12M4, at A4 E15M1)."""
+    e = p_bits - act_man_bits
+    if e < 1:
+        raise ValueError(f"softmax_bits {p_bits}: an unsigned FP P with the activation's {act_man_bits} "
+                         "mantissa bits needs at least one exponent bit")
+    return e, act_man_bits
+
+
 def fp4dit_spec(setting, cfg: FP4DiTConfig, variant: Optional[dict] = None):
-    """The :class:`pipeline.quant.surgery.QuantSpec` of FP4DiT (or a variant) at ``setting``. P (post-softmax)
-    at ``softmax_bits`` is a spec field (``attn_p_bits``; unsigned, its own split: the core's table for widths
-    up to 8, E5 beyond); an INT grid wider than the integer range keeps P in FP (``attn_p_format: none``)."""
+    """The :class:`pipeline.quant.surgery.QuantSpec` of FP4DiT (or a cell of the cross) at ``setting``.
+    Every cell: group-``group_size`` weights, the same exclusions, activations and Q/K/V at the setting's
+    bits in the grid's number format (FP ExMy or symmetric INT), P at ``softmax_bits`` (see
+    :class:`FP4DiTConfig`)."""
     from ..quant.primitives import FP_WEIGHT_FORMATS, INT_BITS
     from ..quant.surgery import LayerQuant, QuantSpec
 
     v = {**VARIANT_DEFAULTS, **(variant or {})}
+    if v["grid"] not in ("fp", "int"):
+        raise ValueError(f"variant grid must be 'fp' or 'int', got {v['grid']!r}")
+    if v["act_mode"] not in ("token", "static"):
+        raise ValueError(f"variant act_mode must be 'token' or 'static', got {v['act_mode']!r}")
     act = setting.act_quantized
     a_fp = dict(a_format="fp", a_exp_bits=None, a_man_bits=None)
     if act and v["grid"] == "fp":
         e, m = act_split(setting, cfg)
         a_fp.update(a_exp_bits=e, a_man_bits=m)
     a_mode = v["act_mode"] if act else "none"
+    a_init = cfg.static_act_init if act and v["act_mode"] == "static" else "minmax"
     common = dict(w_bits=setting.wbits, w_granularity="group", group_size=cfg.group_size,
                   a_bits=setting.abits if act else None, a_mode=a_mode,
-                  attn_bits=setting.abits if act else None, a_init="minmax")
-    if act and cfg.softmax_bits is not None and cfg.softmax_bits != setting.abits:
-        if v["grid"] == "int" and cfg.softmax_bits > max(INT_BITS):
-            common["attn_p_format"] = "none"
-        else:
-            common["attn_p_bits"] = cfg.softmax_bits
+                  attn_bits=setting.abits if act else None, a_init=a_init)
+    p_bits = setting.abits if cfg.softmax_bits is None else cfg.softmax_bits
+    if act and v["grid"] == "int":
+        if p_bits > max(INT_BITS):
+            common["attn_p_format"] = "none"  # INT16 P on [0, 1]: step <= 1.5e-5 of the row max, kept FP
+        elif p_bits != setting.abits:
+            common["attn_p_bits"] = p_bits
+    elif act:
+        pe, pm = softmax_split(p_bits, a_fp["a_man_bits"])
+        common.update(attn_p_bits=p_bits, attn_p_exp_bits=pe, attn_p_man_bits=pm)
     rules: list = []
     if v["grid"] == "fp":
         if setting.wbits not in FP_WEIGHT_FORMATS:
@@ -204,15 +275,28 @@ def fp4dit_spec(setting, cfg: FP4DiTConfig, variant: Optional[dict] = None):
             chosen = format_at_width(fmt, setting.wbits, key)
             if chosen is not None:
                 rules.append((pat, {"w_exp_bits": chosen[0], "w_man_bits": chosen[1]}))
-    elif v["grid"] == "int":
-        default = LayerQuant(w_format="int", w_symmetric=cfg.int_weight_symmetric, w_init="minmax",
-                             a_format="int", a_symmetric=True, **common)
     else:
-        raise ValueError(f"variant grid must be 'fp' or 'int', got {v['grid']!r}")
-    if v["act_mode"] == "static" and act:
-        default = dataclasses.replace(default, a_init=cfg.static_act_init)
+        default = LayerQuant(w_format="int", w_symmetric=bool(v["w_symmetric"]), w_init="minmax",
+                             a_format="int", a_symmetric=True, **common)
     rules += [(pat, {"skip": True}) for pat in cfg.exclude]
     return QuantSpec(default=default, rules=rules)
+
+
+def fp_kept_share(net, spec) -> dict:
+    """How much of ``net``'s nn.Linear / nn.Conv2d weight ``spec`` keeps in FP: {"kept": n, "total": n,
+    "share": kept / total, "layers": [names kept FP]} (resolved by name, nothing changed)."""
+    from ..quant.surgery import quantizable_layers, resolve_model
+
+    resolved = resolve_model(net, spec)
+    kept, total, names = 0, 0, []
+    for name, mod in quantizable_layers(net):
+        n = mod.weight.numel()
+        total += n
+        lq = resolved.get(name)
+        if lq is None or not lq.quantizes_weight:
+            kept += n
+            names.append(name)
+    return {"kept": kept, "total": total, "share": kept / max(1, total), "layers": names}
 
 
 def _calibration_inputs(calib, device, cfg: FP4DiTConfig):
@@ -276,27 +360,27 @@ def check_setting(setting, cfg: FP4DiTConfig, switches: dict) -> None:
     fp4dit_spec(setting, cfg, switches)
 
 
+def _cross_table(act: str, title: str) -> Table:
+    cells = tuple(cross_name(g, act, r) for g in CROSS_GRIDS for r in CROSS_ROUNDINGS)
+    return Table(
+        title=title, backbone="dit", baselines=("naive/naive",), variants=cells,
+        columns=("fid_ratio", "accuracy", "clip_score", "bitops_g", "model_mb", "method_seconds"),
+        note="Cells of the cross at equal bits: weight grid (fp = E2M1 + E3M0 FFN-1, int-asym / int-sym = "
+             "INT min-max per group) x rounding (ada = block AdaRound, nearest); activations and Q/K/V in the "
+             "grid's number format (FP ExMy / symmetric INT) at the setting's bits, P at fp4dit.softmax_bits; "
+             "same group size and FP-kept layers in every cell. fp4dit = the cell fp_tok_ada. naive = min-max "
+             "INT PTQ (per-channel W, static per-tensor A). Cells missing from the run: select them with "
+             "dvc exp run -S 'fp4dit.variants=[...]'.")
+
+
 register_family(Family(
     name="fp4dit", config_cls=FP4DiTConfig, quantize=quantize, check_setting=check_setting,
     backbones=("dit", "pixart"),
-    description="FP4DiT (arXiv 2503.15465) and INT twins through the same pipeline",
-    variants=(
-        Variant("fp4dit", "FP4DiT: FP group-128 weights (E2M1, E3M0 FFN-1), scale-aware FP AdaRound, online "
-                          "per-token FP activations"),
-        Variant("fp4dit_no_adaround", "FP4DiT without AdaRound (round to nearest on the FP grid)",
-                {"adaround": False}),
-        Variant("fp4dit_static_act", "FP4DiT with static per-tensor FP activations instead of online per-token "
-                                     "ones", {"act_mode": "static"}),
+    description="FP4DiT (arXiv 2503.15465) and the grid x activations x rounding cross through the same pipeline",
+    variants=CROSS_VARIANTS + (
         Variant("fp4dit_ffn_e2m1", "FP4DiT with E2M1 in the first FFN linear instead of E3M0", {"ffn1": False}),
-        Variant("int_adaround", "INT group weights + INT per-token activations with the same AdaRound "
-                                "reconstruction", {"grid": "int"}),
-        Variant("int_no_adaround", "INT group weights + INT per-token activations, round to nearest",
-                {"grid": "int", "adaround": False}),
-    ),
-    tables=(Table(
-        title="FP4DiT vs INT at the same bits (DiT)", backbone="dit", baselines=("naive/naive",),
-        columns=("fid_ratio", "accuracy", "clip_score", "bitops_g", "model_mb", "method_seconds"),
-        note="naive = min-max INT PTQ (per-channel W, static per-tensor A); int_* = FP4DiT's pipeline (group-128 W, "
-             "online per-token A) on an INT grid, with/without the same AdaRound; method_seconds = calibration + "
-             "reconstruction time."),),
+    ) + tuple(Variant(old, f"alias of {new} (name before the cross)", dict(next(
+        v.switches for v in CROSS_VARIANTS if v.name == new))) for old, new in LEGACY_ALIASES.items()),
+    tables=(_cross_table("tok", "FP4DiT cross, online per-token activations (DiT)"),
+            _cross_table("static", "FP4DiT cross, static per-tensor activations (DiT)")),
 ))

@@ -162,13 +162,43 @@ def int_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmet
 # ----------------------------------------------------------------------------------------------
 # floating-point ExMy fake quantization
 # ----------------------------------------------------------------------------------------------
-def fp_step(x_abs: torch.Tensor, maxval: torch.Tensor, exp_bits: int, man_bits: int):
-    """Local grid step s(x) and relative exponent r = e − e_top (detached) for |x| <= maxval."""
+_F32_EXP_BIAS = 127
+_F32_MAN_BITS = 23
+
+
+def _rel_exponent(r: torch.Tensor, e_top: int, exact_zero: bool = True) -> torch.Tensor:
+    """(k − 1).clamp(1 − e_top, 0) with ``r = m·2^k`` as ``torch.frexp`` defines k (k = 0 for r = 0), for
+    r >= 0 (no gradient).
+
+    float32 fast path (bit-identical to frexp, which is the slowest op of FP fake quantization on CPU):
+    for a normal r the IEEE exponent field f gives k − 1 = f − 127; zero gets frexp's k − 1 = −1; a subnormal
+    r (field 0) has k − 1 <= −127, which the clamp maps to 1 − e_top whenever e_top <= 127 (E <= 7, every
+    weight / activation format here), and the field-0 value −127 clamps to the same. Wider exponents
+    (unsigned 16-bit P, e.g. E13M3) read the (rare) subnormals with frexp; other dtypes use frexp. ``exact_zero=False`` skips the zero
+    fix-up (zeros then get 1 − e_top instead of −1): for callers whose result does not depend on the step
+    at 0 (fake quantization and codes: 0 / s · s = 0 with its sign, code 0 for any step)."""
+    if r.dtype == torch.float32:
+        bits = r.contiguous().view(torch.int32)
+        rel = (bits >> _F32_MAN_BITS) - _F32_EXP_BIAS
+        if exact_zero:
+            rel = torch.where(bits == 0, torch.full_like(rel, -1), rel)
+        if e_top > _F32_EXP_BIAS:  # the clamp no longer hides subnormals: read them with frexp
+            sub = (bits > 0) & (bits < 2 ** _F32_MAN_BITS)
+            if bool(sub.any()):
+                rel[sub] = torch.frexp(r[sub])[1] - 1
+        return rel.clamp_(min=1 - e_top, max=0)
+    _, k = torch.frexp(r)  # r = m·2^k, m in [0.5, 1)
+    return (k - 1).clamp(min=1 - e_top, max=0)
+
+
+def fp_step(x_abs: torch.Tensor, maxval: torch.Tensor, exp_bits: int, man_bits: int, exact_zero: bool = True):
+    """Local grid step s(x) and relative exponent r = e − e_top (detached) for |x| <= maxval
+    (``exact_zero=False``: the step at x = 0 may differ, see :func:`_rel_exponent`)."""
     e_top = 2 ** exp_bits - 1
     base = maxval / (2.0 - 2.0 ** (-man_bits))  # = 2^(e_top − b): leading power of the top binade
     with torch.no_grad():
-        _, k = torch.frexp((x_abs / base).detach())  # x/base = m·2^k, m in [0.5, 1)
-        rel = (k - 1).clamp(min=1 - e_top, max=0)  # e = max(floor(log2|x| + b), 1), e <= e_top
+        # x/base = m·2^k, m in [0.5, 1); e = max(floor(log2|x| + b), 1), e <= e_top
+        rel = _rel_exponent((x_abs / base).detach(), e_top, exact_zero)
     step = base * torch.exp2((rel - man_bits).to(base.dtype))
     return step.clamp_min(torch.finfo(step.dtype).tiny), rel
 
@@ -196,7 +226,7 @@ def fp_quantize(x: torch.Tensor, maxval, exp_bits: int, man_bits: int, signed: b
     check_fp_format(exp_bits, man_bits, signed)
     maxval = torch.as_tensor(maxval, dtype=x.dtype, device=x.device).clamp_min(_MIN_MAXVAL)
     x_c = fp_clip(x, maxval, signed)
-    step, _ = fp_step(x_c.abs(), maxval, exp_bits, man_bits)
+    step, _ = fp_step(x_c.abs(), maxval, exp_bits, man_bits, exact_zero=False)  # 0 stays 0 (sign kept)
     return step * round_ste(x_c / step)
 
 
@@ -211,7 +241,7 @@ def fp_encode(x: torch.Tensor, maxval, exp_bits: int, man_bits: int, signed: boo
     with torch.no_grad():
         maxval = torch.as_tensor(maxval, dtype=x.dtype, device=x.device).clamp_min(_MIN_MAXVAL)
         x_c = fp_clip(x, maxval, signed)
-        step, rel = fp_step(x_c.abs(), maxval, exp_bits, man_bits)
+        step, rel = fp_step(x_c.abs(), maxval, exp_bits, man_bits, exact_zero=False)  # code of 0: 0
         q = torch.round(x_c / step)
         neg = torch.signbit(q)
         q = q.abs().to(torch.int64)

@@ -96,9 +96,10 @@ def test_e3m0_only_for_the_first_ffn_linear_and_exclusions_stay_fp(tiny_backbone
         assert fmt == ((3, 0) if name.endswith("ff.net.0.proj") else (2, 1)), name
         assert q.granularity == "group" and q.group_size == 128
     assert sum(n.endswith("ff.net.0.proj") for n in names) == 2
-    for excluded in ("pos_embed.proj", "transformer_blocks.0.norm1.linear", "proj_out_1", "proj_out_2",
-                     "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"):
+    for excluded in ("pos_embed.proj", "proj_out_1", "proj_out_2"):
         assert isinstance(bb.net.get_submodule(excluded), (nn.Linear, nn.Conv2d)), excluded
+    for quantized in ("transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"):
+        assert quantized in names, quantized
     # the FFN ablation and a PixArt-Σ style default format
     bb2 = tiny_backbone("dit", **ARCH)
     quantize_model(bb2.net, fp4dit_spec(W4A6, options(), {"ffn1": False}))
@@ -108,7 +109,8 @@ def test_e3m0_only_for_the_first_ffn_linear_and_exclusions_stay_fp(tiny_backbone
     quantize_model(bb3.net, fp4dit_spec(W4A6, options(weight_format="E1M2")))
     fmts = {n: (l.weight_quantizers[0].exp_bits, l.weight_quantizers[0].man_bits) for n, l in quant_layers(bb3.net)}
     assert fmts and all(f == ((3, 0) if n.endswith("ff.net.0.proj") else (1, 2)) for n, f in fmts.items())
-    assert not any(n.startswith(("adaln_single", "caption_projection", "proj_out")) for n in fmts)
+    assert not any(n.startswith(("pos_embed", "proj_out")) for n in fmts)
+    assert any(n.startswith("adaln_single") for n in fmts)  # official PixArt: adaLN-single quantized
 
 
 def test_formats_options_and_errors_name_the_key():
@@ -141,7 +143,7 @@ def test_activation_formats_softmax_bits_and_int_variant_spec(tiny_backbone):
     procs = list(quant_attention(bb.net))
     assert len(procs) == 2
     p = procs[0][1].p_quantizer
-    assert not p.signed and p.bits == 6 and (p.exp_bits, p.man_bits) == (2, 4)
+    assert not p.signed and p.bits == 16 and (p.exp_bits, p.man_bits) == (13, 3)  # official sm_abit 16
     # softmax bits as their own parameter (the official default is 16)
     res = run_method("fp4dit_no_adaround", tiny_backbone("dit", **ARCH), softmax_bits=16)
     for _, proc in quant_attention(res.backbone.net):
@@ -154,56 +156,20 @@ def test_activation_formats_softmax_bits_and_int_variant_spec(tiny_backbone):
     assert spec_int.rules == [r for r in spec6.rules if r[1] == {"skip": True}]
 
 
-def _patched_softmax_quantizer(setting, cfg, grid, act_mode):
-    """The post-surgery P patch FP4DiT applied before P's format was a spec field (kept as the reference)."""
-    from pipeline.quant import act as act_mod
+def test_fp_kept_share_and_softmax_split_follow_the_official_code():
+    from pipeline import models
+    from pipeline.config import DiTArch
+    from pipeline.methods.fp4dit import LEGACY_EXCLUDE, fp_kept_share
 
-    bits = cfg.softmax_bits
-    if grid == "int":
-        if bits > 8:
-            return None
-        if act_mode == "static":
-            return act_mod.StaticActQuantizer(bits, symmetric=False, init=cfg.static_act_init)
-        return act_mod.OnlineTokenActQuantizer(bits, fmt="int", signed=False, rows="last_dim")
-    if bits <= 8:
-        e, m = act_mod.resolve_fp_split(bits, None, None, signed=False)
-    else:
-        e, m = 5, bits - 5
-    if act_mode == "static":
-        return act_mod.StaticActQuantizer(bits, fmt="fp", exp_bits=e, man_bits=m, signed=False,
-                                          init=cfg.static_act_init)
-    return act_mod.OnlineTokenActQuantizer(bits, fmt="fp", exp_bits=e, man_bits=m, signed=False, rows="last_dim")
-
-
-@pytest.mark.parametrize("variant,setting,softmax_bits", [
-    ({}, W4A6, 8), ({}, W4A8, 16), ({}, W4A8, 6), ({"act_mode": "static"}, W4A6, 8),
-    ({"act_mode": "static"}, W4A8, 12), ({"grid": "int"}, W4A6, 8), ({"grid": "int"}, W4A8, 16),
-    ({"grid": "int", "act_mode": "static"}, W4A8, 4)])
-def test_spec_built_softmax_quantizer_equals_the_former_patch(tiny_backbone, variant, setting, softmax_bits):
-    from pipeline.methods.fp4dit import VARIANT_DEFAULTS
-    from pipeline.quant.surgery import calibrate_activations
-
-    cfg = options(softmax_bits=softmax_bits)
-    v = {**VARIANT_DEFAULTS, **variant}
-    spec = fp4dit_spec(setting, cfg, v)
-    calib = tiny_calib(16)
-    x, t, y = calib.x[:4], calib.t[:4], calib.labels[:4]
-    out = []
-    for patched in (False, True):
-        bb = tiny_backbone("dit", **ARCH)
-        if patched:
-            quantize_model(bb.net, spec.with_fields(attn_p_bits=None, attn_p_format=None))
-            for _, proc in quant_attention(bb.net):
-                proc.p_quantizer = _patched_softmax_quantizer(setting, cfg, v["grid"], v["act_mode"])
-        else:
-            quantize_model(bb.net, spec)
-        if v["act_mode"] == "static":
-            calibrate_activations(bb.net, lambda m=bb: m(calib.x, calib.t, calib.labels))
-        procs = [p for _, p in quant_attention(bb.net)]
-        with torch.no_grad():
-            out.append((bb(x, t, y), [repr(p.p_quantizer) for p in procs]))
-    assert out[0][1] == out[1][1]
-    assert torch.equal(out[0][0], out[1][0])
+    bb = models.build_backbone("dit", BackboneModel(dit=DiTArch(num_layers=4)), 8, 1, 10, seed=0)
+    before = fp_kept_share(bb.net, fp4dit_spec(W4A6, options(exclude=list(LEGACY_EXCLUDE))))
+    after = fp_kept_share(bb.net, fp4dit_spec(W4A6, options()))
+    assert round(before["share"], 3) == 0.442 and round(after["share"], 3) == 0.024
+    assert after["layers"] == ["pos_embed.proj", "proj_out_1", "proj_out_2"]
+    for s, split in (("W4A4", (15, 1)), ("W4A6", (13, 3)), ("W4A8", (12, 4))):
+        assert fp4dit_spec(parse_setting(s), options()).default.p_split() == split
+    assert fp4dit_spec(W4A6, options(softmax_bits=None)).default.p_split() == (3, 3)  # sign bit -> exponent
+    assert fp4dit_spec(W4A6, options(), {"grid": "int"}).default.p_format == "none"
 
 
 def test_online_token_scale_comes_from_each_token(tiny_backbone):
@@ -283,7 +249,7 @@ def test_fp4dit_end_to_end_on_a_tiny_dit_saves_packed_weights_on_the_grid(tiny_b
     res = run_method("fp4dit", bb, W4A8)
     info = res.info
     assert info["recon_units"] == 2 and info["recon_inputs"] == 48
-    assert info["weight_formats"] == {"E2M1": 10, "E3M0": 2} and info["n_quant_attention"] == 2
+    assert info["weight_formats"] == {"E2M1": 16, "E3M0": 2} and info["n_quant_attention"] == 2
     for name, layer in quant_layers(res.backbone.net):
         assert layer.adaround is not None and all(bool(a.hardened) for a in layer.adaround), name
         assert _grid_check(layer), name
@@ -312,14 +278,17 @@ def test_int_adaround_variant_uses_int_group_weights_and_int_token_activations(t
         assert isinstance(q, IntQuantizer) and q.granularity == "group" and q.bits == 4, name
         assert isinstance(layer.act_quantizer, OnlineTokenActQuantizer) and layer.act_quantizer.fmt == "int"
         assert all(bool(a.hardened) for a in layer.adaround)
-    assert res.info["weight_formats"] == {"INT4": 12}
+    assert res.info["weight_formats"] == {"INT4": 18}
 
 
 def test_registry_and_unsupported_backbone():
     fam = get_family("fp4dit")
     assert fam.config_cls is FP4DiTConfig and set(fam.backbones) == {"dit", "pixart"}
-    assert fam.variant_names == ["fp4dit", "fp4dit_no_adaround", "fp4dit_static_act", "fp4dit_ffn_e2m1",
-                                 "int_adaround", "int_no_adaround"]
+    from pipeline.methods.fp4dit import CROSS_NAMES
+
+    assert len(CROSS_NAMES) == 12 and CROSS_NAMES[0] == "fp4dit"
+    assert fam.variant_names[:12] == list(CROSS_NAMES)
+    assert fam.variant("int_adaround").switches == fam.variant("int-asym_tok_ada").switches
     from pipeline import models
 
     unet = models.build_backbone("unet", BackboneModel(), 8, 1, 10)
@@ -348,8 +317,8 @@ def test_plain_pixart_directory_with_caption_embeddings(tiny_backbone, tmp_path)
     with pytest.raises(ValueError, match="embeddings"):
         attach_caption_embeddings(bb, torch.randn(5, 8))
     res = run_method("fp4dit", bb, W4A8, calib=tiny_calib(num_classes=4))
-    assert res.info["recon_units"] == 2
+    assert res.info["recon_units"] == 7  # 2 blocks + adaln_single (3) + caption_projection (2) layers
     names = [n for n, _ in quant_layers(res.backbone.net)]
     assert any(n.endswith("attn2.to_k") for n in names)  # cross-attention to the captions is quantized
-    assert not any(n.startswith(("adaln_single", "caption_projection", "proj_out", "pos_embed")) for n in names)
+    assert not any(n.startswith(("proj_out", "pos_embed")) for n in names)
     assert all(_grid_check(layer) for _, layer in quant_layers(res.backbone.net))

@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""FP fake-quant speed (FP4DiT rows) on the embedded DiT: per-image DDIM sampling time of an FP-grid model
+(E2M1/E3M0 group-128 weights, online per-token FP activations, FP P) with the exponent read by
+``torch.frexp`` (the former path) vs the float32 bit-field fast path of
+``pipeline.quant.primitives._rel_exponent``, and of the INT twin; checks that both FP paths give
+bit-identical samples.
+
+Uses data/fp/dit when present, else the params.yaml architecture with seeded random weights (timing does
+not depend on the weights). Run: OMP_NUM_THREADS=1 python bench/fp_fake_quant.py [n_images] [setting]
+"""
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    import torch
+
+    from pipeline import models
+    from pipeline.config import DiffusionConfig, ModelConfig, SamplingConfig, load_section, parse_setting
+    from pipeline.methods.fp4dit import FP4DiTConfig, fp4dit_spec
+    from pipeline.quant import primitives
+    from pipeline.quant.surgery import quant_state, quantize_model
+    from pipeline.sampling import eval_labels, initial_noise, sample
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 250
+    setting = parse_setting(sys.argv[2] if len(sys.argv) > 2 else "W4A6")
+    params = ROOT / "params.yaml"
+    model_cfg = load_section("model", ModelConfig, params)
+    diff = load_section("diffusion", DiffusionConfig, params)
+    samp = load_section("sampling", SamplingConfig, params)
+    fp_dir = ROOT / "data" / "fp" / "dit"
+
+    def build(variant):
+        bb = (models.load_backbone(fp_dir) if fp_dir.exists()
+              else models.build_backbone("dit", model_cfg.dit, 8, 1, 10, seed=0))
+        bb.eval()
+        quantize_model(bb.net, fp4dit_spec(setting, FP4DiTConfig(), variant))
+        quant_state(bb.net, weight=True, act=True)
+        return bb
+
+    noise, labels = initial_noise(n, (1, 8, 8), 0), eval_labels(n, 10)
+
+    def timed(m, reps=3):
+        best, out = float("inf"), None
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = sample(m, noise, labels, diff, samp)
+            best = min(best, time.perf_counter() - t0)
+        return best / n, out
+
+    fast = primitives._rel_exponent
+
+    def frexp_only(r, e_top, exact_zero=True):
+        _, k = torch.frexp(r)
+        return (k - 1).clamp(min=1 - e_top, max=0)
+
+    fp_model = build({})
+    primitives._rel_exponent = frexp_only
+    try:
+        t_old, x_old = timed(fp_model)
+    finally:
+        primitives._rel_exponent = fast
+    t_new, x_new = timed(fp_model)
+    t_int, _ = timed(build({"grid": "int"}))
+    print(f"{setting.name}, {n} images x {samp.steps} steps, best of 3, torch threads {torch.get_num_threads()}")
+    print(f"FP grid, frexp exponent     : {t_old:.4f} s/image")
+    print(f"FP grid, bit-field exponent : {t_new:.4f} s/image  (x{t_old / t_new:.2f})")
+    print(f"INT grid                    : {t_int:.4f} s/image")
+    print(f"samples bit-identical: {torch.equal(x_old, x_new)}")
+
+
+if __name__ == "__main__":
+    main()
