@@ -24,16 +24,17 @@ def miniature(params: dict) -> dict:
         p["train_fp"][b].update(steps=30, batch_size=32, warmup_steps=5)
     p["train_evaluators"].update(classifier_steps=60, clip_steps=40, batch_size=64)
     p["calibrate"].update(n_samples=16, n_timesteps=3, batch_size=16)
-    p["naive"].update(settings=["W8A8", "W4A4"], calib_batches=1)
-    p["fp4dit"].update(variants=["fp4dit", "int_adaround"], settings=["W4A8"])
+    p["naive"].update(settings=["W8A8", "W4A4"], calib_batches=1, seeds=[0, 1])  # two method seeds per row
+    p["fp4dit"].update(variants=["fp4dit", "int-asym_tok_ada"], settings=["W4A8"], seeds=[0], seeded_variants=None)
     p["fp4dit"]["recon"].update(iters=3, batch_size=8)
-    p["mpq"].update(variants=["mpqdm", "mpqdm2"], settings=["W3A4"], lora_rank=2, calib_inputs=16,
+    p["mpq"].update(variants=["mpqdm", "mpqdm2"], settings=["W3A4"], seeds=[0], seeded_variants=None, lora_rank=2, calib_inputs=16,
                     act_calib_batches=1, act_mse_samples=256, omq_fractions=[0.0, 0.1])
     p["mpq"]["qat"].update(epochs=1, batch_size=4, check_samples=0)
     # a new family added the documented way: its module (copied below), its section, one list entry
     p["families"].append("toy")
     p["toy"] = {"variants": ["toy_rtn"], "settings": ["W4A8"], "backbones": ["unet"], "keep_first_last_bits": 8}
-    p["eval"].update(n_samples=40, batch_size=40, grid_size=4)
+    p["eval"].update(n_samples=40, batch_size=40, grid_size=4, floor_real_splits=2)
+    p["report"].update(bootstrap=50)
     return p
 
 
@@ -90,7 +91,7 @@ def test_repro_writes_summary_for_every_model(repo):
         for m in ("fp/fp/FP32", "naive/naive/W8A8", "naive/naive/W4A4"):
             row = summary[f"{b}/{m}"]
             assert row["fid"] >= 0 and 0 <= row["accuracy"] <= 1 and row["bitops_g"] > 0
-        extra = (["fp4dit/fp4dit/W4A8", "fp4dit/int_adaround/W4A8"] if b == "dit"
+        extra = (["fp4dit/fp4dit/W4A8", "fp4dit/int-asym_tok_ada/W4A8"] if b == "dit"
                  else ["mpq/mpqdm/W3A4", "mpq/mpqdm2/W3A4", "toy/toy_rtn/W4A8"])
         for m in extra:
             row = summary[f"{b}/{m}"]
@@ -99,9 +100,17 @@ def test_repro_writes_summary_for_every_model(repo):
         assert summary[f"{b}/naive/naive/W4A4"]["bitops_g"] < summary[f"{b}/naive/naive/W8A8"]["bitops_g"] < \
             summary[f"{b}/fp/fp/FP32"]["bitops_g"]
         assert summary[f"{b}/naive/naive/W4A4"]["model_mb"] < summary[f"{b}/fp/fp/FP32"]["model_mb"]
+        # two method seeds: the row is their mean, with a bootstrap interval around it
+        w4 = summary[f"{b}/naive/naive/W4A4"]
+        assert w4["n_seeds"] == 2 and w4["fid_lo"] <= w4["fid"] <= w4["fid_hi"] and "psnr" in w4
+        assert f"noise_floor/{b}/fp_other_noise" in summary
+    assert "noise_floor/real_vs_real" in summary
+    claims = json.loads((dst / "reports" / "claims.json").read_text())["claims"]
+    assert any(c.get("metrics", {}).get("fid", {}).get("verdict") for c in claims)
     md = (dst / "reports" / "results.md").read_text()
-    assert "### unet" in md and "### Toy vs naive" in md and "### FP4DiT vs INT at the same bits (DiT)" in md
-    for f in ("fid_vs_wbits.png", "fid_vs_bitops.png", "samples_unet.png", "samples_dit.png"):
+    assert "### unet" in md and "### Toy vs naive" in md and "### FP4DiT cross, online per-token" in md
+    assert "## Paper claims" in md and "## Noise floor" in md
+    for f in ("fid_vs_wbits.png", "fid_vs_bitops.png", "claims.png", "samples_unet.png", "samples_dit.png"):
         assert (dst / "reports" / "plots" / f).stat().st_size > 0
     assert (dst / "data" / "quantized" / "naive" / "W4A4" / "naive" / "unet" / "seed0" / "packed.safetensors").exists()
     manifest = json.loads((dst / "data" / "quantized" / "toy" / "manifest.json").read_text())
@@ -120,7 +129,9 @@ def test_a_second_clean_run_reproduces_summary_exactly(repo, tmp_path):
         a, b = json.loads(first), json.loads(second)
         diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
         pytest.fail(f"summary.json differs between two clean runs: {diff}")
-    assert json.loads((dst / "reports" / "timings.json").read_text()).keys() == json.loads(first).keys()
+    rows = {k for k in json.loads(first) if not k.startswith(("claims/", "noise_floor/"))}
+    timed = {k.split("#")[0] for k in json.loads((dst / "reports" / "timings.json").read_text())}
+    assert timed == rows
 
 
 def test_every_stage_is_an_mlflow_run(repo):
@@ -133,7 +144,7 @@ def test_every_stage_is_an_mlflow_run(repo):
     stages = {r.data.tags.get("stage") for r in runs}
     assert stages >= {"prepare", "train_fp", "train_evaluators", "calibrate", "quantize", "evaluate", "report"}
     q = [r for r in runs if r.data.tags.get("stage") == "quantize" and r.data.tags.get("family") == "naive"]
-    assert len(q) == 4 and all({"backbone", "family", "variant", "setting", "git_commit", "params_hash"}
+    assert len(q) == 8 and all({"backbone", "family", "variant", "setting", "git_commit", "params_hash"}
                                <= set(r.data.tags) for r in q)
     assert all(r.info.status == "FINISHED" for r in runs)
     train = [r for r in runs if r.data.tags.get("stage") == "train_fp"]
