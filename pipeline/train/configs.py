@@ -25,6 +25,9 @@ class ReconConfig:
     error_inputs: cached inputs (a seeded random subset) on which the unit's output error is reported
         before (round to nearest) and after reconstruction.
     seed: batch sampling seed. log_every: Lightning ``log_every_n_steps``.
+    curve_every: > 0: hold out ``curve_inputs`` calibration inputs (a seeded random subset, not used for
+        training) and log every unit's held-out output error with hard rounding every ``curve_every``
+        iterations (and at 0 and the end) as ``recon/<unit>/heldout``; 0 = off (training unchanged).
     """
 
     iters: int = 100
@@ -41,6 +44,8 @@ class ReconConfig:
     error_inputs: int = 128
     seed: int = 0
     log_every: int = 10
+    curve_every: int = 0
+    curve_inputs: int = 64
 
     def __post_init__(self) -> None:
         self.validate("ReconConfig")
@@ -50,6 +55,10 @@ class ReconConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{p}.{name}: must be a positive int, got {v!r}")
+        for name in ("curve_every", "curve_inputs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{p}.{name}: must be an int >= 0, got {v!r}")
         if self.max_inputs is not None and (not isinstance(self.max_inputs, int) or self.max_inputs < 1):
             raise ConfigError(f"{p}.max_inputs: must be a positive int or None, got {self.max_inputs!r}")
         if not self.lr > 0:
@@ -81,6 +90,10 @@ class QATConfig:
     memory_decay: MTRD weight decay^age of older entries (1 = uniform). temperature: relation softmax τ.
     feature_module: module (name inside the diffusers net) whose output is the relation feature; null = auto.
     check_samples: trajectories of the held-out ε-MSE check before/after QAT in the stage (0 = skip).
+    curve_every: > 0: every ``curve_every`` updates (and before the first, and after the last) the held-out
+        ε-MSE (:func:`distillation_error`, ``curve_samples`` fixed trajectories, seed 10 000, disjoint from the
+        training seeds) is logged as ``qat/heldout_eps_mse`` and returned as ``curve``; 0 = off. The check
+        only reads the models: the trained student is the same with and without it.
     seed: trajectory noise / labels (MPQ-DM: 3407, + epoch).
     """
 
@@ -100,6 +113,8 @@ class QATConfig:
     feature_module: Optional[str] = None
     log_every_n_steps: int = 5
     check_samples: int = 16
+    curve_every: int = 0
+    curve_samples: int = 8
     seed: int = 3407
 
     def validate(self, p: str) -> None:
@@ -113,6 +128,9 @@ class QATConfig:
                 raise ConfigError(f"{p}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.lora_lr is not None and self.lora_lr < 0:
             raise ConfigError(f"{p}.lora_lr: must be >= 0 or null (scale-aware), got {self.lora_lr}")
+        if self.curve_every < 0 or self.curve_samples < 1:
+            raise ConfigError(f"{p}.curve_every / curve_samples: must be >= 0 / >= 1, got "
+                              f"{self.curve_every} / {self.curve_samples}")
         if self.check_samples < 0:
             raise ConfigError(f"{p}.check_samples: must be >= 0 (0 = skip), got {self.check_samples}")
         if self.memory_length < 0:

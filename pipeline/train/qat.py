@@ -211,6 +211,7 @@ class TrajectoryDistillation(L.LightningModule):
         self.groups, self.param_summary = parameter_groups(student.net, cfg)
         self.total_updates = cfg.epochs * sampling.steps
         self.history: list = []
+        self.curve: list = []  # (update, held-out ε-MSE) when cfg.curve_every > 0
 
     def _ensure_taps(self):
         if self._taps is None and self.relation is not None:
@@ -272,7 +273,19 @@ class TrajectoryDistillation(L.LightningModule):
             if rel is not None:
                 metrics["qat/relation"] = out["relation"]
             self.logger.log_metrics(metrics, step=n)
+        if self.cfg.curve_every and (n % self.cfg.curve_every == 0 or n == self.total_updates):
+            self.heldout_check(n)
         return out
+
+    def heldout_check(self, n: int, logger=None) -> float:
+        """Held-out ε-MSE after ``n`` updates (read-only: no RNG, no parameter touched), logged and kept."""
+        err = distillation_error(self.student, self.teacher.teacher, self.diffusion_cfg, self.sampling_cfg,
+                                 n=self.cfg.curve_samples)
+        self.curve.append((n, err))
+        lg = logger if logger is not None else (self.logger if self._trainer is not None else None)
+        if lg:
+            lg.log_metrics({"qat/heldout_eps_mse": err}, step=n)
+        return err
 
     def training_step(self, batch, batch_idx):
         from pipeline.sampling import sample
@@ -333,6 +346,8 @@ def run_qat(student, teacher, diffusion, sampling, cfg: QATConfig, relation: str
                         log_every_n_steps=cfg.log_every_n_steps, callbacks=[_ProgressLog(cfg.epochs)] if progress else [],
                         num_sanity_val_steps=0, deterministic="warn")
     t0 = time.time()
+    if cfg.curve_every:
+        module.heldout_check(0, logger)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
@@ -347,7 +362,8 @@ def run_qat(student, teacher, diffusion, sampling, cfg: QATConfig, relation: str
     steps = sampling.steps
     first = h[:steps]
     last = h[-steps:]
-    return {"qat_seconds": seconds, "updates": len(h), "relation": module.relation_kind if module.relation else "none",
+    extra = {"curve": list(module.curve)} if cfg.curve_every else {}
+    return {**extra, "qat_seconds": seconds, "updates": len(h), "relation": module.relation_kind if module.relation else "none",
             "feature_module": module.feature_name, **module.param_summary,
             "eps_mse_first_epoch": sum(r["eps_mse"] for r in first) / max(len(first), 1),
             "eps_mse_last_epoch": sum(r["eps_mse"] for r in last) / max(len(last), 1),

@@ -263,8 +263,10 @@ class UnitReconstruction(L.LightningModule):
     """AdaRound reconstruction of one unit: Adam on the rounding logits, loss = output error + λ·reg."""
 
     def __init__(self, unit: nn.Module, rounding: Sequence[nn.Module], data: UnitData, cfg: ReconConfig,
-                 name: str = "unit"):
+                 name: str = "unit", heldout: Optional[UnitData] = None):
         super().__init__()
+        self.heldout = heldout  # cfg.curve_every > 0: cached inputs not used for training
+        self.curve: list = []
         self.unit = unit
         self.rounding = nn.ModuleList(rounding)  # AdaRoundWeight modules (their V are the only parameters trained)
         self.data = data
@@ -298,6 +300,28 @@ class UnitReconstruction(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam([r.V for r in self.rounding], lr=self.cfg.lr)
+
+    def heldout_check(self, step: int, logger=None) -> float:
+        """Held-out output error with hard rounding h = 1[V >= 0] (as if the unit were hardened now);
+        read-only: the rounding goes back to soft."""
+        flags = [bool(r.hardened) for r in self.rounding]
+        for r in self.rounding:
+            r.hardened.fill_(True)
+        try:
+            err = unit_error(self.unit, self.heldout)
+        finally:
+            for r, f in zip(self.rounding, flags):
+                r.hardened.fill_(f)
+        self.curve.append((step, err))
+        lg = logger if logger is not None else (self.logger if self._trainer is not None else None)
+        if lg:
+            lg.log_metrics({f"recon/{self.unit_name}/heldout": err}, step=step)
+        return err
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        every, s = self.cfg.curve_every, self.global_step
+        if self.heldout is not None and every and (s % every == 0 or s == self.cfg.iters):
+            self.heldout_check(s)
 
     def train_dataloader(self):
         return DataLoader(_RandomIndexBatches(len(self.data), self.cfg.batch_size, self.cfg.seed), batch_size=None)
@@ -362,7 +386,7 @@ def _frozen_except(module: nn.Module, keep: Sequence[nn.Parameter]):
 
 
 def reconstruct_unit(unit: ReconUnit, data: UnitData, cfg: ReconConfig, logger=None,
-                     accelerator: str = "cpu") -> dict:
+                     accelerator: str = "cpu", heldout: Optional[UnitData] = None) -> dict:
     """Attach AdaRound to the unit's layers, optimise the rounding (Lightning), harden. Returns
     {"error_rtn", "error_recon", "seconds"}: the unit's output error before (round to nearest) and after
     reconstruction, on ``cfg.error_inputs`` cached inputs."""
@@ -376,7 +400,9 @@ def reconstruct_unit(unit: ReconUnit, data: UnitData, cfg: ReconConfig, logger=N
     for _, layer in unit.layers:
         rounding.extend(layer.use_adaround())
     params = [r.V for r in rounding]
-    module = UnitReconstruction(unit.module, rounding, data, cfg, unit.name)
+    module = UnitReconstruction(unit.module, rounding, data, cfg, unit.name, heldout)
+    if heldout is not None:
+        module.heldout_check(0, logger)
     with _frozen_except(unit.module, params), _quiet_lightning():
         trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=cfg.iters, max_epochs=-1,
                             logger=logger if logger is not None else False, enable_checkpointing=False,
@@ -388,8 +414,11 @@ def reconstruct_unit(unit: ReconUnit, data: UnitData, cfg: ReconConfig, logger=N
         layer.harden_adaround()
     unit.module.eval()
     error_recon = unit_error(unit.module, data, probe)
+    extra = {}
+    if heldout is not None:
+        extra = {"error_heldout": unit_error(unit.module, heldout), "curve": list(module.curve)}
     unit.module.train(was_training)
-    return {"error_rtn": error_rtn, "error_recon": error_recon, "seconds": time.time() - t0}
+    return {"error_rtn": error_rtn, "error_recon": error_recon, "seconds": time.time() - t0, **extra}
 
 
 def reconstruct_model(quant_model: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.Tensor],
@@ -415,6 +444,13 @@ def reconstruct_model(quant_model: nn.Module, fp_model: nn.Module, inputs: Seque
     q_root = quant_model.get_submodule(root) if root else quant_model
     f_root = fp_model.get_submodule(root) if root else fp_model
     units = reconstruction_units(q_root, block_patterns)
+    held_inputs = None
+    if cfg.curve_every:  # held-out rows (never trained on) for the per-unit curves
+        k = min(cfg.curve_inputs, n // 2)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 2))
+        held_inputs = [t[perm[:k].to(t.device)] for t in inputs]
+        inputs = [t[perm[k:].to(t.device)] for t in inputs]
+        n = n - k
     if cfg.max_inputs is not None and cfg.max_inputs < n:
         sel = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_inputs]
         inputs = [t[sel.to(t.device)] for t in inputs]
@@ -436,7 +472,9 @@ def reconstruct_model(quant_model: nn.Module, fp_model: nn.Module, inputs: Seque
         for i, unit in enumerate(units):
             fp_unit = f_root.get_submodule(unit.name)
             data = collect_unit_data(quant_model, fp_model, unit.module, fp_unit, inputs, cfg.asym, cfg.chunk_size)
-            res = reconstruct_unit(unit, data, cfg, logger, accelerator)
+            held = None if held_inputs is None else collect_unit_data(
+                quant_model, fp_model, unit.module, fp_unit, held_inputs, cfg.asym, cfg.chunk_size)
+            res = reconstruct_unit(unit, data, cfg, logger, accelerator, held)
             res["kind"] = unit.kind
             out["units"][unit.name] = res
             log.info("reconstruction %d/%d %s (%s, %d layers): output error %.4g -> %.4g in %.1f s", i + 1,

@@ -222,3 +222,28 @@ def test_qat_runs_on_the_dit_and_moves_the_lora(tiny):
     moved = [not torch.equal(a.lora_B, b.lora_B) for (_, a), (_, b) in
              zip(quant_layers(student.net), quant_layers(student0.net)) if a.lora_B is not None]
     assert moved and all(moved)
+
+
+def test_heldout_curve_is_logged_and_does_not_change_training(tiny, tmp_path):
+    from lightning.pytorch.loggers import MLFlowLogger
+    import mlflow
+
+    models, diff, samp = tiny
+    fp, student0 = models["unet"]
+    cfg = dict(epochs=2, batch_size=4, lora_lr=2e-3, relation_weight=1.0, memory_length=2)
+    off, default, on = copy.deepcopy(student0), copy.deepcopy(student0), copy.deepcopy(student0)
+    s_off = run_qat(off, fp, diff, samp, QATConfig(**cfg, curve_every=0), relation="memory", progress=False)
+    run_qat(default, fp, diff, samp, QATConfig(**cfg), relation="memory", progress=False)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    logger = MLFlowLogger(experiment_name="curve", tracking_uri=uri)
+    s_on = run_qat(on, fp, diff, samp, QATConfig(**cfg, curve_every=2, curve_samples=4), relation="memory",
+                   logger=logger, progress=False)
+    assert "curve" not in s_off
+    assert [n for n, _ in s_on["curve"]] == [0, 2, 4, 6]  # 2 epochs x 3 steps, every 2 updates
+    assert all(v == v and v >= 0 for _, v in s_on["curve"])
+    assert s_on["curve"][-1][1] < s_on["curve"][0][1]
+    assert s_on["curve"][-1][1] == pytest.approx(distillation_error(on, fp, diff, samp, n=4))
+    for a, b, c in zip(off.state_dict().values(), default.state_dict().values(), on.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)  # option off = no option; the check is read-only
+    hist = mlflow.tracking.MlflowClient(tracking_uri=uri).get_metric_history(logger.run_id, "qat/heldout_eps_mse")
+    assert sorted(m.step for m in hist) == [0, 2, 4, 6]

@@ -135,3 +135,35 @@ def test_bad_config_and_inputs_raise():
     with pytest.raises(TypeError, match="ReconConfig"):
         reconstruct_model(q, fp, [_inputs(8)], {"iters": 1})
     assert isinstance(q.net.head, QuantLinear)
+
+
+def test_heldout_curve_per_unit_and_option_off_unchanged(monkeypatch, tmp_path):
+    import mlflow
+
+    from pipeline.tracking import stage_run, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    x = _inputs(128)
+    q_off, fp = _quantized_toy(_int_spec(3))
+    q_def, _ = _quantized_toy(_int_spec(3))
+    q_on, _ = _quantized_toy(_int_spec(3))
+    base = dict(iters=12, batch_size=16, lr=1e-2)
+    r_off = reconstruct_model(q_off, fp, [x], ReconConfig(**base, curve_every=0), root="net")
+    reconstruct_model(q_def, fp, [x], ReconConfig(**base), root="net")
+    for a, b in zip(q_off.state_dict().values(), q_def.state_dict().values()):
+        assert torch.equal(a, b)  # option off = the run without it
+    assert all("curve" not in r for r in r_off["units"].values()) and r_off["n_inputs"] == 128
+    with stage_run("quantize", params={}, experiment="t") as run:
+        r_on = reconstruct_model(q_on, fp, [x], ReconConfig(**base, curve_every=5, curve_inputs=32), root="net",
+                                 run=run)
+    assert r_on["n_inputs"] == 96  # 32 held out
+    for name, r in r_on["units"].items():
+        steps = [s for s, _ in r["curve"]]
+        assert steps == [0, 5, 10, 12], name
+        assert all(v == v and v >= 0 for _, v in r["curve"])
+        assert r["curve"][-1][1] == pytest.approx(r["error_heldout"], rel=1e-5)
+    client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri())
+    hist = client.get_metric_history(run.run_id, "recon/head/heldout")
+    assert sorted(m.step for m in hist) == [0, 5, 10, 12]
