@@ -54,7 +54,8 @@ Algorithm (``quantize`` below, in this order):
 Family ``mpq`` (params section ``mpq``, options :class:`MPQConfig`, QAT options under ``mpq.qat``).
 Variants (each a results row): ``mpqdm`` (v1: OMQ + TRD, zero-init LoRA), ``mpqdm2`` (residual + SVD init +
 memory), and v2 with one component replaced by its MPQ-DM counterpart: ``mpqdm2_no_residual`` (OMQ's
-b+1-bit salient group), ``mpqdm2_no_lora_init`` (zero-init LoRA), ``mpqdm2_no_memory`` (TRD). The first
+b+1-bit salient group), ``mpqdm2_no_lora_init`` (zero-init LoRA), ``mpqdm2_no_memory`` (TRD), and ``efficientdm`` (EfficientDM-style base: no OMQ — no pre-scale, one b-bit
+quantizer — zero-init LoRA, no relation loss). The first
 phase (steps 1-7) ends with LoRA un-merged; the runner keeps it as the core's student checkpoint and
 rebuilds it exactly for the fine-tune phase, so changing ``mpq.qat`` never redoes steps 1-7.
 """
