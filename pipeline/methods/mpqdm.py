@@ -54,7 +54,8 @@ Algorithm (``quantize`` below, in this order):
 Family ``mpq`` (params section ``mpq``, options :class:`MPQConfig`, QAT options under ``mpq.qat``).
 Variants (each a results row): ``mpqdm`` (v1: OMQ + TRD, zero-init LoRA), ``mpqdm2`` (residual + SVD init +
 memory), and v2 with one component replaced by its MPQ-DM counterpart: ``mpqdm2_no_residual`` (OMQ's
-b+1-bit salient group), ``mpqdm2_no_lora_init`` (zero-init LoRA), ``mpqdm2_no_memory`` (TRD). The first
+b+1-bit salient group), ``mpqdm2_no_lora_init`` (zero-init LoRA), ``mpqdm2_no_memory`` (TRD), and ``efficientdm`` (EfficientDM-style base: no OMQ — no pre-scale, one b-bit
+quantizer — zero-init LoRA, no relation loss). The first
 phase (steps 1-7) ends with LoRA un-merged; the runner keeps it as the core's student checkpoint and
 rebuilds it exactly for the fine-tune phase, so changing ``mpq.qat`` never redoes steps 1-7.
 """
@@ -73,6 +74,7 @@ from ..train.configs import QATConfig
 from . import Family, MethodContext, QuantResult, Table, Variant, register_family
 
 SALIENT_MODES = ("extra_bit", "residual")
+OMQ_MODES = ("none",) + SALIENT_MODES  # "none": no OMQ at all (no pre-scale, no mixed groups): EfficientDM
 LORA_INITS = ("zero", "svd")
 RELATIONS = ("trd", "memory", "none")
 
@@ -131,13 +133,16 @@ VARIANTS = {
     "mpqdm2_no_residual": {**V2, "salient": "extra_bit"},
     "mpqdm2_no_lora_init": {**V2, "lora_init": "zero"},
     "mpqdm2_no_memory": {**V2, "relation": "trd"},
+    # EfficientDM-style LoRA QAT (arXiv 2310.03270): MPQ-DM minus OMQ (no pre-scale, one b-bit quantizer) and
+    # minus TRD; zero-init LoRA. The reference row every MPQ-DM / MPQ-DMv2 gain is measured against.
+    "efficientdm": {"salient": "none", "lora_init": "zero", "relation": "none"},
 }
 
 
 def check_variant(variant: dict) -> dict:
     """Fill and validate the variant switches (salient, lora_init, relation)."""
     v = {**V1, **(variant or {})}
-    for key, allowed in (("salient", SALIENT_MODES), ("lora_init", LORA_INITS), ("relation", RELATIONS)):
+    for key, allowed in (("salient", OMQ_MODES), ("lora_init", LORA_INITS), ("relation", RELATIONS)):
         if v[key] not in allowed:
             raise ValueError(f"variant.{key}: must be one of {list(allowed)}, got {v[key]!r}")
     unknown = sorted(set(v) - {"salient", "lora_init", "relation"})
@@ -423,9 +428,11 @@ def _quantize(backbone, calib, setting, cfg: MPQConfig, ctx: MethodContext) -> Q
         if x is None:
             continue  # never called by the backbone (unused layer): keep the plain quantizer
         conv = layer.weight.dim() == 4
-        if cfg.prescale and getattr(layer, "groups", 1) == 1:
+        omq = variant["salient"] != "none"
+        if omq and cfg.prescale and getattr(layer, "groups", 1) == 1:
             layer.set_in_scale(prescale_vector(input_channel_absmax(x, conv), layer.weight))
-        k, errors, (qs, res) = omq_search(layer, x, bits, cfg.omq_fractions, variant["salient"],
+        k, errors, (qs, res) = omq_search(layer, x, bits, cfg.omq_fractions if omq else [0.0],
+                                          variant["salient"] if omq else "extra_bit",
                                           init=cfg.weight_init)
         layer.set_weight_quantizers(qs, res, calibrate=False)
         chosen[name] = k / layer.num_out_channels
@@ -501,6 +508,7 @@ _DESCRIPTIONS = {
     "mpqdm2_no_residual": "MPQ-DMv2 without the binary residual (OMQ b+1-bit salient group)",
     "mpqdm2_no_lora_init": "MPQ-DMv2 without the low-rank initialisation (zero-init LoRA)",
     "mpqdm2_no_memory": "MPQ-DMv2 without the memory queue (TRD relation loss)",
+    "efficientdm": "EfficientDM-style LoRA QAT: no OMQ (no pre-scale, no mixed groups), zero-init LoRA, no relation loss",
 }
 
 register_family(Family(
@@ -513,5 +521,6 @@ register_family(Family(
         columns=("fid_ratio", "accuracy", "clip_score", "model_mb", "method_seconds"),
         note="mpqdm = v1 (OMQ b±1 groups + time-smoothed relation distillation, zero-init LoRA); mpqdm2 = residual "
              "salient channels + SVD-initialised LoRA + memory relation distillation; mpqdm2_no_* = v2 with one "
-             "component switched back. method_seconds = init + QAT wall time."),),
+             "component switched back; efficientdm = the shared LoRA-QAT base without OMQ or relation loss (so each gain is "
+             "attributable: efficientdm -> mpqdm = OMQ + TRD). method_seconds = init + QAT wall time."),),
 ))

@@ -214,7 +214,8 @@ def test_init_lora_svd_keeps_latent_weight_and_spans_the_error(kind):
 # ------------------------------------------------------------------------------------------------
 def test_variants_are_registered_with_their_switches():
     fam = get_family("mpq")
-    assert fam.variant_names == ["mpqdm", "mpqdm2", "mpqdm2_no_residual", "mpqdm2_no_lora_init", "mpqdm2_no_memory"]
+    assert fam.variant_names == ["mpqdm", "mpqdm2", "mpqdm2_no_residual", "mpqdm2_no_lora_init", "mpqdm2_no_memory",
+                                 "efficientdm"]
     assert fam.config_cls is mpqdm.MPQConfig and fam.finetune is not None and fam.finetune_field == "qat"
     sw = {v.name: v.switches for v in fam.variants}
     assert sw["mpqdm"] == {"salient": "extra_bit", "lora_init": "zero", "relation": "trd"}
@@ -222,6 +223,7 @@ def test_variants_are_registered_with_their_switches():
     assert sw["mpqdm2_no_residual"]["salient"] == "extra_bit"
     assert sw["mpqdm2_no_lora_init"]["lora_init"] == "zero"
     assert sw["mpqdm2_no_memory"]["relation"] == "trd"
+    assert sw["efficientdm"] == {"salient": "none", "lora_init": "zero", "relation": "none"}
     with pytest.raises(ValueError, match="variant.salient"):
         mpqdm.check_variant({"salient": "bogus"})
     with pytest.raises(ConfigError, match=r"mpq\.omq_fractions\[1\]"):
@@ -277,3 +279,14 @@ def test_student_checkpoint_round_trip_and_packed_export(tiny_calibrated, kind, 
         torch.testing.assert_close(loaded(x, t, y), before, rtol=1e-5, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="save_student"):
         load_student(copy.deepcopy(fp).net, tmp_path / "nothing")
+
+
+def test_efficientdm_variant_has_no_omq(tiny_calibrated):
+    from pipeline.quant.surgery import quant_layers
+
+    fp, calib = tiny_calibrated["unet"]
+    student, res = _init(fp, calib, "efficientdm")
+    mixed = [l for _, l in quant_layers(student.net) if l.lora_A is not None]
+    assert mixed and all(l.in_scale is None and len(l.weight_quantizers) == 1 and l.residual is None for l in mixed)
+    assert all(not bool(l.lora_B.any()) for l in mixed)  # zero-init LoRA
+    assert res.info["mean_salient_fraction"] == 0.0 and res.info["avg_weight_bits"] == pytest.approx(3.0)
