@@ -71,7 +71,7 @@ import torch.nn.functional as F
 
 from ..config import WEIGHT_BITS, ConfigError, choice
 from ..train.configs import QATConfig
-from . import Family, MethodContext, QuantResult, Table, Variant, register_family
+from . import Claim, Family, MethodContext, QuantResult, Table, Variant, register_family
 
 SALIENT_MODES = ("extra_bit", "residual")
 OMQ_MODES = ("none",) + SALIENT_MODES  # "none": no OMQ at all (no pre-scale, no mixed groups): EfficientDM
@@ -522,5 +522,13 @@ register_family(Family(
         note="mpqdm = v1 (OMQ b±1 groups + time-smoothed relation distillation, zero-init LoRA); mpqdm2 = residual "
              "salient channels + SVD-initialised LoRA + memory relation distillation; mpqdm2_no_* = v2 with one "
              "component switched back; efficientdm = the shared LoRA-QAT base without OMQ or relation loss (so each gain is "
-             "attributable: efficientdm -> mpqdm = OMQ + TRD). method_seconds = init + QAT wall time."),),
+             "attributable: efficientdm -> mpqdm = OMQ + TRD). method_seconds = init + QAT wall time.",
+        claims=(
+            Claim("mpq/mpqdm", "naive/naive", "MPQ-DM: far better than PTQ baselines at W2-W4 / A4"),
+            Claim("mpq/mpqdm", "mpq/efficientdm", "MPQ-DM: OMQ + TRD improve on its LoRA-QAT base (EfficientDM)"),
+            Claim("mpq/mpqdm2", "mpq/mpqdm", "MPQ-DMv2: improves on MPQ-DM at low bits"),
+            Claim("mpq/mpqdm2", "mpq/mpqdm2_no_residual", "MPQ-DMv2 ablation: flexible residual salient channels help"),
+            Claim("mpq/mpqdm2", "mpq/mpqdm2_no_lora_init", "MPQ-DMv2 ablation: object-oriented low-rank init helps"),
+            Claim("mpq/mpqdm2", "mpq/mpqdm2_no_memory", "MPQ-DMv2 ablation: memory relation distillation helps"),
+        )),),
 ))
