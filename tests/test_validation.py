@@ -34,7 +34,7 @@ def test_default_params_are_valid_and_normalised():
 
 @pytest.mark.parametrize("edit,match", [
     (lambda p: p["naive"].update(settings=["W8A8", "W99A8"]), r"naive\.settings\[1\]: unsupported bit setting"),
-    (lambda p: p["mpq"].update(variants=["mpqdm", "magic"]), r"mpq\.variants\[1\]: unknown variant 'magic'"),
+    (lambda p: p["mpq"].update(variants=["mpqdm", "magic"], seeded_variants=["mpqdm"]), r"mpq\.variants\[1\]: unknown variant 'magic'"),
     (lambda p: p["fp4dit"].update(backbones=["unet"]), r"fp4dit\.backbones\[0\]: family 'fp4dit' does not support"),
     (lambda p: p["mpq"]["qat"].update(epochs=0), r"mpq\.qat\.epochs: must be >= 1"),
     (lambda p: p["fp4dit"]["recon"].update(itres=3), r"fp4dit\.recon\.itres: unknown key"),
