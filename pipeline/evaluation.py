@@ -250,7 +250,8 @@ class Evaluator:
         k = self.cfg.floor_real_splits
         if k == 0:
             return {}
-        feats = self.fid.features(self.real_x).numpy()
+        real = self.reference_features if self.cfg.fid.reference == "all" else self.fid.features(self.real_x)
+        feats = real.numpy()
         n = min(self.cfg.n_samples, feats.shape[0] // 2)
         rng = np.random.default_rng(self.cfg.seed)
         vals = []
@@ -297,8 +298,9 @@ def discover_entries(families: list[str], backbones: list[str], fp_root: Path, q
     return entries, failed, tables
 
 
-def _cached(old_cache: Path, key: str) -> bool:
-    return all((old_cache / f"{key}{ext}").exists() for ext in (".json", ".png", ".safetensors"))
+def _cached(old_cache: Path, stem: str, exts: tuple[str, ...] = (".json", ".png", ".safetensors")) -> bool:
+    """Whether the previous output's cache holds every file ``stem + ext``."""
+    return all((old_cache / f"{stem}{ext}").exists() for ext in exts)
 
 
 def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, data_dir: Path, evaluators_dir: Path,
@@ -380,7 +382,7 @@ def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, da
                     write_json(tmp / "cache" / f"{floor_key}.json", floor[e.backbone])
                 rows.append(row)
             ref_key = data_hash({"context": context, "what": "reference"})[:24]
-            if _cached_reference(old_cache, ref_key):
+            if _cached(old_cache, f"reference-{ref_key}", (".json", ".safetensors")):
                 for ext in (".json", ".safetensors"):
                     shutil.copy(old_cache / f"reference-{ref_key}{ext}", tmp / "cache" / f"reference-{ref_key}{ext}")
             else:
@@ -397,7 +399,3 @@ def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, da
                                                            "floor_seed": cfg.seed + cfg.floor_seed_offset}})
         run_.log_artifact(Path(out) / "results.json")
     return rows
-
-
-def _cached_reference(old_cache: Path, key: str) -> bool:
-    return all((old_cache / f"reference-{key}{ext}").exists() for ext in (".json", ".safetensors"))

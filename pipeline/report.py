@@ -68,9 +68,14 @@ class RowStats:
         self.replicates: dict[tuple[str, str], np.ndarray] = {}
         self.points: dict[tuple[str, str], float] = {}
 
+    @staticmethod
+    def array_name(metric: str) -> str:
+        """The per-sample array a metric is computed from: FID from the features, the others from themselves."""
+        return "features" if metric == "fid" else metric
+
     def has(self, key: str, metric: str) -> bool:
         arrs = self.arrays.get(key) or []
-        name = "features" if metric == "fid" else metric
+        name = self.array_name(metric)
         return bool(arrs) and all(name in a for a in arrs) and (metric != "fid" or self.reference is not None)
 
     def point(self, key: str, metric: str) -> float:
@@ -94,7 +99,7 @@ class RowStats:
         return interval(self.point(key, metric), self.reps(key, metric), self.level)
 
     def _per_seed(self, key: str, metric: str) -> list[np.ndarray]:
-        return [a["features"] if metric == "fid" else a[metric] for a in self.arrays[key]]
+        return [a[self.array_name(metric)] for a in self.arrays[key]]
 
 
 def aggregate(df: pd.DataFrame, load_arrays: Optional[Callable[[str], dict]] = None, reference_features=None,
@@ -127,8 +132,8 @@ def aggregate(df: pd.DataFrame, load_arrays: Optional[Callable[[str], dict]] = N
     n = int(df["n_samples"].iloc[0]) if "n_samples" in df else None
     ref = Reference.from_features(np.asarray(reference_features, dtype=np.float64)) \
         if reference_features is not None else None
-    first = load_arrays(slug(df.iloc[0]))
-    n = n or int(np.asarray(first["features"]).shape[0])
+    if n is None:  # only older results lack n_samples: read it off the first model's arrays
+        n = int(np.asarray(load_arrays(slug(df.iloc[0]))["features"]).shape[0])
     stats = RowStats(Bootstrap(n, replicates, seed, max_seeds=max(16, int(agg["n_seeds"].max()))), ref, level)
     for _, g in df.groupby(ROW_KEYS, sort=False):
         stats.arrays[row_key(g.iloc[0])] = [{k: np.asarray(v, dtype=np.float64) for k, v in load_arrays(slug(r)).items()
