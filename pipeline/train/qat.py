@@ -294,7 +294,7 @@ class TrajectoryDistillation(L.LightningModule):
         self.student.eval()  # no dropout / DiT label dropout: both models must see the real labels
         self.teacher.eval()
         if self.relation is not None:
-            self.relation.reset()
+            self.relation.start_trajectory()  # TRD: new windows; MTRD: the timestep memory is kept
         sample(self.teacher, noise, labels, self.diffusion_cfg, self.sampling_cfg, step_hook=self.distill_step)
         self.teacher.cache = None
         return None
