@@ -4,7 +4,7 @@ Papers: MPQ-DM, Feng et al., AAAI 2025, arXiv 2412.11549 (official code ``cantbe
 MPQ-DMv2, arXiv 2507.04290 (no public code; only the abstract/introduction could be read — every v2
 component below is our reasoned design, marked [INFER]).
 What it quantizes: every nn.Linear / nn.Conv2d to W<b> integers (asymmetric, per output channel, learnable
-step and zero point, MSE init) with intra-layer mixed precision, their inputs and the attention matmul
+step and zero point, MSE init) with intra-layer mixed precision (at W2 the 1-bit group is binary), their inputs and the attention matmul
 operands to A<b> integers with one learnable (Δ_t, z_t) per sampling step; input/output layers and the
 embedding paths stay at 8 bits without LoRA (MPQ-DM's ``set_first_last_layer_to_8bit``; our
 ``default_rules``). This file is the *initialisation* (calibration-based) half; the QAT half
@@ -16,7 +16,8 @@ Algorithm (``quantize`` below, in this order):
    sampler's timesteps (EfficientDM TALSQ, arXiv 2310.03270 / DilateQuant TPQ, arXiv 2409.14307).
 2. Pre-scale (MPQ-DM OMQ step 1, official code): per input channel j, s_j = sqrt(max|X_j| / max|W_j|) from
    the layer's calibration inputs X; the layer computes Q_a(X / s) ⊛ Q_w(W · diag(s)) (core ``in_scale``).
-   We take the max over ``calib_inputs`` calibration inputs (the code uses its first batch of 32).
+   We take the max over ``calib_inputs`` calibration inputs, one batch (the code uses its first batch of 32);
+   X comes from where ``omq_inputs`` says (step 5).
 3. Kurtosis ranking (OMQ step 2): κ_i = E[(w − μ_i)^4] / σ_i^4 of each output channel of the pre-scaled weight.
 4. Mixed groups (OMQ step 3): the top-k kurtosis channels are *salient*, the bottom-k get b−1 bits, the rest b.
    - ``salient="extra_bit"`` (MPQ-DM): salient channels get a (b+1)-bit quantizer.
@@ -25,14 +26,37 @@ Algorithm (``quantize`` below, in this order):
      (core ``BinaryResidual``, α = mean |residual| per channel at init): a non-uniform grid {q ± α} with
      the same b+1 stored bits per weight as OMQ's salient group. "Z-order" in the paper's name is
      unexplained in the abstract and not modelled.
-   Average bits stay b. The core's integer quantizer currently supports 2..8 bits, so at W2 there is no
-   b−1 = 1-bit group: the search then only allows k = 0 (no mixed groups) rather than spend extra bits,
-   keeping the average at b. With 1-bit support in ``pipeline.quant.primitives.INT_BITS`` (a one-line core
-   change) W2 layers get MPQ-DM's {1, 2, 3}-bit groups automatically; likewise W8 has no 9-bit group.
-5. k search (OMQ step 4): k ∈ {round(f·C_out) for f in ``omq_fractions``} (paper: 0, 10 %, …, 50 %;
-   the released code only 0 and 10 %), keeping the k whose quantized layer output op(X/s, Ŵ) is closest
-   (MSE) to the FP output op(X, W) on the calibration inputs. Activation quantization is left out of
-   this comparison (it does not depend on k) — our choice; the code includes its per-tensor quantizer.
+   Average bits stay b. At W2 the b−1 = 1-bit group is the core's :class:`BinaryQuantizer`
+   (Q(w) = μ + α·sign(w − μ) per channel, μ = channel mean, α = mean |w − μ|, both learnable like Δ and z;
+   a 1-bit *uniform* grid would be just {min, max}), so W2 layers get MPQ-DM's {1, 2, 3}-bit groups
+   (``residual``: {1, 2, 2 + residual}) with the same k search as any other width; it is stored as one sign
+   bit per weight + (μ, α) per channel and counted as 1 bit (BitOPs, bytes, packing). The official code
+   builds a 1-bit ``UniformAffineQuantizer`` there (the constructor's 2..8-bit assert is commented out): a
+   two-level grid at the ends of the channel's [min(w, 0), max(w, 0)] range; we use the binary form instead
+   (ours: the mean-centred, L2-fitted levels are the standard 1-bit weight quantizer, XNOR-Net / BinaryDM).
+   1 bit is a weight-group width only: W1 settings, 1-bit activations and 1-bit integer grids stay rejected. W8 has no 9-bit group (extra_bit
+   then only allows k = 0; the residual works).
+5. k search (OMQ step 4, official ``QuantModule.forward`` first call): k ∈ {round(f·C_out) for f in
+   ``omq_fractions``} (paper: 0, 10 %, …, 50 %; the released code only 0 and 10 %), keeping the k whose
+   quantized layer output op(X/s, Ŵ_k) is closest (MSE) to op(X, W) on the calibration inputs X (ties: the
+   smaller k). As in the code:
+   - the candidates' quantizers are calibrated with min-max ranges (``omq_init: minmax``; the code's
+     candidates use ``scale_method='max'``), the winner is then re-built with ``weight_init`` (MSE by
+     default; the code's final quantizers use its configured weight init). ``omq_init: mse`` ranks the
+     candidates with ``weight_init`` ranges instead (this pipeline's earlier behaviour);
+   - X is what the layer receives from the *quantized-so-far* network (``omq_inputs: quantized``; the code
+     searches inside each layer's first forward of its naive-quantization pass, ``quantize_ldm_naive.py``):
+     one forward of the calibration batch with weight quantization on, in which each target layer is
+     searched when reached, so every later layer sees the groups already chosen upstream (and the 8-bit
+     first/last/embedding layers); the target is op(X, W) on the same X, as in the code.
+     ``omq_inputs: fp`` takes X from the FP network (the earlier behaviour).
+     Remaining deviation: the code's pass also quantizes activations (``set_quant_state(True, True)``), with
+     per-tensor ranges initialised on the fly from that same batch; ours keeps activations unquantized in
+     the pass, because our per-timestep activation ranges are calibrated afterwards (step 6) on
+     ``act_calib_batches`` batches with the final weights — X therefore carries the upstream weight error
+     but not the upstream activation error.
+   Activation quantization is not part of the comparison (the code's search also feeds the unquantized,
+   pre-scaled input ``input * activation_scale``).
 6. Activation calibration on the calibration set (per-timestep MSE init by default; weights quantized).
 7. LoRA of rank r on every b-bit layer (MPQ-DM ``QuantModule_lora``: inside the quantizer,
    Ŵ = Q((W + B·A)·diag(s)); conv LoRA is the per-kernel-position product; the effective rank is capped
@@ -47,7 +71,7 @@ Algorithm (``quantize`` below, in this order):
      fine-tuning starts in the directions where quantization hurts instead of in a random subspace).
      Merging after QAT is exact (the core's ``merge_lora``).
 8. The fine-tune phase (:func:`finetune`, the loop in :mod:`pipeline.train.qat`) trains LoRA, the weight
-   quantizers (Δ, z, α) and the activation quantizers along the FP teacher's DDIM trajectories with
+   quantizers (Δ, z; binary μ, α; residual α) and the activation quantizers along the FP teacher's DDIM trajectories with
    ε-MSE + a relation loss: ``relation="trd"`` (MPQ-DM TRD) or ``relation="memory"`` (MPQ-DMv2 MTRD) —
    see :mod:`pipeline.train.relation` — and merges LoRA exactly before packing.
 
