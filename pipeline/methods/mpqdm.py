@@ -120,7 +120,8 @@ class MPQConfig:
         quantized-so-far network — every earlier layer already carries its chosen groups, activations
         unquantized) or "fp" (the FP network, the earlier behaviour of this pipeline).
     keep_first_last_bits: bits of input/output/embedding layers (0 = keep them FP). They get no LoRA.
-    calib_inputs: calibration inputs used for the pre-scale and the k search, run as one batch (MPQ-DM: 32).
+    calib_inputs: calibration inputs used for the pre-scale and the k search (MPQ-DM: 32; the quantized-so-far
+        pass runs them as one batch).
     act_calib_batches: batches of 64 calibration inputs for the activation ranges.
     act_mse_samples: values kept per timestep (per quantizer) for the activation MSE search (core default 4096).
     seed: which calibration inputs are drawn (and LoRA A's Kaiming init).
