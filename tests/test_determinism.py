@@ -2,6 +2,7 @@
 FP training, the calibration draw, PTQ, FP4DiT's reconstruction and MPQ-DM's QAT each run twice."""
 import copy
 
+import pytest
 import torch
 
 from pipeline import models
@@ -75,7 +76,8 @@ def test_calibration_and_methods_are_bit_identical(tiny_backbone):
         _same_state(run(family, variant, options, setting), run(family, variant, options, setting))
 
 
-def test_qat_is_bit_identical(tiny_calibrated):
+@pytest.mark.parametrize("relation", ["trd", "memory"])
+def test_qat_is_bit_identical(tiny_calibrated, relation):
     from pipeline.methods.mpqdm import MPQConfig, quantize
     from pipeline.train.qat import QATConfig, run_qat
 
@@ -88,7 +90,9 @@ def test_qat_is_bit_identical(tiny_calibrated):
         torch.manual_seed(0)
         quantize(student, calib, parse_setting("W2A4"), MPQConfig(lora_rank=2, calib_inputs=8, act_calib_batches=1),
                  MethodContext(variant=v.switches))
-        run_qat(student, fp, diff, samp, QATConfig(epochs=2, batch_size=2, check_samples=0), progress=False)
+        # W2: binary b−1 groups; memory: the timestep buckets carry over from the first trajectory to the second
+        run_qat(student, fp, diff, samp, QATConfig(epochs=2, batch_size=2, check_samples=0), relation=relation,
+                progress=False)
         return student
 
     _same_state(once(), once())

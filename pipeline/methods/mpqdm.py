@@ -4,7 +4,7 @@ Papers: MPQ-DM, Feng et al., AAAI 2025, arXiv 2412.11549 (official code ``cantbe
 MPQ-DMv2, arXiv 2507.04290 (no public code; only the abstract/introduction could be read — every v2
 component below is our reasoned design, marked [INFER]).
 What it quantizes: every nn.Linear / nn.Conv2d to W<b> integers (asymmetric, per output channel, learnable
-step and zero point, MSE init) with intra-layer mixed precision, their inputs and the attention matmul
+step and zero point, MSE init) with intra-layer mixed precision (at W2 the 1-bit group is binary), their inputs and the attention matmul
 operands to A<b> integers with one learnable (Δ_t, z_t) per sampling step; input/output layers and the
 embedding paths stay at 8 bits without LoRA (MPQ-DM's ``set_first_last_layer_to_8bit``; our
 ``default_rules``). This file is the *initialisation* (calibration-based) half; the QAT half
@@ -16,7 +16,8 @@ Algorithm (``quantize`` below, in this order):
    sampler's timesteps (EfficientDM TALSQ, arXiv 2310.03270 / DilateQuant TPQ, arXiv 2409.14307).
 2. Pre-scale (MPQ-DM OMQ step 1, official code): per input channel j, s_j = sqrt(max|X_j| / max|W_j|) from
    the layer's calibration inputs X; the layer computes Q_a(X / s) ⊛ Q_w(W · diag(s)) (core ``in_scale``).
-   We take the max over ``calib_inputs`` calibration inputs (the code uses its first batch of 32).
+   We take the max over ``calib_inputs`` calibration inputs, one batch (the code uses its first batch of 32);
+   X comes from where ``omq_inputs`` says (step 5).
 3. Kurtosis ranking (OMQ step 2): κ_i = E[(w − μ_i)^4] / σ_i^4 of each output channel of the pre-scaled weight.
 4. Mixed groups (OMQ step 3): the top-k kurtosis channels are *salient*, the bottom-k get b−1 bits, the rest b.
    - ``salient="extra_bit"`` (MPQ-DM): salient channels get a (b+1)-bit quantizer.
@@ -25,14 +26,37 @@ Algorithm (``quantize`` below, in this order):
      (core ``BinaryResidual``, α = mean |residual| per channel at init): a non-uniform grid {q ± α} with
      the same b+1 stored bits per weight as OMQ's salient group. "Z-order" in the paper's name is
      unexplained in the abstract and not modelled.
-   Average bits stay b. The core's integer quantizer currently supports 2..8 bits, so at W2 there is no
-   b−1 = 1-bit group: the search then only allows k = 0 (no mixed groups) rather than spend extra bits,
-   keeping the average at b. With 1-bit support in ``pipeline.quant.primitives.INT_BITS`` (a one-line core
-   change) W2 layers get MPQ-DM's {1, 2, 3}-bit groups automatically; likewise W8 has no 9-bit group.
-5. k search (OMQ step 4): k ∈ {round(f·C_out) for f in ``omq_fractions``} (paper: 0, 10 %, …, 50 %;
-   the released code only 0 and 10 %), keeping the k whose quantized layer output op(X/s, Ŵ) is closest
-   (MSE) to the FP output op(X, W) on the calibration inputs. Activation quantization is left out of
-   this comparison (it does not depend on k) — our choice; the code includes its per-tensor quantizer.
+   Average bits stay b. At W2 the b−1 = 1-bit group is the core's :class:`BinaryQuantizer`
+   (Q(w) = μ + α·sign(w − μ) per channel, μ = channel mean, α = mean |w − μ|, both learnable like Δ and z;
+   a 1-bit *uniform* grid would be just {min, max}), so W2 layers get MPQ-DM's {1, 2, 3}-bit groups
+   (``residual``: {1, 2, 2 + residual}) with the same k search as any other width; it is stored as one sign
+   bit per weight + (μ, α) per channel and counted as 1 bit (BitOPs, bytes, packing). The official code
+   builds a 1-bit ``UniformAffineQuantizer`` there (the constructor's 2..8-bit assert is commented out): a
+   two-level grid at the ends of the channel's [min(w, 0), max(w, 0)] range; we use the binary form instead
+   (ours: the mean-centred, L2-fitted levels are the standard 1-bit weight quantizer, XNOR-Net / BinaryDM).
+   1 bit is a weight-group width only: W1 settings, 1-bit activations and 1-bit integer grids stay rejected. W8 has no 9-bit group (extra_bit
+   then only allows k = 0; the residual works).
+5. k search (OMQ step 4, official ``QuantModule.forward`` first call): k ∈ {round(f·C_out) for f in
+   ``omq_fractions``} (paper: 0, 10 %, …, 50 %; the released code only 0 and 10 %), keeping the k whose
+   quantized layer output op(X/s, Ŵ_k) is closest (MSE) to op(X, W) on the calibration inputs X (ties: the
+   smaller k). As in the code:
+   - the candidates' quantizers are calibrated with min-max ranges (``omq_init: minmax``; the code's
+     candidates use ``scale_method='max'``), the winner is then re-built with ``weight_init`` (MSE by
+     default; the code's final quantizers use its configured weight init). ``omq_init: mse`` ranks the
+     candidates with ``weight_init`` ranges instead (this pipeline's earlier behaviour);
+   - X is what the layer receives from the *quantized-so-far* network (``omq_inputs: quantized``; the code
+     searches inside each layer's first forward of its naive-quantization pass, ``quantize_ldm_naive.py``):
+     one forward of the calibration batch with weight quantization on, in which each target layer is
+     searched when reached, so every later layer sees the groups already chosen upstream (and the 8-bit
+     first/last/embedding layers); the target is op(X, W) on the same X, as in the code.
+     ``omq_inputs: fp`` takes X from the FP network (the earlier behaviour).
+     Remaining deviation: the code's pass also quantizes activations (``set_quant_state(True, True)``), with
+     per-tensor ranges initialised on the fly from that same batch; ours keeps activations unquantized in
+     the pass, because our per-timestep activation ranges are calibrated afterwards (step 6) on
+     ``act_calib_batches`` batches with the final weights — X therefore carries the upstream weight error
+     but not the upstream activation error.
+   Activation quantization is not part of the comparison (the code's search also feeds the unquantized,
+   pre-scaled input ``input * activation_scale``).
 6. Activation calibration on the calibration set (per-timestep MSE init by default; weights quantized).
 7. LoRA of rank r on every b-bit layer (MPQ-DM ``QuantModule_lora``: inside the quantizer,
    Ŵ = Q((W + B·A)·diag(s)); conv LoRA is the per-kernel-position product; the effective rank is capped
@@ -47,7 +71,7 @@ Algorithm (``quantize`` below, in this order):
      fine-tuning starts in the directions where quantization hurts instead of in a random subspace).
      Merging after QAT is exact (the core's ``merge_lora``).
 8. The fine-tune phase (:func:`finetune`, the loop in :mod:`pipeline.train.qat`) trains LoRA, the weight
-   quantizers (Δ, z, α) and the activation quantizers along the FP teacher's DDIM trajectories with
+   quantizers (Δ, z; binary μ, α; residual α) and the activation quantizers along the FP teacher's DDIM trajectories with
    ε-MSE + a relation loss: ``relation="trd"`` (MPQ-DM TRD) or ``relation="memory"`` (MPQ-DMv2 MTRD) —
    see :mod:`pipeline.train.relation` — and merges LoRA exactly before packing.
 
@@ -77,6 +101,8 @@ SALIENT_MODES = ("extra_bit", "residual")
 OMQ_MODES = ("none",) + SALIENT_MODES  # "none": no OMQ at all (no pre-scale, no mixed groups): EfficientDM
 LORA_INITS = ("zero", "svd")
 RELATIONS = ("trd", "memory", "none")
+OMQ_INITS = ("minmax", "mse")  # range init of the k-search candidates (official code: min-max)
+OMQ_INPUTS = ("quantized", "fp")  # k-search inputs from the quantized-so-far network (official) or the FP one
 
 
 @dataclass
@@ -86,9 +112,16 @@ class MPQConfig:
     lora_rank: LoRA rank r (paper 32 on LDM-4; capped per layer at min(out, in)).
     omq_fractions: candidate fractions of output channels for the salient / demoted groups (k search).
     prescale: the OMQ per-input-channel pre-scale (turn off for an ablation).
-    weight_init / act_init: quantizer range init (MPQ-DM: mse = 80-step shrink search, L_2.4).
+    weight_init / act_init: quantizer range init (MPQ-DM: mse = 80-step shrink search, L_2.4). The weight
+        quantizers finally installed by OMQ use ``weight_init`` (the 1-bit binary group: its closed form).
+    omq_init: range init of the *candidate* quantizers compared in the OMQ k search (official code: min-max,
+        ``scale_method='max'``; "mse" = ``weight_init``-style search, the earlier behaviour of this pipeline).
+    omq_inputs: where the k search takes each layer's inputs X from: "quantized" (official code: the
+        quantized-so-far network — every earlier layer already carries its chosen groups, activations
+        unquantized) or "fp" (the FP network, the earlier behaviour of this pipeline).
     keep_first_last_bits: bits of input/output/embedding layers (0 = keep them FP). They get no LoRA.
-    calib_inputs: calibration inputs used for the pre-scale and the k search (MPQ-DM: 32).
+    calib_inputs: calibration inputs used for the pre-scale and the k search (MPQ-DM: 32; the quantized-so-far
+        pass runs them as one batch).
     act_calib_batches: batches of 64 calibration inputs for the activation ranges.
     act_mse_samples: values kept per timestep (per quantizer) for the activation MSE search (core default 4096).
     seed: which calibration inputs are drawn (and LoRA A's Kaiming init).
@@ -101,6 +134,8 @@ class MPQConfig:
     prescale: bool = True
     weight_init: str = choice("minmax", "mse", default="mse")
     act_init: str = choice("minmax", "mse", default="mse")
+    omq_init: str = choice(*OMQ_INITS, default="minmax")
+    omq_inputs: str = choice(*OMQ_INPUTS, default="quantized")
     keep_first_last_bits: int = 8
     calib_inputs: int = 64
     act_calib_batches: int = 4
@@ -120,6 +155,10 @@ class MPQConfig:
         if self.keep_first_last_bits not in (0, *WEIGHT_BITS):
             raise ConfigError(f"{p}.keep_first_last_bits: must be 0 (FP) or one of {list(WEIGHT_BITS)}, "
                               f"got {self.keep_first_last_bits}")
+        for name, allowed in (("omq_init", OMQ_INITS), ("omq_inputs", OMQ_INPUTS),
+                              ("weight_init", ("minmax", "mse")), ("act_init", ("minmax", "mse"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{p}.{name}: must be one of {list(allowed)}, got {getattr(self, name)!r}")
         for name in ("calib_inputs", "act_calib_batches", "act_mse_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{p}.{name}: must be >= 1, got {getattr(self, name)}")
@@ -182,11 +221,12 @@ def channel_kurtosis(weight: torch.Tensor) -> torch.Tensor:
 
 
 def group_bits(bits: int) -> tuple[int, int]:
-    """(bits of the demoted group, bits of the promoted group) around ``bits``; limited to the core's
-    integer range (the demoted group is clamped at its minimum, see module doc)."""
-    from ..quant.primitives import INT_BITS
+    """(bits of the demoted group, bits of the promoted group) around ``bits``. The demoted group of W2 is
+    the 1-bit :class:`~pipeline.quant.primitives.BinaryQuantizer`; the promoted group is limited to the
+    core's integer range (W8 has no 9-bit group, see module doc)."""
+    from ..quant.primitives import BINARY_BITS, INT_BITS
 
-    return max(bits - 1, INT_BITS[0]), min(bits + 1, INT_BITS[-1])
+    return max(bits - 1, BINARY_BITS), min(bits + 1, INT_BITS[-1])
 
 
 def omq_masks(kurtosis: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -214,12 +254,17 @@ def candidate_ks(num_channels: int, fractions: Sequence[float]) -> list[int]:
 
 
 def channel_quantizer_params(weight: torch.Tensor, bits: int, symmetric: bool = False, init: str = "mse") -> dict:
-    """Per-output-channel (scale, zero_point) of a ``bits``-bit quantizer calibrated on ``weight``.
+    """Per-output-channel (scale, zero_point) of a ``bits``-bit quantizer calibrated on ``weight``
+    ((mu, alpha) of the binary quantizer for ``bits`` = 1, whose closed form ignores ``init``).
 
     Per-channel calibration (min-max or the MSE search) treats every channel on its own, so a masked
     quantizer gets exactly these values on its channels: the k search calibrates each width once per layer."""
-    from ..quant.primitives import IntQuantizer
+    from ..quant.primitives import BINARY_BITS, BinaryQuantizer, IntQuantizer
 
+    if bits == BINARY_BITS:
+        b = BinaryQuantizer()
+        b.calibrate(weight.detach())
+        return {"mu": b.mu.detach(), "alpha": b.alpha.detach()}
     q = IntQuantizer(bits, symmetric=symmetric, granularity="channel", ch_axis=0, init=init)
     q.calibrate(weight.detach())
     return {"scale": q.scale.detach(), "zero_point": q.zero_point.detach()}
@@ -232,9 +277,10 @@ def build_mixed_quantizers(weight: torch.Tensor, bits: int, kurtosis: torch.Tens
 
     k = 0 -> one unmasked b-bit quantizer. Otherwise three masked quantizers: top-k at b+1 bits
     (``salient="extra_bit"``) or at b bits with a :class:`BinaryResidual` on them (``"residual"``),
-    the middle at b, the bottom-k at b−1. ``params``: {bits: channel_quantizer_params(...)} cache.
+    the middle at b, the bottom-k at b−1 (a 1-bit :class:`BinaryQuantizer` when b = 2).
+    ``params``: {bits: channel_quantizer_params(...)} cache (for one ``init``).
     Returns (quantizers, residual or None)."""
-    from ..quant.primitives import BinaryResidual, IntQuantizer
+    from ..quant.primitives import BINARY_BITS, BinaryQuantizer, BinaryResidual, IntQuantizer
 
     if salient not in SALIENT_MODES:
         raise ValueError(f"salient must be one of {list(SALIENT_MODES)}, got {salient!r}")
@@ -244,8 +290,11 @@ def build_mixed_quantizers(weight: torch.Tensor, bits: int, kurtosis: torch.Tens
     def make(b, mask=None):
         if b not in cache:
             cache[b] = channel_quantizer_params(w, b, symmetric, init)
-        q = IntQuantizer(b, symmetric=symmetric, granularity="channel", ch_axis=0, init=init, learnable=learnable,
-                         channel_mask=mask)
+        if b == BINARY_BITS:
+            q = BinaryQuantizer(learnable=learnable, channel_mask=mask)
+        else:
+            q = IntQuantizer(b, symmetric=symmetric, granularity="channel", ch_axis=0, init=init,
+                             learnable=learnable, channel_mask=mask)
         state = dict(cache[b])
         if mask is not None:
             state["channel_mask"] = mask
@@ -278,28 +327,38 @@ def quantized_from(quantizers, residual, weight: torch.Tensor) -> torch.Tensor:
 
 
 def omq_search(layer, inputs: torch.Tensor, bits: int, fractions: Sequence[float], salient: str,
-               init: str = "mse", symmetric: bool = False):
+               init: str = "mse", symmetric: bool = False, candidate_init: Optional[str] = None):
     """OMQ k search on one wrapped layer (its ``in_scale`` already set): for every candidate k, the MSE
-    between the FP output op(X, W) and op(X / s, Ŵ_k). Returns (best_k, {k: mse}, (quantizers, residual) of best)."""
+    between op(X, W) and op(X / s, Ŵ_k) on the given inputs X, with the candidates' quantizers calibrated
+    with ``candidate_init`` (default: ``init``; the official code uses min-max). The winner's quantizers are
+    then built with ``init`` (official code: its configured weight init). Ties keep the smaller k.
+    Returns (best_k, {k: mse}, (quantizers, residual) of best)."""
     lo_bits, hi_bits = group_bits(bits)
     if lo_bits == bits or (hi_bits == bits and salient == "extra_bit"):
         fractions = [0.0]  # no b−1 (or b+1) grid available: mixed groups would change the average bits
+    cand_init = init if candidate_init is None else candidate_init
     with torch.no_grad():
         w_fp = layer.weight.detach()
         w_scaled = layer.effective_weight().detach()
         kurt = channel_kurtosis(w_scaled)
+        ks = candidate_ks(w_fp.shape[0], fractions)
+        if len(ks) == 1:  # nothing to compare: build the only candidate with the final init
+            cand_init = init
         x = inputs.to(w_fp.device)
         y_fp = layer.op(x, w_fp)
         x_s = x if layer.in_scale is None else x / layer.in_scale_input_view(x)
         errors, best, cache = {}, None, {}
-        for k in candidate_ks(w_fp.shape[0], fractions):
-            qs, res = build_mixed_quantizers(w_scaled, bits, kurt, k, salient, symmetric=symmetric, init=init,
+        for k in ks:
+            qs, res = build_mixed_quantizers(w_scaled, bits, kurt, k, salient, symmetric=symmetric, init=cand_init,
                                              params=cache)
             err = float(F.mse_loss(layer.op(x_s, quantized_from(qs, res, w_scaled)), y_fp))
             errors[k] = err
             if best is None or err < errors[best[0]]:
                 best = (k, qs, res)
-    return best[0], errors, (best[1], best[2])
+        k_best, qs, res = best
+        if cand_init != init:
+            qs, res = build_mixed_quantizers(w_scaled, bits, kurt, k_best, salient, symmetric=symmetric, init=init)
+    return k_best, errors, (qs, res)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,6 +463,37 @@ def capture_layer_inputs(backbone, layers: dict, calib, n_inputs: int, device, s
     return {n: torch.cat(v) for n, v in store.items() if v}
 
 
+def quantized_so_far_pass(backbone, layers: dict, calib, n_inputs: int, device, process, seed: int = 0) -> list:
+    """Run ``process(name, layer, x)`` on every layer of ``layers`` with the input ``x`` it receives from the
+    quantized-so-far network (official MPQ-DM: the OMQ search runs inside each layer's first quantized
+    forward): one forward of ``n_inputs`` calibration inputs as a single batch with weight quantization on and
+    activation quantization off; a forward pre-hook calls ``process`` when the layer is reached, before it
+    computes, so every later layer sees the outputs of the groups just chosen. A layer called several
+    times per forward is processed at its first call. Returns the names in processing (execution) order."""
+    from ..quant.surgery import quant_state
+
+    order: list = []
+
+    def hook(mod, inp, name):
+        if name not in order:
+            order.append(name)
+            process(name, mod, inp[0].detach())
+
+    handles = [layer.register_forward_pre_hook(lambda mod, inp, name=name: hook(mod, inp, name))
+               for name, layer in layers.items()]
+    sub = calib.subset(min(n_inputs, len(calib)), seed=seed)
+    quant_state(backbone.net, weight=True, act=False)
+    try:
+        with torch.no_grad():
+            for x, t, y in sub.batches(len(sub), device):
+                backbone(x, t, y)
+    finally:
+        for h in handles:
+            h.remove()
+        quant_state(backbone.net, weight=True, act=True)
+    return order
+
+
 def _quantize(backbone, calib, setting, cfg: MPQConfig, ctx: MethodContext) -> QuantResult:
     from ..quant.surgery import calibrate_activations, quant_layers, quant_state, quantize_model
 
@@ -421,23 +511,29 @@ def _quantize(backbone, calib, setting, cfg: MPQConfig, ctx: MethodContext) -> Q
             for q in layer.weight_quantizers:
                 q.init = cfg.weight_init
             layer.calibrate_weight()
-    inputs = capture_layer_inputs(backbone, targets, calib, cfg.calib_inputs, ctx.device, cfg.seed)
     chosen, mse_gain = {}, []
-    for name, layer in targets.items():
-        x = inputs.get(name)
-        if x is None:
-            continue  # never called by the backbone (unused layer): keep the plain quantizer
+    omq = variant["salient"] != "none"
+
+    def process(name, layer, x):
         conv = layer.weight.dim() == 4
-        omq = variant["salient"] != "none"
         if omq and cfg.prescale and getattr(layer, "groups", 1) == 1:
             layer.set_in_scale(prescale_vector(input_channel_absmax(x, conv), layer.weight))
         k, errors, (qs, res) = omq_search(layer, x, bits, cfg.omq_fractions if omq else [0.0],
                                           variant["salient"] if omq else "extra_bit",
-                                          init=cfg.weight_init)
+                                          init=cfg.weight_init, candidate_init=cfg.omq_init)
         layer.set_weight_quantizers(qs, res, calibrate=False)
         chosen[name] = k / layer.num_out_channels
         mse_gain.append(errors[0] / max(errors[k], 1e-30))
-    del inputs
+
+    # layers never called by the backbone (unused) keep their plain quantizer
+    if cfg.omq_inputs == "quantized":
+        quantized_so_far_pass(backbone, targets, calib, cfg.calib_inputs, ctx.device, process, cfg.seed)
+    else:
+        inputs = capture_layer_inputs(backbone, targets, calib, cfg.calib_inputs, ctx.device, cfg.seed)
+        for name, layer in targets.items():
+            if name in inputs:
+                process(name, layer, inputs[name])
+        del inputs
     if setting.act_quantized:
         from ..quant.surgery import activation_quantizers
 
@@ -465,6 +561,8 @@ def _quantize(backbone, calib, setting, cfg: MPQConfig, ctx: MethodContext) -> Q
         "mean_salient_fraction": sum(chosen.values()) / max(len(chosen), 1),
         "mean_omq_mse_gain": sum(mse_gain) / max(len(mse_gain), 1),
         "avg_weight_bits": avg_bits,
+        "omq_inputs": cfg.omq_inputs,
+        "omq_init": cfg.omq_init,
         "lora_params": sum(l.lora_A.numel() + l.lora_B.numel() for l in targets.values() if l.lora_A is not None),
         "salient_fraction": chosen,
         "lora_ranks": ranks,

@@ -9,7 +9,8 @@ github.com/sihouzi21c/TMPQ-DM).
   attention the two operand bits (Q, K for Q·Kᵀ; P, V for P·V). Unquantized operands count as 32 bits.
 - Theoretical bytes: quantized weights Σ rows · row_len · bits / 8, plus 4 bytes per stored scale /
   zero-point (asymmetric int only) / FP maxval, plus the binary residual (1 bit per weight + 4-byte α
-  per channel) and the in_scale vector (4 bytes per input channel). Everything else (biases, norms,
+  per channel) and the in_scale vector (4 bytes per input channel). A 1-bit binary group (MPQ-DM's b−1
+  group at W2) counts 1 bit per weight plus 4-byte μ and α per channel. Everything else (biases, norms,
   FP layers, activation-quantizer parameters) at its element size.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn as nn
 
 from pipeline.quant.attention import QuantAttnProcessor, attention_matmul_macs, is_attention_module
 from pipeline.quant.layers import QUANT_LAYER_TYPES, QuantLinear, quantizer_channels
-from pipeline.quant.primitives import IntQuantizer
+from pipeline.quant.primitives import BinaryQuantizer, IntQuantizer
 
 FP_OPERAND_BITS = 32  # bits an unquantized (floating-point) operand counts as
 ATTN_SUFFIXES = ("qk", "pv")
@@ -133,7 +134,10 @@ def bitops(model: nn.Module, macs: dict, n_steps: int = 1) -> float:
 # bytes
 # ------------------------------------------------------------------------------------------------
 def _param_entries(q: nn.Module, rows: int) -> int:
-    """Number of step/maxval entries a weight quantizer needs for ``rows`` covered channels."""
+    """Number of step/maxval entries a weight quantizer needs for ``rows`` covered channels (binary: one
+    (μ, α) pair per channel)."""
+    if isinstance(q, BinaryQuantizer):
+        return rows
     if q.granularity == "tensor":
         return 1
     p = q.scale if isinstance(q, IntQuantizer) else q.maxval
@@ -156,7 +160,8 @@ def quantized_layer_bytes(layer: nn.Module) -> float:
             rows = int(quantizer_channels(q, c).sum())
             total += rows * row_len * q.bits / 8
             entries = _param_entries(q, rows)
-            per_entry = 4 * (2 if isinstance(q, IntQuantizer) and not q.symmetric else 1)
+            two = isinstance(q, BinaryQuantizer) or (isinstance(q, IntQuantizer) and not q.symmetric)
+            per_entry = 4 * (2 if two else 1)
             total += entries * per_entry
         if layer.residual is not None:
             rows = int(quantizer_channels(layer.residual, c).sum())

@@ -6,9 +6,9 @@ A wrapped layer keeps the original FP weight (frozen) and composes, on every for
     Ŵ  = Σ_g Q_g(W')  [+ α ⊙ sign(W' − Σ_g Q_g(W')) on residual channels]  (quantized_weight)
     y  = op(Q_a(x / s), Ŵ) + bias                                    (forward)
 
-- ``Q_g``: one or more weight quantizers (``IntQuantizer`` / ``FPQuantizer``) with disjoint output-channel
-  masks that together cover every output channel (MPQ-DM OMQ mixed groups: b−1 / b / b+1 bits inside one
-  layer). A single quantizer without mask covers the whole layer.
+- ``Q_g``: one or more weight quantizers (``IntQuantizer`` / ``FPQuantizer`` / the 1-bit ``BinaryQuantizer``)
+  with disjoint output-channel masks that together cover every output channel (MPQ-DM OMQ mixed groups:
+  b−1 / b / b+1 bits inside one layer; at W2 the 1-bit group is binary). A single quantizer without mask covers the whole layer.
 - ``s``: optional per-input-channel scale vector (SmoothQuant / MPQ-DM OMQ pre-scale / DilateQuant
   dilation form): the weight's input columns are multiplied by s and the input divided by s.
 - ``ΔW_lora``: optional LoRA (EfficientDM / MPQ-DM ``QuantModule_lora``). Linear: ΔW = B @ A with
@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.quant.primitives import BinaryResidual, FPQuantizer, IntQuantizer
+from pipeline.quant.primitives import BinaryQuantizer, BinaryResidual, FPQuantizer, IntQuantizer
 
-WEIGHT_QUANTIZER_TYPES = (IntQuantizer, FPQuantizer)
+WEIGHT_QUANTIZER_TYPES = (IntQuantizer, FPQuantizer, BinaryQuantizer)
 
 
 def quantizer_channels(q: nn.Module, num_channels: int) -> torch.Tensor:
@@ -90,7 +90,7 @@ class _QuantLayer(nn.Module):
         covered = torch.zeros(c, dtype=torch.bool)
         for i, q in enumerate(quantizers):
             if not isinstance(q, WEIGHT_QUANTIZER_TYPES):
-                raise TypeError(f"weight_quantizers[{i}] must be an IntQuantizer or FPQuantizer, "
+                raise TypeError(f"weight_quantizers[{i}] must be an IntQuantizer, FPQuantizer or BinaryQuantizer, "
                                 f"got {type(q).__name__}")
             if getattr(q, "granularity", None) == "token":
                 raise ValueError(f"weight_quantizers[{i}]: granularity 'token' is for activations; "

@@ -8,8 +8,9 @@ themselves are :mod:`pipeline.quant.bitstream`).
                              little-endian bit stream of ``bits`` bits per code (any width 1..8: 3-bit -> 8 codes
                              in 3 bytes; 8-bit codes are plain uint8). Integer codes are stored as ``code − qmin``
                              (unsigned); FP codes are the sign|exponent|mantissa codes of ``FPQuantizer.encode``.
-  ``q.<layer>.w<g>.scale`` / ``.zero_point`` (int) or ``.maxval`` (fp): fp32 (the quantizer's own dtype),
-                             covered rows only; zero points only when one is non-zero.
+  ``q.<layer>.w<g>.scale`` / ``.zero_point`` (int), ``.maxval`` (fp) or ``.mu`` / ``.alpha`` (1-bit binary,
+                             codes = sign bits): fp32 (the quantizer's own dtype), covered rows only; zero
+                             points only when one is non-zero.
   ``q.<layer>.w<g>.mask``    the channel mask as a bit stream (only for masked quantizers).
   ``q.<layer>.residual.{alpha,signs,mask}``  binary residual: α of the covered rows, one sign bit per weight.
   ``q.<layer>.in_scale``     the per-input-channel scale vector.
@@ -22,7 +23,7 @@ themselves are :mod:`pipeline.quant.bitstream`).
 
 ``load_quantized(fp_model, out_dir)`` wraps a freshly built FP model with the saved structure and loads the
 state: each layer's weight is decoded with the same quantizer arithmetic the fake-quant path uses
-(``IntQuantizer.dequantize`` / ``FPQuantizer.decode``, summed over the groups in the same order, plus
+(``IntQuantizer.dequantize`` / ``FPQuantizer.decode`` / ``BinaryQuantizer.dequantize``, summed over the groups in the same order, plus
 ``BinaryResidual.from_bits``), so the reloaded forward equals the fake-quant forward bit for bit.
 ``save_quantized`` verifies this decode before writing.
 
@@ -43,7 +44,8 @@ from pipeline.quant.attention import QuantAttnProcessor, check_supported, is_att
 from pipeline.quant.bitstream import pack_bits, pack_mask, packed_size, unpack_bits, unpack_mask
 from pipeline.quant.cost import quantized_layer_bytes
 from pipeline.quant.layers import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear, quantizer_channels
-from pipeline.quant.primitives import BinaryResidual, IntQuantizer, weight_quantizer_desc, weight_quantizer_from_desc
+from pipeline.quant.primitives import (BinaryQuantizer, BinaryResidual, IntQuantizer, weight_quantizer_desc,
+                                      weight_quantizer_from_desc)
 from pipeline.quant.surgery import (QuantSpec, ensure_timestep_context, model_timesteps, quant_attention, quant_layers,
                                     set_model_timesteps)
 
@@ -149,8 +151,8 @@ def _pack_layer(name: str, layer: nn.Module) -> tuple:
                     codes = layer.adaround[g].codes()
                 else:
                     group_w = q(w)
-                    codes = q.quantize(w) if isinstance(q, IntQuantizer) else q.encode(w)
-                decoded = q.dequantize(codes, dtype=w.dtype) if isinstance(q, IntQuantizer) \
+                    codes = q.quantize(w) if isinstance(q, (IntQuantizer, BinaryQuantizer)) else q.encode(w)
+                decoded = q.dequantize(codes, dtype=w.dtype) if isinstance(q, (IntQuantizer, BinaryQuantizer)) \
                     else q.decode(codes, dtype=w.dtype)
                 if not torch.equal(decoded, group_w):
                     raise RuntimeError(f"save_quantized: layer {name!r} quantizer {g}: decoded codes differ from the "
@@ -158,7 +160,10 @@ def _pack_layer(name: str, layer: nn.Module) -> tuple:
                 offset = q.qmin if isinstance(q, IntQuantizer) else 0
                 stored = codes[mask].to(torch.int64) - offset
                 tensors[f"{p}.w{g}.codes"] = pack_bits(stored, q.bits)
-                if isinstance(q, IntQuantizer):
+                if isinstance(q, BinaryQuantizer):
+                    tensors[f"{p}.w{g}.mu"] = _rows_params(q.mu, q.granularity, mask).contiguous()
+                    tensors[f"{p}.w{g}.alpha"] = _rows_params(q.alpha, q.granularity, mask).contiguous()
+                elif isinstance(q, IntQuantizer):
                     tensors[f"{p}.w{g}.scale"] = _rows_params(q.scale, q.granularity, mask).contiguous()
                     zp = _rows_params(q.zero_point, q.granularity, mask)
                     if bool((torch.round(zp) != 0).any()) or bool((zp != 0).any()):
@@ -168,7 +173,8 @@ def _pack_layer(name: str, layer: nn.Module) -> tuple:
                 if q.channel_mask is not None:
                     tensors[f"{p}.w{g}.mask"] = pack_mask(q.channel_mask)
                 desc = {**weight_quantizer_desc(q), "rows": rows}
-                desc["param_shape"] = list((q.scale if isinstance(q, IntQuantizer) else q.maxval).shape)
+                desc["param_shape"] = list((q.alpha if isinstance(q, BinaryQuantizer) else q.scale
+                                            if isinstance(q, IntQuantizer) else q.maxval).shape)
                 structure["quantizers"].append(desc)
                 w_q = group_w if w_q is None else w_q + group_w
             if layer.residual is not None:
@@ -363,7 +369,12 @@ def _unpack_layer(name: str, module: nn.Module, entry: dict, tensors: dict, mode
             raise ValueError(f"layer {name!r}: quantizer {g}: bad description in {SPEC_FILE}: {exc}") from None
         pshape = desc["param_shape"]
         state = {}
-        if desc["format"] == "int":
+        if desc["format"] == "binary":
+            for key in ("mu", "alpha"):
+                state[key] = _full_params(_need(tensors, f"{p}.w{g}.{key}", name), q.granularity, mask, pshape,
+                                          0.0, name, f"{p}.w{g}.{key}")
+            offset = 0
+        elif desc["format"] == "int":
             scale = _need(tensors, f"{p}.w{g}.scale", name)
             state["scale"] = _full_params(scale, q.granularity, mask, pshape, 1.0, name, f"{p}.w{g}.scale")
             if f"{p}.w{g}.zero_point" in tensors:
@@ -385,7 +396,7 @@ def _unpack_layer(name: str, module: nn.Module, entry: dict, tensors: dict, mode
         codes = torch.zeros(wshape, dtype=torch.int64)
         codes[mask] = (unpack_bits(packed, q.bits, n_codes) + offset).reshape([rows] + row_shape)
         codes = codes.to(dev)
-        if isinstance(q, IntQuantizer):
+        if isinstance(q, (IntQuantizer, BinaryQuantizer)):
             decoded = q.dequantize(codes.to(torch.int32), dtype=module.weight.dtype)
         else:
             decoded = q.decode(codes.to(torch.uint8), dtype=module.weight.dtype)

@@ -1,4 +1,5 @@
-"""Quantization primitives: integer affine and floating-point ExMy fake quantizers, binary residual.
+"""Quantization primitives: integer affine and floating-point ExMy fake quantizers, the 1-bit binary weight
+quantizer, binary residual.
 
 Everything here is a pure tensor function or a small ``nn.Module`` holding the quantizer's
 parameters. Layers, activation quantizers, AdaRound and packing are built on top.
@@ -29,6 +30,10 @@ Granularity and layout (shared by both quantizers)
     equivalent because 0 is on every grid here (zero_point is an integer; FP has an exact 0), so
     padding changes neither min/max/absmax nor the L_p error. Parameters are stored as shape ``(1,)``
     (tensor), ``(C,)`` (channel) or ``(C, G)`` (group).
+
+Binary (1-bit) weight quantizer (:class:`BinaryQuantizer`; MPQ-DM's b−1 group at W2)
+    Q(w) = μ_i + α_i·sign(w − μ_i) per output channel (μ_i = channel mean, α_i = mean |w − μ_i| at init),
+    straight-through gradients. Weights only: ``INT_BITS`` (integer grids, activations, settings) stays 2..8.
 
 Channel masks (MPQ-DM OMQ mixed groups)
     With ``channel_mask`` (bool, length C along ``ch_axis``) a quantizer only covers the masked
@@ -745,6 +750,160 @@ class FPQuantizer(_LazyParamsMixin, nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# 1-bit (binary) weight quantizer
+# ----------------------------------------------------------------------------------------------
+BINARY_BITS = 1  # the only width of BinaryQuantizer; weights only (never an activation or a params setting)
+
+
+class _BinaryFQ(torch.autograd.Function):
+    """Q = μ + α·sign(x − μ) (sign(0) = +1) with straight-through gradients: ∂Q/∂x = 1, ∂Q/∂α = sign(x − μ),
+    ∂Q/∂μ = 1 (the move of the sign threshold is ignored, as the rounding is for integer grids)."""
+
+    @staticmethod
+    def forward(ctx, x, mu, alpha):
+        sign = binary_sign(x, mu)
+        ctx.save_for_backward(sign)
+        ctx.shapes = (mu.shape, alpha.shape)
+        return mu + alpha * sign
+
+    @staticmethod
+    def backward(ctx, grad):
+        (sign,) = ctx.saved_tensors
+        mu_shape, alpha_shape = ctx.shapes
+        g_mu = grad.sum_to_size(mu_shape) if ctx.needs_input_grad[1] else None
+        g_alpha = (grad * sign).sum_to_size(alpha_shape) if ctx.needs_input_grad[2] else None
+        return grad, g_mu, g_alpha
+
+
+def binary_sign(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """sign(x − μ) as ±1 in x's dtype, with sign(0) = +1 (every weight has one stored bit)."""
+    return torch.where((x - mu).detach() >= 0, 1.0, -1.0).to(x.dtype)
+
+
+def binary_quantize(x: torch.Tensor, mu: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """μ + α·sign(x − μ) (broadcast), straight-through gradients to x, μ and α (see :class:`_BinaryFQ`)."""
+    mu = torch.as_tensor(mu, dtype=x.dtype, device=x.device)
+    alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device)
+    return _BinaryFQ.apply(x, mu, alpha)
+
+
+class BinaryQuantizer(_LazyParamsMixin, nn.Module):
+    """1-bit weight quantizer per output channel i: Q(w) = μ_i + α_i·sign(w − μ_i), sign(0) = +1.
+
+    The demoted (b−1-bit) group of MPQ-DM's OMQ at W2, where a 1-bit *uniform affine* grid would be the two
+    range ends {min, max} (useless). Calibration (closed form, no range search): μ_i = mean of channel i,
+    α_i = mean |w − μ_i| over the channel — for a fixed μ the L2-optimal α of the two-level grid {μ ± α}
+    given the sign pattern (XNOR-Net / BinaryDM). Both are ``nn.Parameter`` when ``learnable`` (the two grid
+    levels μ ± α are then trained, mirroring the learnable Δ and z of :class:`IntQuantizer`); μ is *not*
+    re-estimated during training. Gradients are straight-through: the latent weight gets the identity
+    (no clipping window: a two-level grid has no "inside the range"), α gets sign(w − μ), μ gets 1.
+
+    Stored form: one bit per weight (1 = sign +1) + fp32 μ and α per channel. ``quantize`` gives int32 codes
+    {0, 1}, ``dequantize`` inverts exactly (``dequantize(quantize(w)) == forward(w)`` bit for bit).
+    ``channel_mask`` as for :class:`IntQuantizer` (statistics per channel anyway; output 0 outside the mask).
+    Per-channel only (``granularity`` "channel", ``ch_axis`` 0) and weights only: activation quantizers and
+    the ``W<b>`` settings keep their 2..8-bit integer range (``INT_BITS``).
+    """
+
+    _lazy_names = ("mu", "alpha")
+    granularity = "channel"
+    ch_axis = 0
+    symmetric = False
+    group_size = 0
+    init = "mean"
+
+    def __init__(self, learnable: bool = False, channel_mask=None):
+        super().__init__()
+        self.learnable = bool(learnable)
+        self.register_buffer("channel_mask", _as_mask(channel_mask))
+        if self.learnable:
+            self.mu = nn.Parameter(torch.empty(0))
+            self.alpha = nn.Parameter(torch.empty(0))
+        else:
+            self.register_buffer("mu", torch.empty(0))
+            self.register_buffer("alpha", torch.empty(0))
+
+    @property
+    def bits(self) -> int:
+        return BINARY_BITS
+
+    @property
+    def initialized(self) -> bool:
+        return self.alpha.numel() > 0
+
+    def extra_repr(self) -> str:
+        return f"bits=1, learnable={self.learnable}, masked={self.channel_mask is not None}"
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0:
+            raise ValueError("BinaryQuantizer: expected a weight with an output-channel dim 0, got a scalar")
+        return x.reshape(x.shape[0], -1)
+
+    def _mask(self, xr: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.channel_mask is None:
+            return None
+        if self.channel_mask.numel() != xr.shape[0]:
+            raise ValueError(f"channel_mask has {self.channel_mask.numel()} entries but the tensor has "
+                             f"{xr.shape[0]} channels along dim 0")
+        return self.channel_mask.to(xr.device).reshape(-1, 1)
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """μ = per-channel mean, α = per-channel mean |x − μ| (0 outside the mask)."""
+        xr = self._rows(x.detach())
+        pdtype = _param_dtype(x)
+        mu = xr.to(pdtype).mean(dim=1)
+        alpha = (xr.to(pdtype) - mu[:, None]).abs().mean(dim=1)
+        mask = self._mask(xr)
+        if mask is not None:
+            m = mask.reshape(-1)
+            mu = torch.where(m, mu, torch.zeros_like(mu))
+            alpha = torch.where(m, alpha, torch.zeros_like(alpha))
+        self._set_param("mu", mu, self.learnable)
+        self._set_param("alpha", alpha, self.learnable)
+
+    def _ensure_init(self, x: torch.Tensor) -> None:
+        if not self.initialized:
+            self.calibrate(x)
+
+    def _params(self, xr: torch.Tensor):
+        return self.mu.to(xr.dtype).reshape(-1, 1), self.alpha.to(xr.dtype).reshape(-1, 1)
+
+    def _masked(self, out: torch.Tensor, xr: torch.Tensor) -> torch.Tensor:
+        mask = self._mask(xr)
+        if mask is None:
+            return out
+        return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._ensure_init(x)
+        xr = self._rows(x)
+        mu, alpha = self._params(xr)
+        return self._masked(binary_quantize(xr, mu, alpha), xr).reshape(x.shape)
+
+    @torch.no_grad()
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """int32 codes, same shape as x: 1 where x − μ >= 0 (sign +1), else 0; 0 outside the mask."""
+        self._ensure_init(x)
+        xr = self._rows(x)
+        mu, _ = self._params(xr)
+        codes = ((xr - mu) >= 0).to(torch.int32)
+        mask = self._mask(xr)
+        if mask is not None:
+            codes = torch.where(mask, codes, torch.zeros((), dtype=codes.dtype, device=codes.device))
+        return codes.reshape(x.shape)
+
+    def dequantize(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """μ + α·(2c − 1), 0 outside the mask; equals ``forward(x)`` for ``codes = quantize(x)``."""
+        if not self.initialized:
+            raise RuntimeError("BinaryQuantizer.dequantize: quantizer is not calibrated (call calibrate(x) first)")
+        cr = self._rows(codes)
+        sign = torch.where(cr != 0, 1.0, -1.0).to(dtype)
+        mu, alpha = self.mu.to(dtype).reshape(-1, 1), self.alpha.to(dtype).reshape(-1, 1)
+        return self._masked(mu + alpha * sign, cr).reshape(codes.shape)
+
+
+# ----------------------------------------------------------------------------------------------
 # binary residual branch
 # ----------------------------------------------------------------------------------------------
 class BinaryResidual(nn.Module):
@@ -810,18 +969,21 @@ class BinaryResidual(nn.Module):
 # describing weight quantizers (JSON) and rebuilding them (packing, student checkpoints)
 # ----------------------------------------------------------------------------------------------
 def weight_quantizer_desc(q: nn.Module) -> dict:
-    """Constructor arguments of an :class:`IntQuantizer` / :class:`FPQuantizer` as JSON-able values
-    (``format`` "int" | "fp"; ``masked``: whether it has a channel mask). Its parameters are state."""
+    """Constructor arguments of an :class:`IntQuantizer` / :class:`FPQuantizer` / :class:`BinaryQuantizer` as
+    JSON-able values (``format`` "int" | "fp" | "binary"; ``masked``: whether it has a channel mask). Its parameters are state."""
     if isinstance(q, IntQuantizer):
         return {"format": "int", "bits": q.bits, "symmetric": q.symmetric, "granularity": q.granularity,
                 "group_size": q.group_size, "init": q.init, "learnable": q.learnable,
+                "masked": q.channel_mask is not None}
+    if isinstance(q, BinaryQuantizer):
+        return {"format": "binary", "bits": q.bits, "granularity": q.granularity, "learnable": q.learnable,
                 "masked": q.channel_mask is not None}
     if isinstance(q, FPQuantizer):
         return {"format": "fp", "bits": q.bits, "exp_bits": q.exp_bits, "man_bits": q.man_bits, "signed": q.signed,
                 "granularity": q.granularity, "group_size": q.group_size, "init": q.init,
                 "learnable": q.learnable, "masked": q.channel_mask is not None}
     raise TypeError(f"cannot describe weight quantizer of type {type(q).__name__}; "
-                    "expected an IntQuantizer or FPQuantizer")
+                    "expected an IntQuantizer, FPQuantizer or BinaryQuantizer")
 
 
 def weight_quantizer_from_desc(desc: dict, channel_mask=None) -> nn.Module:
@@ -831,8 +993,10 @@ def weight_quantizer_from_desc(desc: dict, channel_mask=None) -> nn.Module:
         return IntQuantizer(desc["bits"], symmetric=desc["symmetric"], granularity=desc["granularity"],
                             group_size=desc["group_size"], ch_axis=0, init=desc["init"],
                             learnable=desc["learnable"], channel_mask=channel_mask)
+    if desc["format"] == "binary":
+        return BinaryQuantizer(learnable=desc["learnable"], channel_mask=channel_mask)
     if desc["format"] != "fp":
-        raise ValueError(f"unknown weight quantizer format {desc['format']!r}; expected 'int' or 'fp'")
+        raise ValueError(f"unknown weight quantizer format {desc['format']!r}; expected 'int', 'fp' or 'binary'")
     return FPQuantizer(desc["exp_bits"], desc["man_bits"], signed=desc["signed"], granularity=desc["granularity"],
                        group_size=desc["group_size"], ch_axis=0, channel_mask=channel_mask, init=desc["init"],
                        learnable=desc["learnable"])

@@ -86,8 +86,9 @@ class QATConfig:
     relation_weight: weight of the relation loss (0 turns it off); null = MPQ-DM's weighting: its code sums
         the ε error over C·H·W values and the relation KL over P pixel rows with factor 100, i.e. in our
         mean units 100·P / (C·H·W) (100 for the 8×8 UNet, 25 for LDM-4's 1024-pixel decoder output).
-    trd_window: TRD's N consecutive steps (MPQ-DM: 2). memory_length: MTRD queue length M.
-    memory_decay: MTRD weight decay^age of older entries (1 = uniform). temperature: relation softmax τ.
+    trd_window: TRD's N consecutive steps (MPQ-DM: 2). memory_length: MTRD entries (teacher pixel embeddings of
+        past images) per timestep bucket (:class:`pipeline.train.relation.MemoryRelationLoss`).
+    memory_decay: MTRD weight decay^age of older entries of a bucket (1 = uniform). temperature: relation softmax τ.
     feature_module: module (name inside the diffusers net) whose output is the relation feature; null = auto.
     check_samples: trajectories of the held-out ε-MSE check before/after QAT in the stage (0 = skip).
     curve_every: > 0: every ``curve_every`` updates (and before the first, and after the last) the held-out

@@ -11,10 +11,10 @@ sampling loop (:func:`pipeline.sampling.sample` with a ``step_hook``). At every 
 
 Parameter groups (MPQ-DM ``train_ourdm.py``): LoRA A/B — learning rate ``lora_lr``, or, when null, the
 scale-aware rate ``lora_lr_scale`` × mean weight step Δ of the layer (EfficientDM; MPQ-DM sums its three
-group means, we take the mean over all channels), one group per layer, times :func:`lora_step_match` for
-SVD-initialised factors (ours); weight-quantizer Δ, z and residual α
-(``weight_quant_lr``); activation-quantizer Δ_t, z_t (``act_quant_lr``). Linear decay to 0 over all updates,
-no warm-up. Reductions: means instead of MPQ-DM's sums (so the defaults do not depend on the image size);
+group means, we take the mean over all channels; the 1-bit binary channels of a W2 layer have no Δ and are
+left out), one group per layer, times :func:`lora_step_match` for SVD-initialised factors (ours);
+weight-quantizer Δ, z, the binary group's μ, α and the residual α (``weight_quant_lr``); activation-quantizer
+Δ_t, z_t (``act_quant_lr``). Linear decay to 0 over all updates, no warm-up. Reductions: means instead of MPQ-DM's sums (so the defaults do not depend on the image size);
 the relation weight absorbs the difference.
 
 Features: forward hooks on one module of teacher and student found by name (``feature_module``; null = the
@@ -294,7 +294,7 @@ class TrajectoryDistillation(L.LightningModule):
         self.student.eval()  # no dropout / DiT label dropout: both models must see the real labels
         self.teacher.eval()
         if self.relation is not None:
-            self.relation.reset()
+            self.relation.start_trajectory()  # TRD: new windows; MTRD: the timestep memory is kept
         sample(self.teacher, noise, labels, self.diffusion_cfg, self.sampling_cfg, step_hook=self.distill_step)
         self.teacher.cache = None
         return None

@@ -88,21 +88,97 @@ def test_omq_keeps_average_bit_width(bits, salient):
     assert torch.equal(layer.quantized_weight(), mpqdm.quantized_from(qs, res, w))
 
 
-def test_w2_has_no_mixed_groups_without_a_1bit_grid():
-    from pipeline.quant.primitives import INT_BITS
-
-    torch.manual_seed(0)
-    layer = QuantLinear.from_float(nn.Linear(32, 20), [IntQuantizer(2)])
+def _outlier_layer(bits, seed=0, input_outlier=True):
+    """A 32 -> 20 linear layer with heavy-tailed rows 0, 3, 7, calibration inputs (with an outlier input
+    channel unless ``input_outlier=False``), and the OMQ pre-scale set."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(32, 20)
     with torch.no_grad():
-        layer.weight.copy_(_heavy_weight())
-    x = torch.randn(16, 32)
-    k, errors, (qs, _) = mpqdm.omq_search(layer, x, 2, [0.0, 0.1, 0.2], "extra_bit")
-    if INT_BITS[0] == 2:  # the core has no 1-bit integer grid: OMQ must not buy bits
-        assert list(errors) == [0] and k == 0 and [q.bits for q in qs] == [2]
+        lin.weight.copy_(_heavy_weight(seed=seed))
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(seed + 1))
+    if input_outlier:
+        x[:, 5] *= 20
+    layer = QuantLinear.from_float(lin, [IntQuantizer(bits)])
+    layer.act_quant = False
+    layer.set_in_scale(mpqdm.prescale_vector(mpqdm.input_channel_absmax(x, False), layer.weight))
+    return lin, layer, x
+
+
+@pytest.mark.parametrize("salient", ["extra_bit", "residual"])
+def test_w2_layer_gets_binary_demoted_group_and_keeps_2_bits(salient):
+    lin, layer, x = _outlier_layer(2, seed=2, input_outlier=False)
+    k, errors, (qs, res) = mpqdm.omq_search(layer, x, 2, [0.0, 0.1, 0.2, 0.3], salient, init="mse",
+                                            candidate_init="minmax")
+    assert sorted(errors) == [0, 2, 4, 6]  # the search considers the mixed groups at W2
+    assert k > 0 and errors[k] < errors[0], errors  # and, with outlier channels, picks one
+    kinds = [(type(q).__name__, q.bits) for q in qs]
+    if salient == "extra_bit":
+        assert kinds == [("IntQuantizer", 3), ("IntQuantizer", 2), ("BinaryQuantizer", 1)] and res is None
     else:
-        assert sorted(errors) == [0, 2, 4]
-    k8, errors8, _ = mpqdm.omq_search(layer, x, 8, [0.0, 0.1], "extra_bit")
+        assert kinds == [("IntQuantizer", 2), ("IntQuantizer", 2), ("BinaryQuantizer", 1)] and res is not None
+    layer.set_weight_quantizers(qs, res, calibrate=False)
+    assert layer.w_bits == pytest.approx(2.0)  # {3, 2, 1} (or 2 + residual, 2, 1) bits average to 2
+    assert int(qs[2].channel_mask.sum()) == k and set(qs[0].channel_mask.nonzero().flatten().tolist()) >= {0, 3, 7}
+    assert torch.equal(layer.quantized_weight(), mpqdm.quantized_from(qs, res, layer.effective_weight()))
+    # W8 has no 9-bit grid: OMQ's extra bit is not available there (the residual is)
+    _, errors8, _ = mpqdm.omq_search(layer, x, 8, [0.0, 0.1], "extra_bit")
     assert list(errors8) == [0]
+    _, errors8r, _ = mpqdm.omq_search(layer, x, 8, [0.0, 0.1], "residual")
+    assert sorted(errors8r) == [0, 2]
+
+
+def _ref_minmax(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    """Independent per-row asymmetric min-max fake quantization (float64)."""
+    r = rows.double()
+    lo, hi = r.min(1, keepdim=True).values.clamp(max=0), r.max(1, keepdim=True).values.clamp(min=0)
+    n = 2 ** bits - 1
+    scale = ((hi - lo) / n).clamp(min=1e-8)
+    zp = torch.round(-lo / scale).clamp(0, n)
+    return ((torch.clamp(torch.round(r / scale) + zp, 0, n) - zp) * scale)
+
+
+def _ref_binary(rows: torch.Tensor) -> torch.Tensor:
+    r = rows.double()
+    mu = r.mean(1, keepdim=True)
+    alpha = (r - mu).abs().mean(1, keepdim=True)
+    return mu + alpha * torch.where(r - mu >= 0, 1.0, -1.0)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_omq_search_min_max_candidates_match_a_brute_force_recomputation(bits):
+    lin, layer, x = _outlier_layer(bits, seed=3)
+    fractions = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    k, errors, (qs, _) = mpqdm.omq_search(layer, x, bits, fractions, "extra_bit", init="mse",
+                                          candidate_init="minmax")
+    w = (lin.weight.detach() * layer.in_scale).double()  # pre-scaled weight W·diag(s)
+    c = w.shape[0]
+    d = w - w.mean(1, keepdim=True)
+    kurt = (d.pow(4).mean(1) / d.pow(2).mean(1).pow(2))
+    order = torch.argsort(kurt, descending=True, stable=True)
+    y_fp = (x.double() @ lin.weight.detach().double().T + lin.bias.detach().double())
+    xs = x.double() / layer.in_scale.double()
+    brute = {}
+    for cand in [0, 2, 4, 6, 8, 10]:
+        top, bottom = order[:cand], order[c - cand:] if cand else order[:0]
+        mid = torch.ones(c, dtype=torch.bool)
+        mid[top] = False
+        mid[bottom] = False
+        w_hat = torch.zeros_like(w)
+        w_hat[mid] = _ref_minmax(w[mid], bits)
+        if cand:
+            w_hat[top] = _ref_minmax(w[top], bits + 1)
+            w_hat[bottom] = _ref_binary(w[bottom]) if bits == 2 else _ref_minmax(w[bottom], bits - 1)
+        brute[cand] = float(((xs @ w_hat.T + lin.bias.detach().double()) - y_fp).pow(2).mean())
+    assert sorted(errors) == sorted(brute)
+    for cand in brute:
+        assert errors[cand] == pytest.approx(brute[cand], rel=1e-3), cand
+    assert k == min(brute, key=brute.get)  # the argmin of the stated objective over the candidates
+    # the winner is installed with the configured (MSE) ranges, not the candidates' min-max ones
+    for q in qs:
+        if isinstance(q, IntQuantizer):
+            assert q.init == "mse"
+            ref = mpqdm.channel_quantizer_params(layer.effective_weight(), q.bits, init="mse")["scale"]
+            assert torch.equal(q.scale.detach()[q.channel_mask], ref[q.channel_mask])
 
 
 def test_omq_search_picks_the_k_with_the_lowest_layer_mse():
@@ -234,13 +310,13 @@ def test_variants_are_registered_with_their_switches():
         from_dict(mpqdm.MPQConfig, {"qat": {"lr": 0.1}}, "mpq")
 
 
-def _init(fp, calib, name, setting=BitSetting(3, 4)):
+def _init(fp, calib, name, setting=BitSetting(3, 4), **overrides):
     v = get_family("mpq").variant(name)
     student = copy.deepcopy(fp)
     torch.manual_seed(0)
     # min-max ranges keep the test fast (the MSE search is the core's, tested there)
-    cfg = mpqdm.MPQConfig(lora_rank=4, calib_inputs=8, act_calib_batches=1, act_init="minmax",
-                          weight_init="minmax")
+    cfg = mpqdm.MPQConfig(**{**dict(lora_rank=4, calib_inputs=8, act_calib_batches=1, act_init="minmax",
+                                    weight_init="minmax"), **overrides})
     res = mpqdm.quantize(student, calib, setting, cfg, MethodContext(variant=v.switches))
     return student, res
 
@@ -290,3 +366,114 @@ def test_efficientdm_variant_has_no_omq(tiny_calibrated):
     assert mixed and all(l.in_scale is None and len(l.weight_quantizers) == 1 and l.residual is None for l in mixed)
     assert all(not bool(l.lora_B.any()) for l in mixed)  # zero-init LoRA
     assert res.info["mean_salient_fraction"] == 0.0 and res.info["avg_weight_bits"] == pytest.approx(3.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# OMQ on the whole model: quantized-so-far inputs, W2 with the binary group
+# ------------------------------------------------------------------------------------------------
+def _record_search_inputs(monkeypatch):
+    seen = {}
+    real = mpqdm.omq_search
+
+    def spy(layer, inputs, *args, **kwargs):
+        seen[id(layer)] = inputs.detach().clone()
+        return real(layer, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(mpqdm, "omq_search", spy)
+    return seen
+
+
+def _layer_inputs(backbone, layers, calib, n, seed, weight_quant):
+    """{name: input} of one forward of the seeded calibration subset (activations unquantized)."""
+    from pipeline.quant.surgery import quant_state
+
+    store = {}
+    hs = [l.register_forward_pre_hook(lambda m, inp, name=name: store.setdefault(name, inp[0].detach().clone()))
+          for name, l in layers.items()]
+    sub = calib.subset(min(n, len(calib)), seed=seed)
+    quant_state(backbone.net, weight=weight_quant, act=False)
+    try:
+        with torch.no_grad():
+            for x, t, y in sub.batches(len(sub)):
+                backbone(x, t, y)
+    finally:
+        for h in hs:
+            h.remove()
+        quant_state(backbone.net, weight=True, act=True)
+    return store
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_omq_search_inputs_come_from_the_quantized_so_far_network(tiny_calibrated, monkeypatch, kind):
+    from pipeline.quant.surgery import quant_layers
+
+    fp, calib = tiny_calibrated[kind]
+    seen = _record_search_inputs(monkeypatch)
+    student, res = _init(fp, calib, "mpqdm", BitSetting(2, 4), omq_inputs="quantized")
+    layers = {n: l for n, l in quant_layers(student.net) if id(l) in seen}
+    assert len(layers) > 3
+    # what every layer saw in the search = its input in the final network (weights quantized with every
+    # earlier layer's chosen groups, activations off): the quantized-so-far network
+    q_inputs = _layer_inputs(student, layers, calib, 8, 0, weight_quant=True)
+    fp_inputs = _layer_inputs(student, layers, calib, 8, 0, weight_quant=False)
+    differ = 0
+    for name, layer in layers.items():
+        assert torch.equal(seen[id(layer)], q_inputs[name]), name
+        differ += not torch.equal(seen[id(layer)], fp_inputs[name])
+    assert differ >= len(layers) - 1  # every non-first layer sees quantized upstream weights
+    assert res.info["omq_inputs"] == "quantized" and res.info["omq_init"] == "minmax"
+    # omq_inputs="fp": the FP network's inputs
+    seen.clear()
+    student_fp, _ = _init(fp, calib, "mpqdm", BitSetting(2, 4), omq_inputs="fp")
+    layers_fp = {n: l for n, l in quant_layers(student_fp.net) if id(l) in seen}
+    fp_inputs = _layer_inputs(student_fp, layers_fp, calib, 8, 0, weight_quant=False)
+    for name, layer in layers_fp.items():
+        assert torch.equal(seen[id(layer)], fp_inputs[name]), name
+
+
+@pytest.mark.parametrize("variant", ["mpqdm", "mpqdm2"])
+def test_w2_model_uses_binary_groups_keeps_2_bits_and_round_trips_exactly(tiny_calibrated, tmp_path, variant):
+    from pipeline.quant.checkpoint import load_student, save_student
+    from pipeline.quant.cost import model_bytes
+    from pipeline.quant.packing import load_quantized, merge_lora, save_quantized
+    from pipeline.quant.primitives import BinaryQuantizer
+    from pipeline.quant.surgery import quant_layers
+
+    fp, calib = tiny_calibrated["unet"]
+    student, res = _init(fp, calib, variant, BitSetting(2, 4), omq_fractions=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    assert res.info["avg_weight_bits"] == pytest.approx(2.0)
+    mixed = [l for _, l in quant_layers(student.net) if any(isinstance(q, BinaryQuantizer) for q in l.weight_quantizers)]
+    assert mixed and res.info["mean_salient_fraction"] > 0  # some W2 layers got {1, 2, 3}-bit groups
+    assert all(l.w_bits == pytest.approx(2.0) for l in mixed)
+    x, t, y = calib.x[:4], calib.t[:4], calib.labels[:4]
+    save_student(student.net, res.spec, tmp_path / "ckpt")
+    rebuilt = copy.deepcopy(fp)
+    load_student(rebuilt.net, tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x, t, y), student(x, t, y))
+    merge_lora(rebuilt.net)
+    summary = save_quantized(rebuilt.net, res.spec, tmp_path / "packed")
+    loaded = copy.deepcopy(fp)
+    loaded.net = load_quantized(loaded.net, tmp_path / "packed")
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), rebuilt(x, t, y))  # save -> load: identical outputs
+    assert summary["theoretical_bytes"] < model_bytes(fp.net)
+
+
+def test_omq_options_are_validated_with_the_key():
+    assert mpqdm.MPQConfig().omq_inputs == "quantized" and mpqdm.MPQConfig().omq_init == "minmax"
+    with pytest.raises(ConfigError, match=r"mpq\.omq_inputs: 'bogus' is not allowed"):
+        from_dict(mpqdm.MPQConfig, {"omq_inputs": "bogus"}, "mpq")
+    with pytest.raises(ConfigError, match=r"mpq\.omq_init: 'max' is not allowed"):
+        from_dict(mpqdm.MPQConfig, {"omq_init": "max"}, "mpq")
+    with pytest.raises(ConfigError, match=r"mpq\.omq_init: must be one of \['minmax', 'mse'\]"):
+        mpqdm.MPQConfig(omq_init="max").validate("mpq")
+    assert from_dict(mpqdm.MPQConfig, {"omq_inputs": "fp", "omq_init": "mse"}, "mpq").omq_inputs == "fp"
+
+
+def test_w2_init_is_deterministic(tiny_calibrated):
+    fp, calib = tiny_calibrated["unet"]
+    a, _ = _init(fp, calib, "mpqdm2", BitSetting(2, 4))
+    b, _ = _init(fp, calib, "mpqdm2", BitSetting(2, 4))
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

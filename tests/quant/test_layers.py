@@ -100,7 +100,7 @@ def test_mask_validation_errors():
         QuantLinear.from_float(m, [IntQuantizer(4, channel_mask=a), IntQuantizer(4, channel_mask=a)])
     with pytest.raises(ValueError, match="uncovered"):
         QuantLinear.from_float(m, [IntQuantizer(4, channel_mask=a)])
-    with pytest.raises(TypeError, match="IntQuantizer or FPQuantizer"):
+    with pytest.raises(TypeError, match="IntQuantizer, FPQuantizer or BinaryQuantizer"):
         QuantLinear.from_float(m, [nn.Identity()])
     with pytest.raises(TypeError, match="nn.Linear"):
         QuantLinear(nn.Conv2d(1, 1, 1))

@@ -9,7 +9,7 @@ import torch.nn as nn
 from pipeline.quant.cost import bitops, count_macs, model_bytes
 from pipeline.quant.bitstream import pack_bits, pack_mask, packed_size, unpack_bits, unpack_mask
 from pipeline.quant.packing import load_quantized, packed_bytes, save_quantized, theoretical_bytes
-from pipeline.quant.primitives import BinaryResidual, IntQuantizer
+from pipeline.quant.primitives import BinaryQuantizer, BinaryResidual, IntQuantizer
 from pipeline.quant.surgery import (LayerQuant, QuantSpec, calibrate_activations, quant_layers, quantize_model)
 
 
@@ -88,6 +88,13 @@ def _mixed(layer, bits=(3, 4, 5), **kw):
     layer.set_weight_quantizers([IntQuantizer(b, channel_mask=gid == i, **kw) for i, b in enumerate(bits)])
 
 
+def _mixed_binary(layer):
+    """MPQ-DM's W2 groups: 3-bit, 2-bit and the 1-bit binary group, one third of the channels each."""
+    gid = torch.arange(layer.num_out_channels) % 3
+    layer.set_weight_quantizers([IntQuantizer(3, channel_mask=gid == 0), IntQuantizer(2, channel_mask=gid == 1),
+                                 BinaryQuantizer(learnable=True, channel_mask=gid == 2)])
+
+
 def _residual(layer):
     c = layer.num_out_channels
     mask = torch.zeros(c, dtype=torch.bool)
@@ -121,6 +128,9 @@ CASES = {
     "fp6_channel": (dict(w_bits=6, w_format="fp"), None),
     "residual_w2": (dict(w_bits=2), _residual),
     "mixed_with_residual": (dict(w_bits=3), lambda layer: (_mixed(layer, (2, 3, 4)), _residual(layer))),
+    "mixed_w2_binary": (dict(w_bits=2), _mixed_binary),
+    "mixed_w2_binary_residual_act": (dict(w_bits=2, a_bits=4, a_mode="timestep"),
+                                     lambda layer: (_in_scale(layer), _mixed_binary(layer), _residual(layer))),
     "in_scale_w4": (dict(w_bits=4), _in_scale),
     "adaround_int3": (dict(w_bits=3), _adaround),
     "adaround_fp4": (dict(w_bits=4, w_format="fp", w_granularity="group", group_size=128), _adaround),
@@ -148,7 +158,8 @@ def _expected_bytes(model):
             else:
                 entries = rows * math.ceil(row / q.group_size)
             asym_int = isinstance(q, IntQuantizer) and not q.symmetric
-            total += entries * 4 * (2 if asym_int else 1)
+            binary = isinstance(q, BinaryQuantizer)  # 1 bit per weight + (μ, α) per channel
+            total += entries * 4 * (2 if asym_int or binary else 1)
         if layer.residual is not None:
             rows = int(layer.residual.channel_mask.sum())
             total += rows * row / 8 + rows * 4
@@ -358,3 +369,26 @@ def test_model_bytes():
     scales = 16 + 64 + 256
     expected = 4 * (n_params - weights) + weights * 4 / 8 + 4 * scales
     assert model_bytes(net) == round(expected)
+
+
+def test_w2_binary_groups_count_one_bit_in_bits_bytes_and_bitops(tmp_path):
+    model = Toy()
+    spec = QuantSpec(LayerQuant(w_bits=2, a_bits=4))
+    quantize_model(model, spec, timesteps=TIMESTEPS)
+    for _, layer in quant_layers(model):
+        _mixed_binary(layer)
+    calibrate_activations(model, lambda: model(_X, _T))
+    fc1 = model.fc1
+    c, row = fc1.weight.shape
+    n3, n2, n1 = [int(q.channel_mask.sum()) for q in fc1.weight_quantizers]
+    assert fc1.w_bits == pytest.approx((3 * n3 + 2 * n2 + 1 * n1) / c)
+    # bytes: codes at 3/2/1 bits + (scale, zero point) or (μ, α) per channel
+    assert theoretical_bytes(model, ["fc1"]) == pytest.approx((3 * n3 + 2 * n2 + n1) * row / 8 + 8 * c)
+    save_quantized(model, spec, tmp_path / "q")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "q" / "packed.safetensors"))
+    assert tensors["q.fc1.w2.codes"].numel() == packed_size(n1 * row, 1)  # one stored bit per weight
+    assert tensors["q.fc1.w2.mu"].shape == tensors["q.fc1.w2.alpha"].shape == (n1,)
+    macs = count_macs(model, lambda: model(_X[:1], _T[:1]))
+    assert bitops(model, {"fc1": macs["fc1"]}) == pytest.approx(macs["fc1"] * fc1.w_bits * 4)

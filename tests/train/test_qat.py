@@ -62,41 +62,106 @@ def test_trd_averages_a_window_and_trains_the_current_student_step():
         rel.TimeSmoothedRelationLoss(window=0)
 
 
-def test_memory_queue_keeps_m_entries_fifo_time_aware_and_trains_student():
-    m = rel.MemoryRelationLoss(memory_length=3)
-    steps = [999, 949, 899, 849, 799, 749]
-    for i, t in enumerate(steps):
-        f = _feats(i)
-        assert m(t, f, f.clone()).item() == pytest.approx(0.0, abs=1e-6)
-        assert len(m.queue) == min(i + 1, 3)
-    assert m.timesteps == steps[-3:]  # FIFO: the three latest, oldest first
-    # queued entries are the normalised pixels of those steps (teacher and student)
-    torch.testing.assert_close(m.queue[-1][1], rel.normalized_pixels(_feats(5)))
-    fs = _feats(42).requires_grad_(True)
-    loss = m(699, _feats(6), fs)
-    assert loss.item() > 0
-    loss.backward()
-    assert fs.grad.abs().sum() > 0 and all(not e[2].requires_grad for e in m.queue)
-    assert m.timesteps == [799, 749, 699]
-    # time-aware: a timestep that does not decrease means a new trajectory: memory emptied first
-    m(999, _feats(0), _feats(0))
-    assert m.timesteps == [999]
-    m(949, _feats(1), _feats(1))
-    assert m.timesteps == [999, 949]
+def _mem_reference(ft, fs, memory, tau=1.0, decay=1.0):
+    """Independent MTRD reference for one sample: ft, fs [C, H, W]; memory: list of [P, C] teacher
+    embeddings (oldest first). Per entry: KL of row-softmax(query · keysᵀ / τ), weighted decay^age."""
+    qt = torch.nn.functional.normalize(ft.flatten(1), dim=0).T  # [P, C]
+    qs = torch.nn.functional.normalize(fs.flatten(1), dim=0).T
+
+    def kl(a, b):
+        return (a * (a.log() - b.log())).sum(-1).mean()
+
+    total = kl(torch.softmax(qt @ qt.T / tau, -1), torch.softmax(qs @ qs.T / tau, -1))
+    norm = 1.0
+    for age, m in enumerate(reversed(memory), start=1):
+        w = decay ** age
+        total = total + w * kl(torch.softmax(qt @ m.T / tau, -1), torch.softmax(qs @ m.T / tau, -1))
+        norm += w
+    return total / norm
+
+
+def test_memory_buckets_hold_teacher_embeddings_fifo_per_timestep_across_trajectories():
+    m = rel.MemoryRelationLoss(memory_length=2)
+    steps = [999, 499]
+    feats = {}
+    for traj in range(3):  # three trajectories (3 batches of 2 images) over the same two timesteps
+        m.start_trajectory()  # a new trajectory keeps the memory
+        for j, t in enumerate(steps):
+            ft, fs = _feats(10 * traj + j), _feats(100 + 10 * traj + j).requires_grad_(True)
+            feats[(traj, t)] = ft
+            loss = m(torch.full((2,), t), ft, fs)
+            loss.backward()
+            assert fs.grad.abs().sum() > 0  # the student's current features get gradient
+    assert m.timesteps == [499, 999]
+    for t in steps:
+        bucket = m.bucket(t)
+        # FIFO of length 2 per bucket: the two images of the latest trajectory, teacher side, in sample order
+        expect = rel.normalized_pixels(feats[(2, t)])
+        assert len(bucket) == 2
+        for e, ref in zip(bucket, expect):
+            assert torch.equal(e, ref) and not e.requires_grad
+    # memory_length 3: the oldest entry (an image of the previous trajectory) is kept, oldest first
+    m3 = rel.MemoryRelationLoss(memory_length=3)
+    for traj in range(2):
+        m3(torch.full((2,), 999), feats[(traj, 999)], feats[(traj, 999)].clone())
+    b = m3.bucket(999)
+    assert torch.equal(b[0], rel.normalized_pixels(feats[(0, 999)])[1])
+    assert torch.equal(b[1], rel.normalized_pixels(feats[(1, 999)])[0])
+    # the loss against the memory equals the independent reference (mean over samples)
+    ft, fs = _feats(7), _feats(8)
+    mem = m.bucket(999)
+    loss = m(torch.full((2,), 999), ft, fs)
+    ref = torch.stack([_mem_reference(ft[i], fs[i], mem) for i in range(2)]).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    # reset empties everything; M = 0: the single-step relation loss, nothing stored
+    m.reset()
+    assert m.timesteps == []
+    z = rel.MemoryRelationLoss(0)
+    assert z(5, _feats(1), _feats(2)).item() == pytest.approx(rel.relation_loss(_feats(1), _feats(2)).item(), rel=1e-6)
+    assert z.timesteps == []
+    with pytest.raises(ValueError, match="memory_length"):
+        rel.MemoryRelationLoss(-1)
+    with pytest.raises(ValueError, match="one timestep per sample"):
+        m(torch.tensor([1, 2, 3]), _feats(1), _feats(2))
+    with pytest.raises(ValueError, match="relation kind"):
+        rel.build_relation_loss("l2")
+
+
+def test_memory_mixed_timestep_batch_uses_each_samples_bucket():
+    m = rel.MemoryRelationLoss(memory_length=2, decay=0.5)
+    # fill bucket 999 and bucket 499 with different images
+    m(torch.tensor([999, 999]), _feats(1), _feats(1))
+    m(torch.tensor([499, 499]), _feats(2), _feats(2))
+    m(torch.tensor([499]), _feats(3, (1, 6, 4, 4)), _feats(3, (1, 6, 4, 4)))
+    mem999, mem499 = m.bucket(999), m.bucket(499)
+    assert len(mem999) == 2 and len(mem499) == 2
+    ft, fs = _feats(4, (3, 6, 4, 4)), _feats(5, (3, 6, 4, 4))
+    t = torch.tensor([999, 499, 200])  # 200: an empty bucket -> only the in-image relation
+    loss = m(t, ft, fs)
+    ref = torch.stack([_mem_reference(ft[0], fs[0], mem999, decay=0.5), _mem_reference(ft[1], fs[1], mem499, decay=0.5),
+                       _mem_reference(ft[2], fs[2], [], decay=0.5)]).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    # and each sample was enqueued into its own bucket
+    assert torch.equal(m.bucket(200)[0], rel.normalized_pixels(ft)[2])
+    assert torch.equal(m.bucket(999)[-1], rel.normalized_pixels(ft)[0])
+    assert torch.equal(m.bucket(499)[-1], rel.normalized_pixels(ft)[1])
     # the memory matters: same current features, different history -> different loss
     a, b = rel.MemoryRelationLoss(2), rel.MemoryRelationLoss(2)
     a(900, _feats(0), _feats(0))
-    b(900, _feats(0), _feats(7))
-    la, lb = a(800, _feats(1), _feats(2)), b(800, _feats(1), _feats(2))
-    assert la.item() != pytest.approx(lb.item())
-    # M = 0: the single-step relation loss
-    z = rel.MemoryRelationLoss(0)
-    assert z(5, _feats(1), _feats(2)).item() == pytest.approx(rel.relation_loss(_feats(1), _feats(2)).item(), rel=1e-6)
-    assert len(z.queue) == 0
-    with pytest.raises(ValueError, match="memory_length"):
-        rel.MemoryRelationLoss(-1)
-    with pytest.raises(ValueError, match="relation kind"):
-        rel.build_relation_loss("l2")
+    b(900, _feats(9), _feats(9))
+    assert a(900, _feats(1), _feats(2)).item() != pytest.approx(b(900, _feats(1), _feats(2)).item())
+
+
+def test_memory_loss_is_deterministic():
+    def run():
+        torch.manual_seed(0)
+        m = rel.MemoryRelationLoss(memory_length=3, decay=0.9)
+        out = []
+        for i, t in enumerate([999, 499, 999, 499, 999]):
+            out.append(m(torch.tensor([t, 499]), _feats(i), _feats(50 + i)))
+        return torch.stack(out)
+
+    assert torch.equal(run(), run())
 
 
 # ------------------------------------------------------------------------------------------------
