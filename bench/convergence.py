@@ -67,7 +67,7 @@ def main() -> None:
     import torch
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from pipeline.config import DiffusionConfig, SamplingConfig, from_dict, load_section, parse_setting, read_params
+    from pipeline.config import DiffusionConfig, SamplingConfig, MATRIX_KEYS, from_dict, load_section, parse_setting, read_params
     from pipeline.methods import MethodContext, get_family
     from pipeline.train.qat import distillation_error
 
@@ -90,8 +90,7 @@ def main() -> None:
     mlflow.set_experiment("convergence")
     backbone = "unet" if args.part == "qat" else "dit"
     fam = get_family("mpq" if args.part == "qat" else "fp4dit")
-    cfg = from_dict(fam.config_cls, {k: v for k, v in params[fam.name].items()
-                                     if k not in ("variants", "settings", "backbones")}, fam.name)
+    cfg = from_dict(fam.config_cls, {k: v for k, v in params[fam.name].items() if k not in MATRIX_KEYS}, fam.name)
     variant = fam.variant("mpqdm2" if args.part == "qat" else "fp4dit")
     settings = args.settings or (["W2A4", "W4A4"] if args.part == "qat" else ["W4A6"])
     fp, calib = fp_and_calib(backbone, args.data_root, args.cache, args.train_steps)

@@ -147,6 +147,13 @@ def fake_quant_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     """
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
     zero_point = torch.as_tensor(zero_point, dtype=x.dtype, device=x.device)
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad)):
+        # inference (sampling for evaluation): the same operations in the same order, in place on one buffer
+        # (no autograd Function, one allocation instead of five) -- bit-identical to the path below
+        q = torch.round(x * (1.0 / scale))
+        z = torch.round(zero_point)
+        if torch.broadcast_shapes(q.shape, z.shape) == q.shape:
+            return q.add_(z).clamp_(qmin, qmax).sub_(z).mul_(scale)
     z = round_ste(zero_point)
     q = torch.clamp(round_ste(x * (1.0 / scale)) + z, qmin, qmax)
     return (q - z) * scale

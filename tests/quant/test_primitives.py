@@ -77,6 +77,24 @@ def test_fake_quant_int_gradient_matches_torch_inside_range():
     assert (x2.grad == 0).any() and (x2.grad == 1).any()  # both clipped and unclipped elements exist
 
 
+def test_fake_quant_int_inference_path_is_bit_identical_to_the_autograd_path():
+    """Without autograd, fake_quant_int runs in place on one buffer; values (signed zeros included) must
+    equal the straight-through path's, for per-sample (timestep-gathered) and per-tensor parameters, and a
+    zero point that broadcasts wider than x still gives the broadcast result."""
+    g = _gen(3)
+    x = torch.randn(8, 5, 7, generator=g) * 2
+    x[0, 0, :3] = torch.tensor([0.0, -0.0, -1e-9])
+    cases = [(torch.rand(8, 1, 1, generator=g) * 0.3 + 0.01, torch.randint(0, 16, (8, 1, 1), generator=g).float()),
+             (torch.tensor(0.07), torch.tensor(7.0)),
+             (torch.tensor(0.1), torch.randint(0, 16, (3, 8, 5, 7), generator=g).float())]
+    for scale, zp in cases:
+        with torch.no_grad():
+            fast = fake_quant_int(x, scale, zp, 0, 15)
+        slow = fake_quant_int(x.clone().requires_grad_(True), scale, zp, 0, 15).detach()
+        assert fast.shape == slow.shape
+        assert torch.equal(fast, slow) and torch.equal(torch.signbit(fast), torch.signbit(slow))
+
+
 def test_round_ste_is_half_even_with_identity_gradient():
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 0.49], requires_grad=True)
     y = round_ste(x)
