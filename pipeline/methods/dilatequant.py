@@ -421,11 +421,12 @@ def _table(backbone: str) -> Table:
     return Table(
         title=f"DilateQuant ablation and full QAT ({backbone.upper() if backbone == 'dit' else 'UNet'})",
         backbone=backbone, baselines=("naive/naive",),
-        columns=("fid_ratio", "accuracy", "clip_score", "model_mb", "method_seconds"),
+        columns=("fid_ratio", "accuracy", "clip_score", "model_mb", "method_seconds", "method_peak_mb"),
         note="dilatequant = WD + TPQ + BKD; dilatequant_no_wd = TPQ + BKD (the paper's ablation base); "
              "dilatequant_no_tpq = one activation step for all timesteps; full_qat = the same quantizer trained "
              "as one whole-network unit (the paper's Table 4 efficiency baseline). method_seconds = the method's "
-             "wall time; the peak memory is in each model's info.json (info.peak_memory_mb).",
+             "wall time, method_peak_mb its peak memory (CUDA max allocated; on CPU the process's peak RSS, "
+             "which includes the loaded models and libraries).",
         claims=(
             Claim("dilatequant/dilatequant", "naive/naive", "DilateQuant Table 1: far better than PTQ at W4A4",
                   settings=("W4A4",)),
