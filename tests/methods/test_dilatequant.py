@@ -334,3 +334,52 @@ def test_linear_output_identity_holds_for_any_batch_of_inputs():
     s = dilation_factors(w)
     x = torch.randn(32, 16) * torch.linspace(0.1, 10, 16)
     assert torch.allclose(F.linear(x / s, w * s), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_runner_runs_the_family_logs_bkd_to_mlflow_and_keeps_peak_memory(tmp_path, monkeypatch):
+    """Through the generic runner (as `quantize@dilatequant` would run it): jobs succeed, the packed model and
+    info.json (with the peak memory) are written, and BKD's per-unit losses land in the job's MLflow run."""
+    from pathlib import Path
+
+    import mlflow
+    import yaml
+
+    from pipeline.calibration import collect_calibration, save_calibration
+    from pipeline.config import BackboneModel, CalibrateConfig, DiffusionConfig, SamplingConfig, UNetArch
+    from pipeline.io import read_json
+    from pipeline.models import build_backbone, save_backbone
+    from pipeline.runner import FamilyRunner
+
+    root = Path(__file__).resolve().parents[2]
+    torch.manual_seed(0)
+    fp = build_backbone("unet", BackboneModel(unet=UNetArch(block_out_channels=[8, 16], norm_num_groups=4)),
+                        8, 1, 10).eval()
+    save_backbone(fp, tmp_path / "fp" / "unet")
+    calib = collect_calibration(fp, CalibrateConfig(n_samples=4, n_timesteps=2, batch_size=4), DiffusionConfig(),
+                                SamplingConfig(steps=3))
+    save_calibration(calib, tmp_path / "calib" / "unet")
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    p["sampling"]["steps"] = 3
+    p["model"]["backbones"] = ["unet"]
+    p["families"] = ["dilatequant"]
+    for fam in ("naive", "fp4dit", "mpq"):
+        p.pop(fam)
+    section = yaml.safe_load((root / "presets" / "dilatequant.yaml").read_text())["dilatequant"]
+    section.update(variants=["dilatequant", "full_qat"], settings=["W4A8"], backbones=["unet"], calib_batches=1)
+    section["bkd"].update(iters=2, batch_size=4, log_every=1)
+    p["dilatequant"] = section
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    monkeypatch.chdir(tmp_path)
+    runner = FamilyRunner("dilatequant", tmp_path / "params.yaml", tmp_path / "fp", tmp_path / "calib", tmp_path / "out")
+    assert runner.run() == []
+    manifest = read_json(tmp_path / "out" / "manifest.json")
+    assert {m["variant"]: m["status"] for m in manifest["models"]} == {"dilatequant": "ok", "full_qat": "ok"}
+    assert [t["backbone"] for t in manifest["tables"]] == ["unet", "dit"]
+    job = tmp_path / "out" / "W4A8" / "dilatequant" / "unet" / "seed0"
+    assert (job / "packed.safetensors").exists()
+    info = read_json(job / "info.json")
+    assert info["method_seconds"] > 0 and info["info"]["peak_memory_mb"] > 0 and info["info"]["bkd_units"] >= 2
+    runs = mlflow.search_runs(experiment_names=[p["tracking"]["experiment"]], output_format="list")
+    keys = {k for r in runs for k in r.data.metrics}
+    assert any(k.startswith("bkd/") and k.endswith("/mse") for k in keys), sorted(keys)[:20]
+    assert any(k.startswith("full_qat/net/") for k in keys)
