@@ -30,6 +30,14 @@ pipeline stays within its CPU budget (the official 2500 / 20k iterations are a p
 iteration draws a random batch of cached inputs (seeded); the unit is kept in eval mode during
 optimisation (diffusers' DiT label embedding would otherwise drop labels at random).
 
+Block-wise knowledge distillation (DilateQuant BKD, arXiv 2409.14307; :func:`distill_model`): the same
+units and input/target caching, but each unit trains its latent weights (straight-through through the weight
+quantizers), the weight quantizers' Δ / z and the activation quantizers' Δ / z (per timestep for
+timestep-indexed quantizers) with Adam, one learning rate per group, on the plain MSE of the unit output,
+activations quantized. Every cached input keeps the timestep it was captured at and the unit runs with
+those timesteps in the model's timestep context, so a batch may mix timesteps. With ``block_patterns=("net",)``
+and ``root=""`` the whole network is one unit (full-network QAT on the same data).
+
 Logging: one Lightning ``Trainer`` per unit; with ``run`` (a :class:`pipeline.tracking.StageRun`) the
 per-step loss, reconstruction error, regulariser and β go to that MLflow run through Lightning's
 ``MLFlowLogger(run_id=...)``, as ``recon/<unit>/<metric>``. The logger never terminates the stage's run.
