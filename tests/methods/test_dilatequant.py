@@ -263,6 +263,7 @@ def test_family_end_to_end_is_bit_deterministic_and_exports_packed(tiny_calibrat
     assert info["bkd_units"] >= 2 and info["wd_layers"] == info["n_quant_layers"]
     assert info["bkd_mse_after"] <= info["bkd_mse_before"] * 1.05
     assert info["peak_memory_mb"] > 0
+    assert 0 < info["wd_act_range_ratio"] <= 1.0  # dilation never widens a layer's input range
     # trained weights: not the FP ones any more
     fp_w = dict(quant_layers(copy.deepcopy(fp).net)) or {n: m for n, m in fp.net.named_modules()}
     name, layer = next((n, l) for n, l in quant_layers(a.backbone.net) if l.in_scale is not None)
