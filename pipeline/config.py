@@ -498,7 +498,7 @@ class EvalConfig:
 
 
 REPORT_COLUMNS = ("fid", "fid_ratio", "accuracy", "clip_score", "hps", "bitops_g", "model_mb", "sec_per_image",
-                  "method_seconds")
+                  "method_seconds", "method_peak_mb")
 
 
 @dataclass

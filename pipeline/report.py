@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 COLUMNS = ["backbone", "family", "variant", "setting", "n_seeds", "fid", "fid_ratio", "psnr", "ssim", "feat_dist",
-           "accuracy", "clip_score", "hps", "bitops_g", "model_mb", "sec_per_image", "method_seconds"]
+           "accuracy", "clip_score", "hps", "bitops_g", "model_mb", "sec_per_image", "method_seconds",
+           "method_peak_mb"]
 ROW_KEYS = ["backbone", "family", "variant", "setting"]
 # metrics with a bootstrap interval: FID from the features, the paired metrics from per-sample arrays
 CI_METRICS = ("fid", "psnr", "ssim", "feat_dist")
@@ -35,7 +36,7 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         raise ValueError("no evaluation results to report (did the evaluate stage run?)")
     df = pd.DataFrame(rows)
-    for col in ("hps", "method_seconds", "psnr", "ssim", "feat_dist"):
+    for col in ("hps", "method_seconds", "method_peak_mb", "psnr", "ssim", "feat_dist"):
         if col not in df:
             df[col] = None
     if "seed" not in df:
@@ -206,7 +207,7 @@ def row_label(r) -> str:
 
 # wall-clock columns: they differ between identical reruns, so they stay out of summary.json (which two
 # runs of the same params and seeds reproduce byte for byte) and go to timings.json
-TIMING_COLUMNS = ("sec_per_image", "method_seconds")
+TIMING_COLUMNS = ("sec_per_image", "method_seconds", "method_peak_mb")  # peak memory of the method (MB)
 METRIC_COLUMNS = ("n_seeds", "fid", "fid_lo", "fid_hi", "fid_sd", "fid_ratio", "fid_ratio_lo", "fid_ratio_hi",
                   "psnr", "psnr_lo", "psnr_hi", "ssim", "ssim_lo", "ssim_hi", "feat_dist", "feat_dist_lo",
                   "feat_dist_hi", "accuracy", "clip_score", "hps", "bitops_g", "model_mb")
@@ -382,6 +383,8 @@ def markdown_report(df: pd.DataFrame, notes: list[str] | None = None, tables: li
              "with the FP model's image from the same noise (`pipeline/metrics/paired.py`). BitOPs are summed over "
              "all sampling steps (G = 1e9). Sample grids: `reports/plots/samples_<backbone>.png`. "
              "`method_seconds` is the wall time of the method itself (calibration / reconstruction / QAT), "
+             "`method_peak_mb` its peak memory where the family measures it (CUDA max allocated, or the "
+             "process's peak RSS on CPU), "
              "`model_mb` the size on disk; timings per model are in `reports/timings.json`.", ""]
     if failed:
         parts += ["## Failed jobs", "", "| backbone | family | variant | setting | seed | error |", "|---|---|---|---|---|---|"]

@@ -30,6 +30,14 @@ pipeline stays within its CPU budget (the official 2500 / 20k iterations are a p
 iteration draws a random batch of cached inputs (seeded); the unit is kept in eval mode during
 optimisation (diffusers' DiT label embedding would otherwise drop labels at random).
 
+Block-wise knowledge distillation (DilateQuant BKD, arXiv 2409.14307; :func:`distill_model`): the same
+units and input/target caching, but each unit trains its latent weights (straight-through through the weight
+quantizers), the weight quantizers' Δ / z and the activation quantizers' Δ / z (per timestep for
+timestep-indexed quantizers) with Adam, one learning rate per group, on the plain MSE of the unit output,
+activations quantized. Every cached input keeps the timestep it was captured at and the unit runs with
+those timesteps in the model's timestep context, so a batch may mix timesteps. With ``block_patterns=("net",)``
+and ``root=""`` the whole network is one unit (full-network QAT on the same data).
+
 Logging: one Lightning ``Trainer`` per unit; with ``run`` (a :class:`pipeline.tracking.StageRun`) the
 per-step loss, reconstruction error, regulariser and β go to that MLflow run through Lightning's
 ``MLFlowLogger(run_id=...)``, as ``recon/<unit>/<metric>``. The logger never terminates the stage's run.
@@ -49,7 +57,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.quant.adaround import BetaSchedule
-from pipeline.train.configs import ReconConfig  # noqa: F401  (public here too)
+from pipeline.train.configs import BlockDistillConfig, ReconConfig  # noqa: F401  (public here too)
 from pipeline.quant.layers import QUANT_LAYER_TYPES
 from pipeline.quant.surgery import check_pattern, matches_any, quant_state
 
@@ -165,11 +173,16 @@ def _index(v: Any, idx: torch.Tensor, n: int) -> Any:
 
 @dataclass
 class UnitData:
-    """Cached ``args``/``kwargs`` of the unit's forward (batched along dim 0) and its FP ``target``."""
+    """Cached ``args``/``kwargs`` of the unit's forward (batched along dim 0) and its FP ``target``;
+    ``timesteps`` [N]: each cached input's sampling timestep (None unless the model has timestep-indexed
+    activation quantizers), put back into the model's timestep context whenever the unit runs on its own
+    (:meth:`running`)."""
 
     args: tuple
     kwargs: dict
     target: torch.Tensor
+    timesteps: Optional[torch.Tensor] = None
+    context: Any = None
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
@@ -179,6 +192,20 @@ class UnitData:
         idx = idx.to(self.target.device)
         return _index(self.args, idx, n), _index(self.kwargs, idx, n), self.target[idx]
 
+    @contextlib.contextmanager
+    def running(self, idx: torch.Tensor):
+        """Context: the timestep context holds the timesteps of the cached inputs ``idx`` (a batch may mix
+        timesteps; timestep-indexed quantizers gather per sample), restored afterwards."""
+        if self.context is None or self.timesteps is None:
+            yield
+            return
+        old = self.context.current
+        self.context.current = self.timesteps[idx.to(self.timesteps.device)]
+        try:
+            yield
+        finally:
+            self.context.current = old
+
 
 def _split_inputs(inputs: Sequence[torch.Tensor], chunk: int) -> Iterator[tuple]:
     n = inputs[0].shape[0]
@@ -187,15 +214,21 @@ def _split_inputs(inputs: Sequence[torch.Tensor], chunk: int) -> Iterator[tuple]
 
 
 @torch.no_grad()
-def _capture(model: Callable, module: nn.Module, inputs: Sequence[torch.Tensor], chunk: int, what: str):
+def _capture(model: Callable, module: nn.Module, inputs: Sequence[torch.Tensor], chunk: int, what: str,
+             context=None):
     """Run ``model`` on ``inputs`` in chunks and capture ``module``'s inputs (``what="inputs"``) or its
-    output (``what="output"``), stopping each forward right there."""
+    output (``what="output"``), stopping each forward right there. With a timestep ``context``
+    (:class:`pipeline.quant.act.TimestepContext`) the per-sample timesteps in force when the unit is
+    called are captured with its inputs (third element)."""
     got: list = []
     sizes: list = []
 
     if what == "inputs":
         def hook(mod, args, kwargs):
-            got.append((_detach(args), _detach(kwargs)))
+            t = None
+            if context is not None and context.current is not None:
+                t = context.current.detach().clone()
+            got.append((_detach(args), _detach(kwargs), t))
             raise _StopForward
         handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     else:
@@ -219,16 +252,24 @@ def _capture(model: Callable, module: nn.Module, inputs: Sequence[torch.Tensor],
 
 
 def collect_unit_data(quant_model: Callable, fp_model: Callable, quant_unit: nn.Module, fp_unit: nn.Module,
-                      inputs: Sequence[torch.Tensor], asym: bool = True, chunk_size: int = 128) -> UnitData:
+                      inputs: Sequence[torch.Tensor], asym: bool = True, chunk_size: int = 128,
+                      context=None) -> UnitData:
     """Inputs of ``quant_unit`` while ``quant_model`` runs (``asym``; else of ``fp_unit`` in ``fp_model``)
     and the output of ``fp_unit`` in ``fp_model``, for every row of ``inputs`` (model arguments batched
-    along dim 0)."""
+    along dim 0). ``context``: the quantized model's timestep context (see :class:`UnitData`); its
+    per-sample timesteps are cached with the inputs."""
     src_model, src_unit = (quant_model, quant_unit) if asym else (fp_model, fp_unit)
-    got, sizes = _capture(src_model, src_unit, inputs, chunk_size, "inputs")
+    if not asym and context is not None:
+        raise ValueError("collect_unit_data: timestep capture needs asym=True (the context belongs to the "
+                         "quantized model)")
+    got, sizes = _capture(src_model, src_unit, inputs, chunk_size, "inputs", context)
     args = _merge([g[0] for g in got], sizes)
     kwargs = _merge([g[1] for g in got], sizes)
+    ts = None
+    if context is not None and all(g[2] is not None and g[2].numel() == s for g, s in zip(got, sizes)):
+        ts = torch.cat([g[2] for g in got])
     outs, _ = _capture(fp_model, fp_unit, inputs, chunk_size, "output")
-    return UnitData(tuple(args), dict(kwargs), torch.cat(outs, dim=0))
+    return UnitData(tuple(args), dict(kwargs), torch.cat(outs, dim=0), ts, context if ts is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +327,8 @@ class UnitReconstruction(L.LightningModule):
 
     def training_step(self, idx, batch_idx):
         args, kwargs, target = self.data.batch(idx)
-        pred = _first_tensor(self.unit(*args, **kwargs))
+        with self.data.running(idx):
+            pred = _first_tensor(self.unit(*args, **kwargs))
         rec = output_error(pred, target)
         beta = self.schedule(self.global_step, self.cfg.iters)
         reg = self.regularizer(beta)
@@ -359,14 +401,17 @@ def _quiet_lightning():
 
 
 @torch.no_grad()
-def unit_error(unit: nn.Module, data: UnitData, index: Optional[torch.Tensor] = None, chunk: int = 256) -> float:
-    """Mean ``output_error`` of ``unit`` over the cached inputs ``index`` (default: all)."""
+def unit_error(unit: nn.Module, data: UnitData, index: Optional[torch.Tensor] = None, chunk: int = 256,
+               error_fn: Callable = output_error) -> float:
+    """Mean ``error_fn`` (default ``output_error``) of ``unit`` over the cached inputs ``index`` (default: all)."""
     index = torch.arange(len(data)) if index is None else index
     total, n = 0.0, index.numel()
     for i in range(0, n, chunk):
         idx = index[i:i + chunk]
         args, kwargs, target = data.batch(idx)
-        total += float(output_error(_first_tensor(unit(*args, **kwargs)), target)) * idx.numel()
+        with data.running(idx):
+            pred = _first_tensor(unit(*args, **kwargs))
+        total += float(error_fn(pred, target)) * idx.numel()
     return total / n
 
 
@@ -471,7 +516,8 @@ def reconstruct_model(quant_model: nn.Module, fp_model: nn.Module, inputs: Seque
         quant_state(q_root, weight=True, act=cfg.act_quant)
         for i, unit in enumerate(units):
             fp_unit = f_root.get_submodule(unit.name)
-            data = collect_unit_data(quant_model, fp_model, unit.module, fp_unit, inputs, cfg.asym, cfg.chunk_size)
+            data = collect_unit_data(quant_model, fp_model, unit.module, fp_unit, inputs, cfg.asym, cfg.chunk_size,
+                                     context=timestep_context(q_root) if cfg.asym else None)
             held = None if held_inputs is None else collect_unit_data(
                 quant_model, fp_model, unit.module, fp_unit, held_inputs, cfg.asym, cfg.chunk_size)
             res = reconstruct_unit(unit, data, cfg, logger, accelerator, held)
@@ -493,3 +539,187 @@ def reconstruct_model(quant_model: nn.Module, fp_model: nn.Module, inputs: Seque
 
 def _quant_layers(root: nn.Module):
     return [(n, m) for n, m in root.named_modules() if isinstance(m, QUANT_LAYER_TYPES)]
+
+
+def timestep_context(root: nn.Module):
+    """The timestep context of the quantized model under ``root`` (installed by ``quantize_model`` on the
+    wrapped net, which may be ``root`` or a sub-module of it), or None."""
+    from pipeline.quant.surgery import get_timestep_context
+
+    for m in root.modules():
+        ctx = get_timestep_context(m)
+        if ctx is not None:
+            return ctx
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# block-wise knowledge distillation (DilateQuant BKD): train weights + quantizer parameters per unit
+# ----------------------------------------------------------------------------------------------
+def unit_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over every element (DilateQuant's block loss, eq. 15)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} does not match target {tuple(target.shape)}")
+    return (pred - target).pow(2).mean()
+
+
+def unit_trainables(module: nn.Module) -> dict:
+    """{"weight": latent weights, "weight_quant": Δ_w / z_w, "act_quant": Δ_x / z_x} of every quantized
+    layer, and attention operand quantizer, inside ``module`` (learnable quantizers only contribute their
+    parameters; biases, norms and embeddings stay frozen)."""
+    from pipeline.quant.attention import QuantAttnProcessor
+
+    groups: dict = {"weight": [], "weight_quant": [], "act_quant": []}
+    seen: set = set()
+
+    def add(key, params):
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                groups[key].append(p)
+
+    for m in module.modules():
+        if isinstance(m, QUANT_LAYER_TYPES):
+            if len(m.weight_quantizers) and m.packed_weight is None:
+                add("weight", [m.weight])
+                for q in m.weight_quantizers:
+                    add("weight_quant", q.parameters())
+            if m.act_quantizer is not None:
+                add("act_quant", m.act_quantizer.parameters())
+        elif isinstance(m, QuantAttnProcessor):
+            for q in m.quantizers().values():
+                add("act_quant", q.parameters())
+    return groups
+
+
+class UnitDistillation(L.LightningModule):
+    """BKD of one unit: Adam on its latent weights (STE through the weight quantizers), Δ_w / z_w and the
+    per-timestep Δ_x / z_x, each group with its own learning rate; loss = MSE(FP unit output, quantized
+    unit output) on cached (asym) inputs, the cached timesteps back in the context for every batch."""
+
+    def __init__(self, unit: nn.Module, groups: dict, data: UnitData, cfg: BlockDistillConfig, name: str = "unit",
+                 prefix: str = "bkd"):
+        super().__init__()
+        self.prefix = prefix
+        self.unit = unit
+        self.groups = groups
+        self.data = data
+        self.cfg = cfg
+        self.unit_name = name
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.unit.eval()  # the target is the eval-mode FP output (no dropout / label dropout)
+        return self
+
+    def training_step(self, idx, batch_idx):
+        args, kwargs, target = self.data.batch(idx)
+        with self.data.running(idx):
+            pred = _first_tensor(self.unit(*args, **kwargs))
+        loss = unit_mse(pred, target)
+        self.log(f"{self.prefix}/{self.unit_name}/mse", loss, on_step=True, batch_size=idx.numel())
+        return loss
+
+    def configure_optimizers(self):
+        lrs = {"weight": self.cfg.weight_lr, "weight_quant": self.cfg.weight_quant_lr,
+               "act_quant": self.cfg.act_quant_lr}
+        groups = [{"params": ps, "lr": lrs[k], "name": k} for k, ps in self.groups.items() if ps and lrs[k] > 0]
+        return torch.optim.Adam(groups)
+
+    def train_dataloader(self):
+        return DataLoader(_RandomIndexBatches(len(self.data), self.cfg.batch_size, self.cfg.seed), batch_size=None)
+
+
+def distill_unit(unit: ReconUnit, data: UnitData, cfg: BlockDistillConfig, logger=None,
+                 accelerator: str = "cpu", prefix: str = "bkd") -> dict:
+    """Train one unit (:class:`UnitDistillation`) for ``cfg.iters`` steps. Returns {"mse_before",
+    "mse_after", "seconds", "params"} (MSE on ``cfg.error_inputs`` cached inputs)."""
+    t0 = time.time()
+    was_training = unit.module.training
+    unit.module.eval()
+    n = len(data)
+    probe = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[:min(n, cfg.error_inputs)]
+    before = unit_error(unit.module, data, probe, error_fn=unit_mse)
+    groups = unit_trainables(unit.module)
+    lrs = {"weight": cfg.weight_lr, "weight_quant": cfg.weight_quant_lr, "act_quant": cfg.act_quant_lr}
+    trained = [p for k, ps in groups.items() if lrs[k] > 0 for p in ps]
+    counts = {k: sum(p.numel() for p in ps) for k, ps in groups.items()}
+    if cfg.iters > 0 and trained:
+        module = UnitDistillation(unit.module, groups, data, cfg, unit.name, prefix)
+        with _frozen_except(unit.module, trained), _quiet_lightning():
+            for p in trained:
+                p.requires_grad_(True)
+            try:
+                trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=cfg.iters, max_epochs=-1,
+                                    logger=logger if logger is not None else False, enable_checkpointing=False,
+                                    enable_model_summary=False, enable_progress_bar=False,
+                                    log_every_n_steps=cfg.log_every, num_sanity_val_steps=0, precision="32-true",
+                                    deterministic="warn")
+                trainer.fit(module)
+            finally:
+                for p in trained:
+                    p.requires_grad_(False)
+    unit.module.eval()
+    after = unit_error(unit.module, data, probe, error_fn=unit_mse)
+    unit.module.train(was_training)
+    return {"mse_before": before, "mse_after": after, "seconds": time.time() - t0, "params": counts}
+
+
+def distill_model(quant_model: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.Tensor],
+                  cfg: BlockDistillConfig, root: str = "net",
+                  block_patterns: Sequence[str] = DEFAULT_BLOCK_PATTERNS, run=None,
+                  tracking_uri: Optional[str] = None, act_quant: bool = True, prefix: str = "bkd") -> dict:
+    """Block-wise knowledge distillation of every unit of ``quant_model`` in order (DilateQuant BKD):
+    the same units, asym input caching and MLflow logging as :func:`reconstruct_model`, but each unit
+    trains its latent weights and quantizer parameters (:class:`UnitDistillation`) with activation
+    quantization ``act_quant`` on. Timestep-indexed activation quantizers get each cached input's own
+    timestep (captured with the unit inputs). ``block_patterns=("net",)`` with ``root=""`` makes the whole
+    network one unit (full-network distillation). Returns per-unit MSEs, times and trained-parameter counts.
+    """
+    if not isinstance(cfg, BlockDistillConfig):
+        raise TypeError(f"cfg must be a BlockDistillConfig, got {type(cfg).__name__}")
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise ValueError("inputs: expected a non-empty sequence of tensors batched along dim 0")
+    n = inputs[0].shape[0]
+    if any(t.shape[0] != n for t in inputs):
+        raise ValueError(f"inputs: every tensor must have the same first dim, got {[t.shape[0] for t in inputs]}")
+    q_root = quant_model.get_submodule(root) if root else quant_model
+    f_root = fp_model.get_submodule(root) if root else fp_model
+    units = reconstruction_units(q_root, block_patterns)
+    if cfg.max_inputs is not None and cfg.max_inputs < n:
+        sel = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_inputs]
+        inputs = [t[sel.to(t.device)] for t in inputs]
+    device = inputs[0].device
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    logger = None
+    if run is not None:
+        from pipeline.tracking import tracking_uri as resolve_uri
+
+        logger = _attached_mlflow_logger(run.run_id, tracking_uri or resolve_uri())
+    context = timestep_context(q_root) if cfg.asym else None
+    act_was_on = any(layer.act_quant for _, layer in _quant_layers(q_root))
+    q_mode, f_mode = quant_model.training, fp_model.training
+    quant_model.eval()
+    fp_model.eval()
+    t0 = time.time()
+    out: dict = {"units": {}}
+    try:
+        quant_state(q_root, weight=True, act=act_quant)
+        for i, unit in enumerate(units):
+            fp_unit = f_root.get_submodule(unit.name)
+            data = collect_unit_data(quant_model, fp_model, unit.module, fp_unit, inputs, cfg.asym, cfg.chunk_size,
+                                     context=context)
+            res = distill_unit(unit, data, cfg, logger, accelerator, prefix)
+            res["kind"] = unit.kind
+            out["units"][unit.name] = res
+            log.info("%s %d/%d %s (%s, %d layers): output MSE %.4g -> %.4g in %.1f s", prefix, i + 1, len(units),
+                     unit.name, unit.kind, len(unit.layers), res["mse_before"], res["mse_after"], res["seconds"])
+            del data
+    finally:
+        quant_state(q_root, weight=True, act=act_was_on)
+        quant_model.train(q_mode)
+        fp_model.train(f_mode)
+    out["seconds"] = time.time() - t0
+    out["n_units"] = len(units)
+    out["n_inputs"] = int(inputs[0].shape[0])
+    return out
