@@ -309,9 +309,9 @@ def test_bad_config_values_name_the_key(edit, match):
         options(**edit)
 
 
-def test_preset_section_validates_with_the_default_params(tmp_path):
-    """presets/dilatequant.yaml pasted into params.yaml with `dilatequant` added to `families` passes the
-    validate stage (the section stays out of params.yaml until the family joins the default run)."""
+def test_default_params_section_validates():
+    """The family is in the default run: params.yaml lists it in `families`, its section passes the validate
+    stage and names exactly the family's variants."""
     from pathlib import Path
 
     import yaml
@@ -320,12 +320,8 @@ def test_preset_section_validates_with_the_default_params(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     params = yaml.safe_load((root / "params.yaml").read_text())
-    assert "dilatequant" not in params["families"] and "dilatequant" not in params
-    section = yaml.safe_load((root / "presets" / "dilatequant.yaml").read_text())
-    params.update(section)
-    params["families"] = params["families"] + ["dilatequant"]
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = validate_params(tmp_path / "params.yaml")
+    assert "dilatequant" in params["families"]
+    out = validate_params(root / "params.yaml")
     assert out["dilatequant"]["bkd"]["iters"] >= 1
     assert set(out["dilatequant"]["variants"]) == set(get_family("dilatequant").variant_names)
 
@@ -365,10 +361,10 @@ def test_runner_runs_the_family_logs_bkd_to_mlflow_and_keeps_peak_memory(tmp_pat
     p["families"] = ["dilatequant"]
     for fam in ("naive", "fp4dit", "mpq"):
         p.pop(fam)
-    section = yaml.safe_load((root / "presets" / "dilatequant.yaml").read_text())["dilatequant"]
-    section.update(variants=["dilatequant", "full_qat"], settings=["W4A8"], backbones=["unet"], calib_batches=1)
+    section = p["dilatequant"]
+    section.update(variants=["dilatequant", "full_qat"], settings=["W4A8"], backbones=["unet"], calib_batches=1,
+                   seeds=[0], seeded_variants=None)
     section["bkd"].update(iters=2, batch_size=4, log_every=1)
-    p["dilatequant"] = section
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     monkeypatch.chdir(tmp_path)
     runner = FamilyRunner("dilatequant", tmp_path / "params.yaml", tmp_path / "fp", tmp_path / "calib", tmp_path / "out")
