@@ -30,6 +30,9 @@ def miniature(params: dict) -> dict:
     p["mpq"].update(variants=["mpqdm", "mpqdm2"], settings=["W3A4"], seeds=[0], seeded_variants=None, lora_rank=2, calib_inputs=16,
                     act_calib_batches=1, act_mse_samples=256, omq_fractions=[0.0, 0.1])
     p["mpq"]["qat"].update(epochs=1, batch_size=4, check_samples=0)
+    p["dilatequant"].update(variants=["dilatequant", "full_qat"], settings=["W4A8"], seeds=[0], seeded_variants=None,
+                            calib_batches=1, act_mse_samples=256)
+    p["dilatequant"]["bkd"].update(iters=2, batch_size=8, error_inputs=16)
     # a new family added the documented way: its module (copied below), its section, one list entry
     p["families"].append("toy")
     p["toy"] = {"variants": ["toy_rtn"], "settings": ["W4A8"], "backbones": ["unet"], "keep_first_last_bits": 8}
@@ -93,6 +96,7 @@ def test_repro_writes_summary_for_every_model(repo):
             assert row["fid"] >= 0 and 0 <= row["accuracy"] <= 1 and row["bitops_g"] > 0
         extra = (["fp4dit/fp4dit/W4A8", "fp4dit/int-asym_tok_ada/W4A8"] if b == "dit"
                  else ["mpq/mpqdm/W3A4", "mpq/mpqdm2/W3A4", "toy/toy_rtn/W4A8"])
+        extra += ["dilatequant/dilatequant/W4A8", "dilatequant/full_qat/W4A8"]
         for m in extra:
             row = summary[f"{b}/{m}"]
             assert row["fid"] >= 0 and 0 <= row["accuracy"] <= 1 and row["bitops_g"] > 0
