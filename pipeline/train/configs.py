@@ -176,6 +176,10 @@ class BlockDistillConfig:
     seed: int = 0
     log_every: int = 10
 
+    def group_lrs(self) -> dict:
+        """Learning rate of each trained parameter group (the keys of ``recon.unit_trainables``)."""
+        return {"weight": self.weight_lr, "weight_quant": self.weight_quant_lr, "act_quant": self.act_quant_lr}
+
     def validate(self, p: str) -> None:
         for name in ("batch_size", "chunk_size", "error_inputs", "log_every"):
             v = getattr(self, name)

@@ -430,6 +430,64 @@ def _frozen_except(module: nn.Module, keep: Sequence[nn.Parameter]):
                 p.requires_grad_(flag)
 
 
+def _unit_trainer(cfg, logger, accelerator: str):
+    """The Lightning trainer of one unit's optimisation (AdaRound or BKD): ``cfg.iters`` steps, logging every
+    ``cfg.log_every``, deterministic, no checkpoints or progress bar."""
+    return L.Trainer(accelerator=accelerator, devices=1, max_steps=cfg.iters, max_epochs=-1,
+                     logger=logger if logger is not None else False, enable_checkpointing=False,
+                     enable_model_summary=False, enable_progress_bar=False,
+                     log_every_n_steps=cfg.log_every, num_sanity_val_steps=0, precision="32-true",
+                     deterministic="warn")
+
+
+def _model_units(quant_model: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.Tensor], root: str,
+                 block_patterns: Sequence[str]):
+    """Check ``inputs`` (non-empty tensors with one batch dim) and find the units: (q_root, f_root, units)."""
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise ValueError("inputs: expected a non-empty sequence of tensors batched along dim 0")
+    n = inputs[0].shape[0]
+    if any(t.shape[0] != n for t in inputs):
+        raise ValueError(f"inputs: every tensor must have the same first dim, got {[t.shape[0] for t in inputs]}")
+    q_root = quant_model.get_submodule(root) if root else quant_model
+    f_root = fp_model.get_submodule(root) if root else fp_model
+    return q_root, f_root, reconstruction_units(q_root, block_patterns)
+
+
+def _subsample(inputs: Sequence[torch.Tensor], max_inputs: Optional[int], seed: int) -> list:
+    """At most ``max_inputs`` rows of ``inputs`` (a seeded random subset; all rows when None or enough)."""
+    n = inputs[0].shape[0]
+    if max_inputs is None or max_inputs >= n:
+        return list(inputs)
+    sel = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_inputs]
+    return [t[sel.to(t.device)] for t in inputs]
+
+
+def _run_logger(run, tracking_uri: Optional[str]):
+    """A Lightning logger attached to the stage's MLflow ``run`` (None without a run)."""
+    if run is None:
+        return None
+    from pipeline.tracking import tracking_uri as resolve_uri
+
+    return _attached_mlflow_logger(run.run_id, tracking_uri or resolve_uri())
+
+
+@contextlib.contextmanager
+def _unit_session(quant_model: nn.Module, fp_model: nn.Module, q_root: nn.Module, act: bool):
+    """Both models in eval mode, weight quantization on and activation quantization ``act`` for the unit loop;
+    the activation-quantization state and the train/eval modes are restored afterwards."""
+    act_was_on = any(layer.act_quant for _, layer in _quant_layers(q_root))
+    q_mode, f_mode = quant_model.training, fp_model.training
+    quant_model.eval()
+    fp_model.eval()
+    try:
+        quant_state(q_root, weight=True, act=act)
+        yield
+    finally:
+        quant_state(q_root, weight=True, act=act_was_on)
+        quant_model.train(q_mode)
+        fp_model.train(f_mode)
+
+
 def reconstruct_unit(unit: ReconUnit, data: UnitData, cfg: ReconConfig, logger=None,
                      accelerator: str = "cpu", heldout: Optional[UnitData] = None) -> dict:
     """Attach AdaRound to the unit's layers, optimise the rounding (Lightning), harden. Returns
@@ -449,12 +507,7 @@ def reconstruct_unit(unit: ReconUnit, data: UnitData, cfg: ReconConfig, logger=N
     if heldout is not None:
         module.heldout_check(0, logger)
     with _frozen_except(unit.module, params), _quiet_lightning():
-        trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=cfg.iters, max_epochs=-1,
-                            logger=logger if logger is not None else False, enable_checkpointing=False,
-                            enable_model_summary=False, enable_progress_bar=False,
-                            log_every_n_steps=cfg.log_every, num_sanity_val_steps=0, precision="32-true",
-                            deterministic="warn")
-        trainer.fit(module)
+        _unit_trainer(cfg, logger, accelerator).fit(module)
     for _, layer in unit.layers:
         layer.harden_adaround()
     unit.module.eval()
@@ -481,39 +534,20 @@ def reconstruct_model(quant_model: nn.Module, fp_model: nn.Module, inputs: Seque
     """
     if not isinstance(cfg, ReconConfig):
         raise TypeError(f"cfg must be a ReconConfig, got {type(cfg).__name__}")
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise ValueError("inputs: expected a non-empty sequence of tensors batched along dim 0")
+    q_root, f_root, units = _model_units(quant_model, fp_model, inputs, root, block_patterns)
     n = inputs[0].shape[0]
-    if any(t.shape[0] != n for t in inputs):
-        raise ValueError(f"inputs: every tensor must have the same first dim, got {[t.shape[0] for t in inputs]}")
-    q_root = quant_model.get_submodule(root) if root else quant_model
-    f_root = fp_model.get_submodule(root) if root else fp_model
-    units = reconstruction_units(q_root, block_patterns)
     held_inputs = None
     if cfg.curve_every:  # held-out rows (never trained on) for the per-unit curves
         k = min(cfg.curve_inputs, n // 2)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 2))
         held_inputs = [t[perm[:k].to(t.device)] for t in inputs]
         inputs = [t[perm[k:].to(t.device)] for t in inputs]
-        n = n - k
-    if cfg.max_inputs is not None and cfg.max_inputs < n:
-        sel = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_inputs]
-        inputs = [t[sel.to(t.device)] for t in inputs]
-    device = inputs[0].device
-    accelerator = "gpu" if device.type == "cuda" else "cpu"
-    logger = None
-    if run is not None:
-        from pipeline.tracking import tracking_uri as resolve_uri
-
-        logger = _attached_mlflow_logger(run.run_id, tracking_uri or resolve_uri())
-    act_was_on = any(layer.act_quant for _, layer in _quant_layers(q_root))
-    q_mode, f_mode = quant_model.training, fp_model.training
-    quant_model.eval()
-    fp_model.eval()
+    inputs = _subsample(inputs, cfg.max_inputs, cfg.seed)
+    accelerator = "gpu" if inputs[0].device.type == "cuda" else "cpu"
+    logger = _run_logger(run, tracking_uri)
     t0 = time.time()
     out: dict = {"units": {}}
-    try:
-        quant_state(q_root, weight=True, act=cfg.act_quant)
+    with _unit_session(quant_model, fp_model, q_root, cfg.act_quant):
         for i, unit in enumerate(units):
             fp_unit = f_root.get_submodule(unit.name)
             data = collect_unit_data(quant_model, fp_model, unit.module, fp_unit, inputs, cfg.asym, cfg.chunk_size,
@@ -527,10 +561,6 @@ def reconstruct_model(quant_model: nn.Module, fp_model: nn.Module, inputs: Seque
                      len(units), unit.name, unit.kind, len(unit.layers), res["error_rtn"], res["error_recon"],
                      res["seconds"])
             del data
-    finally:
-        quant_state(q_root, weight=True, act=act_was_on)
-        quant_model.train(q_mode)
-        fp_model.train(f_mode)
     out["seconds"] = time.time() - t0
     out["n_units"] = len(units)
     out["n_inputs"] = int(inputs[0].shape[0])
@@ -621,8 +651,7 @@ class UnitDistillation(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        lrs = {"weight": self.cfg.weight_lr, "weight_quant": self.cfg.weight_quant_lr,
-               "act_quant": self.cfg.act_quant_lr}
+        lrs = self.cfg.group_lrs()
         groups = [{"params": ps, "lr": lrs[k], "name": k} for k, ps in self.groups.items() if ps and lrs[k] > 0]
         return torch.optim.Adam(groups)
 
@@ -641,7 +670,7 @@ def distill_unit(unit: ReconUnit, data: UnitData, cfg: BlockDistillConfig, logge
     probe = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[:min(n, cfg.error_inputs)]
     before = unit_error(unit.module, data, probe, error_fn=unit_mse)
     groups = unit_trainables(unit.module)
-    lrs = {"weight": cfg.weight_lr, "weight_quant": cfg.weight_quant_lr, "act_quant": cfg.act_quant_lr}
+    lrs = cfg.group_lrs()
     trained = [p for k, ps in groups.items() if lrs[k] > 0 for p in ps]
     counts = {k: sum(p.numel() for p in ps) for k, ps in groups.items()}
     if cfg.iters > 0 and trained:
@@ -650,12 +679,7 @@ def distill_unit(unit: ReconUnit, data: UnitData, cfg: BlockDistillConfig, logge
             for p in trained:
                 p.requires_grad_(True)
             try:
-                trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=cfg.iters, max_epochs=-1,
-                                    logger=logger if logger is not None else False, enable_checkpointing=False,
-                                    enable_model_summary=False, enable_progress_bar=False,
-                                    log_every_n_steps=cfg.log_every, num_sanity_val_steps=0, precision="32-true",
-                                    deterministic="warn")
-                trainer.fit(module)
+                _unit_trainer(cfg, logger, accelerator).fit(module)
             finally:
                 for p in trained:
                     p.requires_grad_(False)
@@ -678,33 +702,14 @@ def distill_model(quant_model: nn.Module, fp_model: nn.Module, inputs: Sequence[
     """
     if not isinstance(cfg, BlockDistillConfig):
         raise TypeError(f"cfg must be a BlockDistillConfig, got {type(cfg).__name__}")
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise ValueError("inputs: expected a non-empty sequence of tensors batched along dim 0")
-    n = inputs[0].shape[0]
-    if any(t.shape[0] != n for t in inputs):
-        raise ValueError(f"inputs: every tensor must have the same first dim, got {[t.shape[0] for t in inputs]}")
-    q_root = quant_model.get_submodule(root) if root else quant_model
-    f_root = fp_model.get_submodule(root) if root else fp_model
-    units = reconstruction_units(q_root, block_patterns)
-    if cfg.max_inputs is not None and cfg.max_inputs < n:
-        sel = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_inputs]
-        inputs = [t[sel.to(t.device)] for t in inputs]
-    device = inputs[0].device
-    accelerator = "gpu" if device.type == "cuda" else "cpu"
-    logger = None
-    if run is not None:
-        from pipeline.tracking import tracking_uri as resolve_uri
-
-        logger = _attached_mlflow_logger(run.run_id, tracking_uri or resolve_uri())
+    q_root, f_root, units = _model_units(quant_model, fp_model, inputs, root, block_patterns)
+    inputs = _subsample(inputs, cfg.max_inputs, cfg.seed)
+    accelerator = "gpu" if inputs[0].device.type == "cuda" else "cpu"
+    logger = _run_logger(run, tracking_uri)
     context = timestep_context(q_root) if cfg.asym else None
-    act_was_on = any(layer.act_quant for _, layer in _quant_layers(q_root))
-    q_mode, f_mode = quant_model.training, fp_model.training
-    quant_model.eval()
-    fp_model.eval()
     t0 = time.time()
     out: dict = {"units": {}}
-    try:
-        quant_state(q_root, weight=True, act=act_quant)
+    with _unit_session(quant_model, fp_model, q_root, act_quant):
         for i, unit in enumerate(units):
             fp_unit = f_root.get_submodule(unit.name)
             data = collect_unit_data(quant_model, fp_model, unit.module, fp_unit, inputs, cfg.asym, cfg.chunk_size,
@@ -715,10 +720,6 @@ def distill_model(quant_model: nn.Module, fp_model: nn.Module, inputs: Sequence[
             log.info("%s %d/%d %s (%s, %d layers): output MSE %.4g -> %.4g in %.1f s", prefix, i + 1, len(units),
                      unit.name, unit.kind, len(unit.layers), res["mse_before"], res["mse_after"], res["seconds"])
             del data
-    finally:
-        quant_state(q_root, weight=True, act=act_was_on)
-        quant_model.train(q_mode)
-        fp_model.train(f_mode)
     out["seconds"] = time.time() - t0
     out["n_units"] = len(units)
     out["n_inputs"] = int(inputs[0].shape[0])
