@@ -369,6 +369,17 @@ class _LazyParamsMixin:
 
     _lazy_names: tuple[str, ...] = ()
 
+    def _init_lazy(self, learnable: bool, channel_mask) -> None:
+        """Register the channel mask and every ``_lazy_names`` entry, empty until calibration: Parameters
+        when ``learnable``, buffers otherwise."""
+        self.learnable = bool(learnable)
+        self.register_buffer("channel_mask", _as_mask(channel_mask))
+        for name in self._lazy_names:
+            if self.learnable:
+                self.register_parameter(name, nn.Parameter(torch.empty(0)))
+            else:
+                self.register_buffer(name, torch.empty(0))
+
     def _set_param(self, name: str, value: torch.Tensor, learnable: bool) -> None:
         cur = getattr(self, name)
         value = value.detach()
@@ -464,14 +475,7 @@ class IntQuantizer(_LazyParamsMixin, nn.Module):
         if init not in ("minmax", "mse"):
             raise ValueError(f"init must be one of ['minmax', 'mse'], got {init!r}")
         self.init = init
-        self.learnable = bool(learnable)
-        self.register_buffer("channel_mask", _as_mask(channel_mask))
-        if self.learnable:
-            self.scale = nn.Parameter(torch.empty(0))
-            self.zero_point = nn.Parameter(torch.empty(0))
-        else:
-            self.register_buffer("scale", torch.empty(0))
-            self.register_buffer("zero_point", torch.empty(0))
+        self._init_lazy(learnable, channel_mask)
         self._stale = False
 
     # -- properties --------------------------------------------------------------------------
@@ -632,12 +636,7 @@ class FPQuantizer(_LazyParamsMixin, nn.Module):
         if init not in ("absmax", "mse"):
             raise ValueError(f"init must be one of ['absmax', 'mse'], got {init!r}")
         self.init = init
-        self.learnable = bool(learnable)
-        self.register_buffer("channel_mask", _as_mask(channel_mask))
-        if self.learnable:
-            self.maxval = nn.Parameter(torch.empty(0))
-        else:
-            self.register_buffer("maxval", torch.empty(0))
+        self._init_lazy(learnable, channel_mask)
 
     @property
     def bits(self) -> int:
@@ -821,14 +820,7 @@ class BinaryQuantizer(_LazyParamsMixin, nn.Module):
 
     def __init__(self, learnable: bool = False, channel_mask=None):
         super().__init__()
-        self.learnable = bool(learnable)
-        self.register_buffer("channel_mask", _as_mask(channel_mask))
-        if self.learnable:
-            self.mu = nn.Parameter(torch.empty(0))
-            self.alpha = nn.Parameter(torch.empty(0))
-        else:
-            self.register_buffer("mu", torch.empty(0))
-            self.register_buffer("alpha", torch.empty(0))
+        self._init_lazy(learnable, channel_mask)
 
     @property
     def bits(self) -> int:
