@@ -215,7 +215,7 @@ class MemoryRelationLoss:
                                        / self.temperature, dim=-1)
                 ls = torch.log_softmax(torch.einsum("bpc,nqc->bnpq", fs.index_select(0, idx_t), m)
                                        / self.temperature, dim=-1)
-                kl = (lt.exp() * (lt - ls)).sum(-1).mean(-1)  # [b, n]
+                kl = relation_kl(lt, ls, reduce=False)  # [b, n]
                 part = (part + (kl * w).sum(1)) / (1.0 + float(w.sum()))
             total = part.sum() if total is None else total + part.sum()
         loss = total / ft.shape[0]
