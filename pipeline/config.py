@@ -518,6 +518,71 @@ class ReportConfig:
 
 
 @dataclass
+class SearchProxyConfig:
+    """``search.proxy``: the cheap, low-noise fitness of a candidate (paired fidelity to the FP images).
+
+    metric: ``mse`` = mean squared pixel error between the candidate's images (its timesteps, its bits)
+    and the FP model's images of the same noise at the full ``sampling.steps`` schedule.
+    n_samples / seed: the fixed search sample (its own noise seed, not ``eval.seed``, so the search never
+    sees the evaluation images). holdout_samples / holdout_seed: the Pareto front and the uniform
+    references are re-scored on fresh noise (the search sample's minimum is optimistically biased)."""
+
+    metric: str = choice("mse", default="mse")
+    n_samples: int = 64
+    seed: int = 4321
+    holdout_samples: int = 256
+    holdout_seed: int = 8765
+
+    def validate(self, p: str) -> None:
+        _check_positive(self, p, "n_samples", "holdout_samples")
+
+
+@dataclass
+class SearchConfig:
+    """``search``: the TMPQ-DM (arXiv 2404.09532) joint timestep + per-layer bit search (stage ``search``;
+    :mod:`pipeline.search`). The super-network and the candidate encoding are in
+    :mod:`pipeline.methods.tmpq`; the exported rows are the ``tmpq`` family."""
+
+    backbones: list[str] = field(default_factory=lambda: ["unet"])
+    w_bits: list[int] = field(default_factory=lambda: [4, 5, 6, 8])
+    a_bits: list[int] = field(default_factory=lambda: [4, 5, 6, 8])
+    n_groups: int = 10  # K timestep groups, boundaries (linspace(0, sqrt(0.8 T), K))^2, one step per group
+    budget_bits: int = 6  # BitOPs budget = uniform W<b>A<b> at sampling.steps ...
+    budget_bitops: Optional[float] = None  # ... unless given here (GBitOPs per image)
+    sampler: str = choice("nsga2", "tpe", default="nsga2")
+    population_size: int = 16
+    n_trials: int = 48
+    batch_size: int = 2  # trials asked per round (independent of n_workers: same study for any n_workers)
+    n_workers: int = 2  # processes that score a round's trials
+    weight_init: str = choice("minmax", "mse", default="minmax")
+    act_init: str = choice("minmax", "mse", default="minmax")
+    keep_first_last_bits: int = 8
+    calib_batches: int = 4
+    seed: int = 0
+    proxy: SearchProxyConfig = field(default_factory=SearchProxyConfig)
+
+    def validate(self, p: str) -> None:
+        for key in ("w_bits", "a_bits"):
+            bits = getattr(self, key)
+            if not bits or len(set(bits)) != len(bits) or any(b not in WEIGHT_BITS for b in bits):
+                raise ConfigError(f"{p}.{key}: a non-empty list of distinct bit widths from {list(WEIGHT_BITS)}, "
+                                  f"got {bits}")
+        if self.budget_bits not in WEIGHT_BITS:
+            raise ConfigError(f"{p}.budget_bits: one of {list(WEIGHT_BITS)}, got {self.budget_bits}")
+        if self.budget_bitops is not None and not self.budget_bitops > 0:
+            raise ConfigError(f"{p}.budget_bitops: a positive number of GBitOPs per image or null, "
+                              f"got {self.budget_bitops}")
+        if self.keep_first_last_bits not in (0, *WEIGHT_BITS):
+            raise ConfigError(f"{p}.keep_first_last_bits: 0 (FP) or one of {list(WEIGHT_BITS)}, "
+                              f"got {self.keep_first_last_bits}")
+        if self.n_groups < 2:
+            raise ConfigError(f"{p}.n_groups: need at least 2 timestep groups, got {self.n_groups}")
+        _check_positive(self, p, "population_size", "n_trials", "batch_size", "n_workers", "calib_batches")
+        if not self.backbones:
+            raise ConfigError(f"{p}.backbones: list at least one backbone (or drop the search stage)")
+
+
+@dataclass
 class TrackingConfig:
     """``tracking``: MLflow settings (a local SQLite database in the repository by default)."""
 

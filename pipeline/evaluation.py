@@ -110,6 +110,16 @@ def load_entry(entry: ModelEntry, device) -> Any:
     return backbone
 
 
+def model_timesteps(entry: ModelEntry) -> Optional[list[int]]:
+    """A quantized model's own timestep subsequence (``sampling.json`` beside it: TMPQ-DM rows), or None."""
+    f = Path(entry.quant_dir) / "sampling.json" if entry.quant_dir is not None else None
+    if f is None or not f.exists():
+        return None
+    from .io import read_json
+
+    return [int(t) for t in read_json(f, "model sampling")["timesteps"]]
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 4) -> None:
     """Save images in [-1, 1] as one PNG grid (nearest-neighbour upscaled so 8x8 digits are visible)."""
     import numpy as np
@@ -161,8 +171,9 @@ class Evaluator:
                                    device=device)
             self.hps_reason = ""
 
-    def sample(self, backbone, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``eval.n_samples`` images from the noise of ``seed`` and the balanced labels; (images, labels, s)."""
+    def sample(self, backbone, seed: int, timesteps=None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``eval.n_samples`` images from the noise of ``seed`` and the balanced labels; (images, labels, s).
+        ``timesteps``: the model's own timestep subsequence (a TMPQ-DM row), else the ``sampling`` schedule."""
         from .sampling import eval_labels, initial_noise, sample
 
         n = self.cfg.n_samples
@@ -173,7 +184,7 @@ class Evaluator:
         for i in range(0, n, self.cfg.batch_size):
             images.append(sample(backbone, noise[i:i + self.cfg.batch_size].to(self.device),
                                  labels[i:i + self.cfg.batch_size].to(self.device),
-                                 self.diffusion, self.sampling).cpu())
+                                 self.diffusion, self.sampling, timesteps=timesteps).cpu())
         return torch.cat(images), labels, time.time() - t0
 
     def evaluate(self, entry: ModelEntry, fp_pair: Optional[dict] = None
@@ -188,7 +199,9 @@ class Evaluator:
 
         backbone = load_entry(entry, self.device)
         n = self.cfg.n_samples
-        images, labels, seconds = self.sample(backbone, self.cfg.seed)
+        timesteps = model_timesteps(entry)
+        n_steps = len(timesteps) if timesteps is not None else self.sampling.steps
+        images, labels, seconds = self.sample(backbone, self.cfg.seed, timesteps)
         features = self.fid.features(images)
         arrays = {"images": images.contiguous(), "features": features.contiguous()}
 
@@ -203,8 +216,9 @@ class Evaluator:
             "fid": self.fid.compute(images),
             "accuracy": conditional_accuracy(self.classifier, images.to(self.device), labels.to(self.device)),
             "clip_score": self.clip.compute(images, [caption(self.class_names[int(k)]) for k in labels]),
-            "bitops_g": bitops(backbone.net, per_image_macs, self.sampling.steps) / 1e9,
-            "macs_m": sum(per_image_macs.values()) * self.sampling.steps / 1e6,
+            "bitops_g": bitops(backbone.net, per_image_macs, n_steps) / 1e9,
+            "macs_m": sum(per_image_macs.values()) * n_steps / 1e6,
+            "n_steps": n_steps,
             "model_bytes": model_bytes(entry),
             "sec_per_image": seconds / n,
             "n_samples": n,

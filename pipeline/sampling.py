@@ -14,7 +14,7 @@ Choices where the configs are silent:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -67,6 +67,50 @@ def make_scheduler(diffusion: DiffusionConfig, sampling: SamplingConfig):
     return sched
 
 
+def check_timesteps(timesteps, diffusion: DiffusionConfig, sampling: SamplingConfig) -> list[int]:
+    """A custom timestep subsequence, validated: integers in [0, T), strictly decreasing (noisy end first)."""
+    ts = [int(t) for t in timesteps]
+    if not ts:
+        raise ValueError("timesteps: must hold at least one timestep")
+    bad = [t for t in ts if not 0 <= t < diffusion.num_train_timesteps]
+    if bad:
+        raise ValueError(f"timesteps: {bad} outside 0..{diffusion.num_train_timesteps - 1} "
+                         "(diffusion.num_train_timesteps)")
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"timesteps: must be strictly decreasing (noisy end first), got {ts}")
+    if sampling.scheduler != "ddim":
+        raise ValueError(f"timesteps: a custom timestep subsequence needs sampling.scheduler 'ddim' "
+                         f"(TMPQ-DM samples with DDIM), got {sampling.scheduler!r}")
+    return ts
+
+
+class _SubsequenceDDIM:
+    """DDIM stepping along an arbitrary timestep subsequence ``t_0 > t_1 > ... > t_{K-1}``.
+
+    diffusers' DDIM derives the previous timestep as ``t - T // num_inference_steps`` (uniform gaps).
+    With ``num_inference_steps = 1`` that index is negative, so the step takes its "previous" alpha from
+    ``final_alpha_cumprod``; setting that to ``alphas_cumprod[t_{i+1}]`` before each step (1.0 after the
+    last, ``set_alpha_to_one``) runs diffusers' own update for any gap, eta > 0 included. On the stock
+    schedule it is the stock sampler bit for bit when ``steps`` divides T (tested); otherwise diffusers
+    steps to ``t - T // steps``, one off the trailing schedule's next timestep, and this class to the
+    next timestep itself."""
+
+    def __init__(self, sched, timesteps: list[int]):
+        self.sched = sched
+        self.timesteps = torch.tensor(timesteps, dtype=torch.long)
+        self._final = sched.final_alpha_cumprod
+        self._next = {t: n for t, n in zip(timesteps, timesteps[1:])}
+
+    def scale_model_input(self, x, t):
+        return self.sched.scale_model_input(x, t)
+
+    def step(self, eps, t, x, **kw):
+        nxt = self._next.get(int(t))
+        self.sched.num_inference_steps = 1
+        self.sched.final_alpha_cumprod = self._final if nxt is None else self.sched.alphas_cumprod[nxt]
+        return self.sched.step(eps, t, x, **kw)
+
+
 def timestep_values(diffusion: DiffusionConfig, sampling: SamplingConfig) -> list[int]:
     """The sampler's timesteps, noisy end first."""
     return [int(t) for t in make_scheduler(diffusion, sampling).timesteps]
@@ -96,6 +140,7 @@ def sample(
     step_hook: Optional[StepHook] = None,
     progress: bool = False,
     seed: int = 0,
+    timesteps: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``noise`` -> images in [-1, 1] (on the backbone's device).
 
@@ -103,7 +148,9 @@ def sample(
     model call itself runs under ``torch.no_grad()`` (a hook may enable grad for its own work).
     The backbone is put in eval mode for the loop (diffusers' DiT would otherwise drop labels) and
     its previous mode is restored afterwards. ``seed`` drives the extra noise of stochastic samplers
-    (DDPM, DDIM with eta > 0) so their runs are repeatable too.
+    (DDPM, DDIM with eta > 0) so their runs are repeatable too. ``timesteps``: run DDIM on this
+    subsequence (strictly decreasing) instead of the ``sampling.steps`` timesteps (TMPQ-DM's reduced
+    schedules); ``step_index`` then counts along it.
     """
     if noise.ndim != 4:
         raise ValueError(f"noise: expected [B, C, H, W], got shape {tuple(noise.shape)}")
@@ -114,6 +161,8 @@ def sample(
     except StopIteration:
         device = noise.device
     sched = make_scheduler(diffusion, sampling)
+    if timesteps is not None:
+        sched = _SubsequenceDDIM(sched, check_timesteps(timesteps, diffusion, sampling))
     x = noise.to(device=device, dtype=torch.float32)
     labels = labels.to(device) if labels is not None else None
     gen = torch.Generator(device="cpu").manual_seed(int(seed))

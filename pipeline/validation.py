@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import (CalibrateConfig, ConfigError, DiffusionConfig, EvalConfig, ModelConfig, PrepareConfig,
-                     ReportConfig, SamplingConfig, TrackingConfig, TrainEvaluatorsConfig, TrainFPConfig,
+                     ReportConfig, SamplingConfig, SearchConfig, TrackingConfig, TrainEvaluatorsConfig, TrainFPConfig,
                      from_dict, read_params, split_family_section, to_dict)
 
 SECTIONS = {
     "tracking": TrackingConfig, "prepare": PrepareConfig, "diffusion": DiffusionConfig,
     "sampling": SamplingConfig, "model": ModelConfig, "train_fp": TrainFPConfig,
     "train_evaluators": TrainEvaluatorsConfig, "calibrate": CalibrateConfig, "eval": EvalConfig,
-    "report": ReportConfig,
+    "report": ReportConfig, "search": SearchConfig,
 }
 FAMILIES_KEY = "families"
 

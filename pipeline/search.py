@@ -1,0 +1,474 @@
+"""TMPQ-DM's search with Optuna: per-layer W/A widths and one timestep per group, under a BitOPs budget.
+
+The super-network, the candidate and its cost are :mod:`pipeline.methods.tmpq`; this module runs the
+study (the stage ``search@<backbone>`` calls :func:`run_search`):
+
+- **Objectives**: (proxy, GBitOPs per image) — both minimised — with the constraint BitOPs ≤ budget
+  (default: uniform ``W<budget_bits>A<budget_bits>`` at the full ``sampling.steps`` schedule). Sampler:
+  NSGA-II (``search.sampler: nsga2``, population ``population_size``) or multi-objective TPE. The
+  official code runs its own evolutionary search (population 50, 15–20 generations); NSGA-II is its
+  closest Optuna counterpart. Round 0 holds the uniform widths at the groups' default timesteps (the
+  official initial population starts from the uniform 6-bit candidate).
+- **Determinism**: trials are asked in rounds of ``search.batch_size`` from a sampler seeded by
+  (``search.seed``, round), and told in trial order, so the study is the same for any ``n_workers``
+  and after a restart; ``n_workers`` processes (spawned, one thread each) only score a round's
+  candidates in parallel. Only this process writes the storage and MLflow (no lock contention).
+- **Storage and resume**: the study lives in an Optuna ``JournalStorage`` file in the stage's
+  persistent output, named by a key of everything its trials depend on (options, FP model,
+  calibration, code); a killed search resumes: completed trials are kept, trials left running are
+  marked failed and re-asked with the same parameters, and the run continues to ``n_trials``.
+  Changing ``search.n_trials`` extends (or cuts short) the same study.
+- **Tracking**: one MLflow parent run per stage execution, every trial a nested child run (Optuna's
+  MLflow callback alone would leave them flat).
+- **Held-out check**: the search sample's best values are optimistically biased (they were selected on
+  it); the Pareto front and the uniform references are re-scored on ``proxy.holdout_samples`` fresh
+  noise draws, with 95 % bootstrap intervals, and for every uniform reference the best front point at
+  equal or lower BitOPs is compared with it (paired difference, its interval, a verdict).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+log = logging.getLogger("pipeline")
+FRONT_FILE = "front.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring (in this process or in a worker)
+# ------------------------------------------------------------------------------------------------
+class Scorer:
+    """Per process: the super-network, its cost model, and the FP images the proxy compares with."""
+
+    def __init__(self, fp_dir, calib_dir, cfg, diffusion, sampling, device="cpu") -> None:
+        from .calibration import load_calibration
+        from .methods.tmpq import CostModel, SuperNet, per_image_macs
+        from .models import load_backbone
+
+        self.cfg, self.diffusion, self.sampling, self.device = cfg, diffusion, sampling, device
+        self.fp = load_backbone(fp_dir, device=device)
+        self.supernet = SuperNet(self.fp, load_calibration(calib_dir), cfg, device)
+        self.cost = CostModel(self.supernet, per_image_macs(self.supernet.backbone))
+        self._ref: dict = {}
+
+    def _images(self, backbone, n: int, seed: int, timesteps=None):
+        import torch
+
+        from .sampling import eval_labels, initial_noise, sample
+
+        noise = initial_noise(n, backbone.sample_shape, seed)
+        labels = eval_labels(n, backbone.num_classes)
+        out = []
+        for i in range(0, n, 256):
+            out.append(sample(backbone, noise[i:i + 256].to(self.device), labels[i:i + 256].to(self.device),
+                              self.diffusion, self.sampling, timesteps=timesteps).cpu())
+        return torch.cat(out)
+
+    def reference(self, which: str):
+        if which not in self._ref:
+            n, seed = self.sample_of(which)
+            self._ref[which] = self._images(self.fp, n, seed)
+        return self._ref[which]
+
+    def sample_of(self, which: str) -> tuple[int, int]:
+        p = self.cfg.proxy
+        return (p.n_samples, p.seed) if which == "search" else (p.holdout_samples, p.holdout_seed)
+
+    def score(self, cand, which: str = "search") -> np.ndarray:
+        """Per-sample proxy (pixel MSE to the FP images of the same noise at the full schedule)."""
+        ref = self.reference(which)
+        self.supernet.apply(cand)
+        n, seed = self.sample_of(which)
+        imgs = self._images(self.supernet.backbone, n, seed, cand.timesteps)
+        return ((imgs - ref) ** 2).flatten(1).mean(1).double().numpy()
+
+
+_WORKER: Optional[Scorer] = None
+
+
+def _init_worker(kwargs: dict) -> None:
+    import torch
+
+    global _WORKER
+    torch.set_num_threads(1)
+    _WORKER = Scorer(**kwargs)
+
+
+def _score_in_worker(job: tuple) -> list:
+    from .methods.tmpq import Candidate
+
+    cand, which = job
+    return _WORKER.score(Candidate.from_dict(cand), which).tolist()
+
+
+class _Pool:
+    """Scores candidates in ``n`` spawned processes, or in this process when ``n == 1``."""
+
+    def __init__(self, n: int, kwargs: dict, local: Scorer) -> None:
+        self.local, self.pool = local, None
+        if n > 1:
+            import multiprocessing as mp
+
+            self.pool = mp.get_context("spawn").Pool(n, initializer=_init_worker, initargs=(kwargs,))
+
+    def score(self, cands, which: str) -> list:
+        if self.pool is None:
+            return [self.local.score(c, which) for c in cands]
+        res = self.pool.map(_score_in_worker, [(c.to_dict(), which) for c in cands], chunksize=1)
+        return [np.asarray(r, dtype=np.float64) for r in res]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+# ------------------------------------------------------------------------------------------------
+# the search space in Optuna's terms
+# ------------------------------------------------------------------------------------------------
+def distributions(supernet, groups, cfg) -> dict:
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    d: dict[str, Any] = {}
+    for n in supernet.w_slots:
+        d[f"w:{n}"] = CategoricalDistribution(list(cfg.w_bits))
+    for n in supernet.a_slots:
+        d[f"a:{n}"] = CategoricalDistribution(list(cfg.a_bits))
+    for j, (lo, hi) in enumerate(groups):
+        d[f"t{j}"] = IntDistribution(lo, hi - 1)
+    return d
+
+
+def decode(params: dict, supernet, groups):
+    from .methods.tmpq import Candidate
+
+    return Candidate(w={n: int(params[f"w:{n}"]) for n in supernet.w_slots},
+                     a={n: int(params[f"a:{n}"]) for n in supernet.a_slots},
+                     timesteps=sorted((int(params[f"t{j}"]) for j in range(len(groups))), reverse=True),
+                     attention=frozenset(supernet.attention))
+
+
+def encode(cand, groups) -> dict:
+    params = {f"w:{n}": b for n, b in cand.w.items()}
+    params.update({f"a:{n}": b for n, b in cand.a.items()})
+    ts = sorted(cand.timesteps)
+    for j, (lo, hi) in enumerate(groups):
+        inside = [t for t in ts if lo <= t < hi]
+        if len(inside) != 1:
+            raise ValueError(f"candidate timesteps {cand.timesteps}: group {j} [{lo}, {hi}) needs exactly one")
+        params[f"t{j}"] = inside[0]
+    return params
+
+
+def _constraint(trial) -> list:
+    return [float(trial.user_attrs.get("constraint", 0.0))]
+
+
+def make_sampler(cfg, seed: int):
+    import optuna
+
+    if cfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=_constraint,
+                                          n_startup_trials=cfg.population_size)
+    return optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=seed,
+                                         constraints_func=_constraint)
+
+
+def open_study(path: Path, name: str, cfg):
+    """Create or load the study in the journal file ``path``; trials a killed run left RUNNING are
+    marked FAIL and re-queued with their parameters (so none is lost). Returns (study, n_requeued)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"],
+                                sampler=make_sampler(cfg, cfg.seed), load_if_exists=True)
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    for t in stale:
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
+    return study, len(stale)
+
+
+def n_complete(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics of the held-out check
+# ------------------------------------------------------------------------------------------------
+def bootstrap_ci(x: np.ndarray, reps: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``x`` (resampling samples)."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(x, dtype=np.float64)
+    means = x[rng.integers(0, len(x), size=(reps, len(x)))].mean(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """Non-dominated points (both ``proxy`` and ``bitops`` minimised), sorted by BitOPs."""
+    pts = sorted(points, key=lambda p: (p["bitops"], p["proxy"]))
+    front, best = [], float("inf")
+    for p in pts:
+        if p["proxy"] < best:
+            front.append(p)
+            best = p["proxy"]
+    return front
+
+
+def verdict(diff_ci: tuple[float, float]) -> str:
+    lo, hi = diff_ci
+    if hi < 0:
+        return "holds"
+    if lo > 0:
+        return "does not hold"
+    return "not separable at this N"
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+# ------------------------------------------------------------------------------------------------
+def run_search(backbone: str, cfg, diffusion, sampling, tracking, fp_dir, calib_dir, out: Path,
+               device: str = "cpu", progress: bool = True) -> dict:
+    """Run (or resume) the study of ``backbone`` into ``out``; returns the front document."""
+    import torch
+
+    from .config import to_dict
+    from .io import data_hash, tree_hash, write_json
+    from .methods.tmpq import group_default_timesteps, timestep_groups
+    from .runner import code_hash
+    from .sampling import timestep_values
+    from .tracking import stage_run
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    full = timestep_values(diffusion, sampling)
+    groups = timestep_groups(diffusion.num_train_timesteps, cfg.n_groups)
+    if cfg.n_groups > diffusion.num_train_timesteps:
+        raise ValueError(f"search.n_groups {cfg.n_groups} > diffusion.num_train_timesteps")
+    space = {k: v for k, v in to_dict(cfg).items() if k not in ("n_trials", "n_workers", "backbones")}
+    space.pop("proxy")
+    space["proxy"] = {k: v for k, v in to_dict(cfg.proxy).items() if not k.startswith("holdout")}
+    key = data_hash({"space": space, "backbone": backbone, "fp": tree_hash(fp_dir), "calib": tree_hash(calib_dir),
+                     "diffusion": to_dict(diffusion), "sampling": to_dict(sampling), "code": code_hash()})[:16]
+    journal = out / f"study-{key}.journal"
+    for old in out.glob("study-*.journal"):
+        if old != journal:
+            log.info("search: options, inputs or code changed; dropping the old study %s", old.name)
+            old.unlink()
+
+    torch.manual_seed(cfg.seed)
+    local = Scorer(fp_dir, calib_dir, cfg, diffusion, sampling, device)
+    sn, cost = local.supernet, local.cost
+    budget = (cfg.budget_bitops * 1e9 if cfg.budget_bitops is not None
+              else cost.per_step(sn.uniform(cfg.budget_bits, cfg.budget_bits, full)) * len(full))
+    dists = distributions(sn, groups, cfg)
+    study, requeued = open_study(journal, f"tmpq-{backbone}-{key}", cfg)
+    if not study.trials:
+        for b in sorted(set(cfg.w_bits) & set(cfg.a_bits)):  # round 0: uniform widths at the default steps
+            study.enqueue_trial(encode(sn.uniform(b, b, group_default_timesteps(groups)), groups),
+                                user_attrs={"seeded": f"uniform W{b}A{b}"})
+    start = n_complete(study)
+    if start or requeued:
+        log.info("search: resuming study %s: %d complete trials, %d re-queued", journal.name, start, requeued)
+    kwargs = dict(fp_dir=str(fp_dir), calib_dir=str(calib_dir), cfg=cfg, diffusion=diffusion, sampling=sampling,
+                  device=device)
+    params = {"search": to_dict(cfg), "sampling": to_dict(sampling), "diffusion": to_dict(diffusion)}
+    tags = {"backbone": backbone, "method": "tmpq-search", "sampler": cfg.sampler, "study": study.study_name}
+    t0 = time.time()
+    with stage_run("search", params=params, tags=tags, experiment=tracking.experiment, uri=tracking.uri,
+                   run_name=f"search@{backbone}", log_file=Path("data") / "logs" / f"search@{backbone}.log",
+                   inputs=[fp_dir, calib_dir]) as run_:
+        pool = _Pool(cfg.n_workers, kwargs, local)
+        try:
+            _optimise(study, dists, sn, groups, cost, budget, pool, cfg, run_, progress)
+            doc = _summarise(study, sn, groups, cost, budget, full, pool, cfg, key)
+        finally:
+            pool.close()
+        doc.update(backbone=backbone, seconds=time.time() - t0, resumed_from=start, requeued=requeued)
+        write_json(out / FRONT_FILE, doc)
+        _write_tables(doc, out)
+        _plot(doc, out / "front.png")
+        run_.log_metrics({"n_trials": doc["n_trials"], "front_size": len(doc["front"]), "budget_g": budget / 1e9,
+                          "search_seconds": doc["seconds"]})
+        for f in (FRONT_FILE, "front.md", "front.png", "trials.csv"):
+            run_.log_artifact(out / f)
+    return doc
+
+
+def _optimise(study, dists, sn, groups, cost, budget, pool, cfg, run_, progress) -> None:
+    import mlflow
+
+    total = cfg.n_trials
+    while n_complete(study) < total:
+        done = n_complete(study)
+        k = min(cfg.batch_size, total - done)
+        study.sampler = make_sampler(cfg, cfg.seed * 1_000_003 + len(study.trials))
+        trials = [study.ask(dists) for _ in range(k)]
+        cands = [decode(t.params, sn, groups) for t in trials]
+        t0 = time.time()
+        scores = pool.score(cands, "search")
+        for trial, cand, s in zip(trials, cands, scores):
+            c = cost.bitops(cand)
+            trial.set_user_attr("constraint", c - budget)
+            trial.set_user_attr("mean_w_bits", cand.mean_w_bits)
+            trial.set_user_attr("mean_a_bits", cand.mean_a_bits)
+            trial.set_user_attr("timesteps", list(cand.timesteps))
+            value = float(np.mean(s))
+            study.tell(trial, [value, c / 1e9])
+            with mlflow.start_run(run_name=f"trial {trial.number}", nested=True,
+                                  tags={"stage": "search-trial", "study": study.study_name,
+                                        "mlflow.parentRunId": run_.run_id}):
+                mlflow.log_params({"number": trial.number, "timesteps": " ".join(map(str, cand.timesteps)),
+                                   "mean_w_bits": round(cand.mean_w_bits, 3), "mean_a_bits": round(cand.mean_a_bits, 3)})
+                mlflow.log_metrics({"proxy_mse": value, "bitops_g": c / 1e9, "feasible": float(c <= budget)})
+                mlflow.log_dict(cand.to_dict(), "candidate.json")
+        if progress:
+            log.info("search: %d/%d trials (%.1f s/round)", n_complete(study), total, time.time() - t0)
+
+
+def _summarise(study, sn, groups, cost, budget, full, pool, cfg, key) -> dict:
+    from optuna.trial import TrialState
+
+    from .methods.tmpq import group_default_timesteps
+
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    points = [{"trial": t.number, "proxy": t.values[0], "bitops": t.values[1] * 1e9,
+               "feasible": t.values[1] * 1e9 <= budget * (1 + 1e-9),
+               "candidate": decode(t.params, sn, groups).to_dict()} for t in trials]
+    front = pareto_front([p for p in points if p["feasible"]])
+    widths = sorted(set(cfg.w_bits) & set(cfg.a_bits))
+    refs = []
+    for b in widths:
+        for label, ts in (("full", full), ("groups", group_default_timesteps(groups))):
+            cand = sn.uniform(b, b, ts)
+            refs.append({"label": f"uniform W{b}A{b} @ {len(ts)} steps", "bits": b, "schedule": label,
+                         "bitops": cost.bitops(cand), "candidate": cand.to_dict()})
+    from .methods.tmpq import Candidate
+
+    to_score = [Candidate.from_dict(p["candidate"]) for p in front] + [Candidate.from_dict(r["candidate"]) for r in refs]
+    search_scores = pool.score([Candidate.from_dict(r["candidate"]) for r in refs], "search")
+    holdout = pool.score(to_score, "holdout")
+    for p, h in zip(front + refs, holdout):
+        p["holdout_mean"] = float(np.mean(h))
+        p["holdout_ci"] = list(bootstrap_ci(h, seed=cfg.seed))
+        p["_h"] = np.asarray(h)
+    for r, s in zip(refs, search_scores):
+        r["proxy"] = float(np.mean(s))
+    comparisons = []
+    for r in refs:
+        if r["schedule"] != "full":
+            continue
+        cheaper = [p for p in front if p["bitops"] <= r["bitops"] * (1 + 1e-9)]
+        if not cheaper:
+            comparisons.append({"uniform": r["label"], "verdict": "no searched point at equal or lower BitOPs"})
+            continue
+        best = min(cheaper, key=lambda p: p["holdout_mean"])
+        diff = best["_h"] - r["_h"]
+        ci = bootstrap_ci(diff, seed=cfg.seed)
+        comparisons.append({"uniform": r["label"], "uniform_bitops": r["bitops"], "uniform_mse": r["holdout_mean"],
+                            "searched_trial": best["trial"], "searched_bitops": best["bitops"],
+                            "searched_mse": best["holdout_mean"], "diff": float(diff.mean()), "diff_ci": list(ci),
+                            "verdict": verdict(ci)})
+    for p in front + refs:
+        p.pop("_h")
+    uniform_cost = {f"W{w}A{a}": cost.per_step(sn.uniform(w, a, full)) for w in cfg.w_bits for a in cfg.a_bits}
+    return {"version": 1, "key": key, "study": study.study_name, "budget": budget, "n_trials": len(trials),
+            "n_groups": cfg.n_groups, "groups": [list(g) for g in groups], "full_steps": len(full),
+            "sampler": cfg.sampler, "proxy": {"metric": cfg.proxy.metric, "n_samples": cfg.proxy.n_samples,
+                                              "holdout_samples": cfg.proxy.holdout_samples},
+            "supernet": {"w_bits": list(cfg.w_bits), "a_bits": list(cfg.a_bits), "weight_init": cfg.weight_init,
+                         "act_init": cfg.act_init, "keep_first_last_bits": cfg.keep_first_last_bits,
+                         "calib_batches": cfg.calib_batches, "seed": cfg.seed},
+            "uniform_cost_per_step": uniform_cost, "front": front, "uniform": refs, "comparisons": comparisons,
+            "trials": [{k: v for k, v in p.items() if k != "candidate"} |
+                       {"mean_w_bits": Candidate.from_dict(p["candidate"]).mean_w_bits,
+                        "mean_a_bits": Candidate.from_dict(p["candidate"]).mean_a_bits,
+                        "n_steps": len(p["candidate"]["timesteps"])} for p in points]}
+
+
+def front_markdown(doc: dict) -> str:
+    """The Pareto table, the uniform references and the dominance verdicts (Markdown)."""
+    lines = [f"### TMPQ-DM search on {doc['backbone']}: {doc['n_trials']} trials ({doc['sampler']}), "
+             f"budget {doc['budget'] / 1e9:.3f} GBitOPs/image",
+             "",
+             f"Proxy: pixel MSE to the FP images of the same noise at {doc['full_steps']} steps; search sample "
+             f"{doc['proxy']['n_samples']} images, held-out {doc['proxy']['holdout_samples']} fresh images "
+             "(95 % bootstrap CI over samples).", "",
+             "| point | GBitOPs | steps | mean W bits | mean A bits | search MSE | held-out MSE [95 % CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for p in doc["front"] + doc["uniform"]:
+        c = p["candidate"]
+        w = sum(c["w"].values()) / max(len(c["w"]), 1)
+        a = sum(c["a"].values()) / max(len(c["a"]), 1)
+        name = p.get("label") or f"trial {p['trial']}"
+        lo, hi = p["holdout_ci"]
+        lines.append(f"| {name} | {p['bitops'] / 1e9:.3f} | {len(c['timesteps'])} | {w:.2f} | {a:.2f} | "
+                     f"{p['proxy']:.5f} | {p['holdout_mean']:.5f} [{lo:.5f}, {hi:.5f}] |")
+    lines += ["", "Searched front vs uniform bits at equal or lower BitOPs (held-out paired MSE difference, "
+              "searched − uniform; < 0 = the searched point is better):", "",
+              "| uniform | its GBitOPs | best searched point within it | its GBitOPs | Δ MSE [95 % CI] | verdict |",
+              "|---|---|---|---|---|---|"]
+    for c in doc["comparisons"]:
+        if "diff" not in c:
+            lines.append(f"| {c['uniform']} | | | | | {c['verdict']} |")
+            continue
+        lines.append(f"| {c['uniform']} | {c['uniform_bitops'] / 1e9:.3f} | trial {c['searched_trial']} | "
+                     f"{c['searched_bitops'] / 1e9:.3f} | {c['diff']:+.5f} [{c['diff_ci'][0]:+.5f}, "
+                     f"{c['diff_ci'][1]:+.5f}] | {c['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_tables(doc: dict, out: Path) -> None:
+    import pandas as pd
+
+    from .io import atomic_file
+
+    with atomic_file(out / "front.md") as fh:
+        fh.write(front_markdown(doc))
+    with atomic_file(out / "trials.csv") as fh:
+        pd.DataFrame(doc["trials"]).to_csv(fh, index=False)
+
+
+def _plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_file
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    tr = doc["trials"]
+    ax.scatter([t["bitops"] / 1e9 for t in tr], [t["proxy"] for t in tr], s=10, c="0.7", label="trials (search MSE)")
+    f = doc["front"]
+    ax.errorbar([p["bitops"] / 1e9 for p in f], [p["holdout_mean"] for p in f],
+                yerr=np.array([[p["holdout_mean"] - p["holdout_ci"][0], p["holdout_ci"][1] - p["holdout_mean"]]
+                               for p in f]).T, fmt="o-", color="C3", ms=4, label="Pareto front (held-out)")
+    for sched, marker in (("full", "s"), ("groups", "^")):
+        u = [r for r in doc["uniform"] if r["schedule"] == sched]
+        ax.scatter([r["bitops"] / 1e9 for r in u], [r["holdout_mean"] for r in u], marker=marker, s=40,
+                   color="C0" if sched == "full" else "C2", zorder=3,
+                   label=f"uniform W=A, {u[0]['candidate']['timesteps'].__len__()} steps (held-out)" if u else None)
+        for r in u:
+            ax.annotate(f"W{r['bits']}A{r['bits']}", (r["bitops"] / 1e9, r["holdout_mean"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.axvline(doc["budget"] / 1e9, color="k", ls="--", lw=0.8, label="budget")
+    ax.set_xlabel("GBitOPs per image (all sampling steps)")
+    ax.set_ylabel("pixel MSE to FP images")
+    ax.set_yscale("log")
+    ax.set_title(f"TMPQ-DM search, {doc['backbone']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""search: TMPQ-DM's joint timestep + per-layer bit search (Optuna) on one backbone, resumable; writes the
+Pareto front (front.json / front.md / front.png), every trial (trials.csv) and the study journal to
+``--out`` (see :mod:`pipeline.search`)."""
+from _common import main, parser, require
+
+
+def run(args):
+    from pipeline.config import DiffusionConfig, SamplingConfig, SearchConfig, TrackingConfig, load_section
+
+    cfg = load_section("search", SearchConfig, args.params)
+    diffusion = load_section("diffusion", DiffusionConfig, args.params)
+    sampling = load_section("sampling", SamplingConfig, args.params)
+    tracking = load_section("tracking", TrackingConfig, args.params)
+    if args.backbone not in cfg.backbones:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"search.backbones: {args.backbone!r} is not listed ({', '.join(cfg.backbones)})")
+    if sampling.scheduler != "ddim":
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"sampling.scheduler: the TMPQ-DM search samples timestep subsequences with DDIM, "
+                          f"got {sampling.scheduler!r}")
+    require(args.fp, f"FP {args.backbone} model (stage train_fp@{args.backbone})")
+    require(args.calib, f"calibration set for {args.backbone} (stage calibrate@{args.backbone})")
+    import torch
+
+    from pipeline.search import run_search
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    doc = run_search(args.backbone, cfg, diffusion, sampling, tracking, args.fp, args.calib, args.out, device)
+    print(f"search@{args.backbone}: {doc['n_trials']} trials, front of {len(doc['front'])} points, "
+          f"{doc['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    p = parser(__doc__)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--fp", required=True)
+    p.add_argument("--calib", required=True)
+    p.add_argument("--out", required=True)
+    main(run, p)

@@ -1,0 +1,214 @@
+"""TMPQ-DM: timestep groups, subsequence sampling, the super-network's switching, BitOPs of a candidate,
+and the Optuna search (resume after a kill, two workers, nested MLflow runs)."""
+import copy
+import math
+
+import pytest
+import torch
+
+from pipeline.config import DiffusionConfig, SamplingConfig, SearchConfig, SearchProxyConfig, TrackingConfig, \
+    from_dict
+from pipeline.methods.tmpq import (Candidate, CostModel, SuperNet, build_uniform, candidate_spec, choose,
+                                   group_default_timesteps, per_image_macs, timestep_groups)
+from pipeline.quant.cost import bitops
+from pipeline.quant.surgery import quant_layers
+
+
+def _cfg(**kw):
+    base = dict(w_bits=[4, 8], a_bits=[4, 8], n_groups=3, population_size=4, n_trials=6, batch_size=2,
+                n_workers=1, calib_batches=1, proxy=SearchProxyConfig(n_samples=4, holdout_samples=6))
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_calibrated, tmp_path_factory):
+    """The tiny UNet and its calibration set saved as the stages would (the search loads from disk)."""
+    from pipeline.calibration import save_calibration
+    from pipeline.models import save_backbone
+
+    fp, calib = tiny_calibrated["unet"]
+    root = tmp_path_factory.mktemp("tmpq")
+    save_backbone(fp, root / "fp")
+    save_calibration(calib, root / "calib")
+    return fp, calib, root
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_group_boundaries_match_the_formula():
+    for t_total, k in ((1000, 10), (1000, 4), (500, 6)):
+        groups = timestep_groups(t_total, k)
+        bounds = [int((i * math.sqrt(0.8 * t_total) / (k - 1)) ** 2) for i in range(k)]
+        assert [lo for lo, _ in groups] == bounds
+        assert [hi for _, hi in groups] == bounds[1:] + [t_total]
+        widths = [hi - lo for lo, hi in groups[:-1]]
+        assert widths == sorted(widths)  # dense near t = 0
+    assert timestep_groups(1000, 10)[1] == (9, 39)
+    assert group_default_timesteps(timestep_groups(1000, 10))[0] == 999
+    with pytest.raises(ValueError, match="at least 2"):
+        timestep_groups(1000, 1)
+    with pytest.raises(ValueError, match="too many"):
+        timestep_groups(10, 9)
+
+
+def test_subsequence_sampling_equals_sampler_with_those_timesteps(tiny_calibrated):
+    from pipeline.sampling import eval_labels, initial_noise, sample, timestep_values
+
+    fp, _ = tiny_calibrated["unet"]
+    diff = DiffusionConfig()
+    noise, labels = initial_noise(3, fp.sample_shape, 0), eval_labels(3, fp.num_classes)
+    # step counts dividing T: diffusers' DDIM steps to t - T // steps, which is the next trailing timestep
+    # only then (for 7 steps it steps 856 -> 714 while the schedule's next timestep is 713)
+    for steps, eta in ((20, 0.0), (10, 0.0), (5, 0.3)):
+        samp = SamplingConfig(steps=steps, eta=eta)
+        ref = sample(fp, noise, labels, diff, samp, seed=2)
+        sub = sample(fp, noise, labels, diff, SamplingConfig(steps=3, eta=eta), seed=2,
+                     timesteps=timestep_values(diff, samp))
+        assert torch.equal(ref, sub), (steps, eta)
+    other = sample(fp, noise, labels, diff, SamplingConfig(), timesteps=[999, 500, 37, 3])
+    assert not torch.equal(other, sample(fp, noise, labels, diff, SamplingConfig()))
+    for bad, msg in (([5, 9], "strictly decreasing"), ([1000, 3], "outside"), ([], "at least one")):
+        with pytest.raises(ValueError, match=msg):
+            sample(fp, noise, labels, diff, SamplingConfig(), timesteps=bad)
+    with pytest.raises(ValueError, match="ddim"):
+        sample(fp, noise, labels, diff, SamplingConfig(scheduler="dpm"), timesteps=[999, 3])
+
+
+def _random_candidate(sn, cfg, gen, timesteps):
+    pick = lambda bits: bits[int(torch.randint(len(bits), (1,), generator=gen))]  # noqa: E731
+    return Candidate(w={n: pick(cfg.w_bits) for n in sn.w_slots}, a={n: pick(cfg.a_bits) for n in sn.a_slots},
+                     timesteps=timesteps, attention=frozenset(sn.attention))
+
+
+def test_switching_bits_equals_a_freshly_calibrated_quantizer(tiny_calibrated):
+    fp, calib = tiny_calibrated["unet"]
+    cfg = _cfg()
+    sn = SuperNet(fp, calib, cfg)
+    assert sn.attention and sn.w_slots and len(sn.a_slots) == len(sn.layers) + len(sn.attention)
+    x, t, y = next(iter(calib.batches(4, "cpu")))
+    for b in (4, 8):  # switching everything to width b == the uniform W<b>A<b> network built from scratch
+        sn.apply(sn.uniform(b, b, [999]))
+        fresh = build_uniform(fp, calib, b, b, cfg, "cpu")
+        with torch.no_grad():
+            assert torch.equal(sn.backbone(x, t, y), fresh(x, t, y))
+    # one layer switched: its quantizers equal those of a fresh calibration at that width
+    sn.apply(sn.uniform(8, 8, [999]))
+    name = sn.w_slots[1]
+    sn.apply(Candidate(w={name: 4}, a={name: 4}, timesteps=[999]))
+    fresh4 = dict(quant_layers(build_uniform(fp, calib, 4, 4, cfg, "cpu").net))[name]
+    layer = sn.layers[name]
+    with torch.no_grad():
+        assert torch.equal(layer.quantized_weight(), fresh4.quantized_weight())
+    assert torch.equal(layer.act_quantizer.quantizer.scale, fresh4.act_quantizer.quantizer.scale)
+    # a mixed candidate on the super-network == the model exported from its spec and calibrated from scratch
+    from pipeline.methods.tmpq import calibrate_fp_ranges
+    from pipeline.quant.surgery import quantize_model
+
+    cand = _random_candidate(sn, cfg, torch.Generator().manual_seed(0), [999, 500])
+    sn.apply(cand)
+    exported = copy.deepcopy(fp)
+    quantize_model(exported.net, candidate_spec(cand, keep_bits=cfg.keep_first_last_bits))
+    calibrate_fp_ranges(exported, calib, cfg.calib_batches, cfg.seed, "cpu")
+    with torch.no_grad():
+        assert torch.equal(sn.backbone(x, t, y), exported(x, t, y))
+    with pytest.raises(ValueError, match="not one of"):
+        sn.apply(Candidate(w={name: 6}, a={}, timesteps=[1]))
+
+
+def test_bitops_of_a_candidate_is_the_sum_over_its_timesteps_of_the_layer_costs(tiny_calibrated):
+    fp, calib = tiny_calibrated["unet"]
+    cfg = _cfg()
+    sn = SuperNet(fp, calib, cfg)
+    macs = per_image_macs(sn.backbone)
+    cost = CostModel(sn, macs)
+    gen = torch.Generator().manual_seed(1)
+    for ts in ([999], [999, 400, 3], list(range(999, 0, -100))):
+        cand = _random_candidate(sn, cfg, gen, ts)
+        sn.apply(cand)
+        # independent: the cost module on the switched network, one call, times the steps
+        assert cost.bitops(cand) == pytest.approx(bitops(sn.backbone.net, macs, 1) * len(ts), rel=1e-12)
+    lo, hi = sn.uniform(4, 4, [999, 3]), sn.uniform(8, 8, [999, 3])
+    assert cost.bitops(lo) < cost.bitops(hi)
+
+
+def test_choose_picks_the_best_point_within_the_budget():
+    front = {"front": [{"bitops": 1e9, "holdout_mean": 0.3, "trial": 1}, {"bitops": 2e9, "holdout_mean": 0.1, "trial": 2},
+                       {"bitops": 3e9, "holdout_mean": 0.05, "trial": 3}]}
+    assert choose(front, 2.5e9)["trial"] == 2
+    with pytest.raises(ValueError, match="no searched configuration"):
+        choose(front, 0.5e9)
+
+
+def test_search_config_errors_name_the_key():
+    from pipeline.config import ConfigError
+
+    for bad, msg in (({"w_bits": [4, 4]}, "search.w_bits"), ({"n_groups": 1}, "search.n_groups"),
+                     ({"sampler": "grid"}, "search.sampler"), ({"budget_bitops": -1}, "search.budget_bitops")):
+        with pytest.raises(ConfigError, match=msg):
+            from_dict(SearchConfig, bad, "search")
+
+
+# ---------------------------------------------------------------------------------------------------
+def _run(saved, out, cfg, **kw):
+    from pipeline.search import run_search
+
+    _, _, root = saved
+    return run_search("unet", cfg, DiffusionConfig(), SamplingConfig(steps=4), TrackingConfig(), root / "fp",
+                      root / "calib", out, **kw)
+
+
+def test_search_resumes_after_a_kill_and_two_workers_give_the_same_study(saved, tmp_path, monkeypatch):
+    import mlflow
+
+    from pipeline import search
+
+    cfg = _cfg()
+    # uninterrupted, one process
+    doc1 = _run(saved, tmp_path / "one", cfg)
+    assert doc1["n_trials"] == cfg.n_trials and doc1["front"] and doc1["comparisons"]
+    assert all(p["feasible"] for p in doc1["front"])
+    assert (tmp_path / "one" / "front.png").stat().st_size > 0 and (tmp_path / "one" / "front.md").exists()
+    # the trials are nested under the study's parent run
+    client = mlflow.tracking.MlflowClient()
+    exp = client.get_experiment_by_name(TrackingConfig().experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'search-trial'")
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
+    parent_runs = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'search'")
+    assert len(runs) >= cfg.n_trials and None not in parents and parents <= {r.info.run_id for r in parent_runs}
+
+    # killed after the second round: the rerun continues the count, no trial lost, same study
+    calls = {"n": 0}
+    real = search._Pool.score
+
+    def dying(self, cands, which):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, cands, which)
+
+    monkeypatch.setattr(search._Pool, "score", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(saved, tmp_path / "killed", cfg)
+    monkeypatch.setattr(search._Pool, "score", real)
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    journal = next((tmp_path / "killed").glob("study-*.journal"))
+    trials = optuna.load_study(study_name=doc1["study"],
+                               storage=JournalStorage(JournalFileBackend(str(journal)))).get_trials()
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 4
+    assert [t.state for t in trials].count(TrialState.RUNNING) == 2  # the round the kill interrupted
+    doc2 = _run(saved, tmp_path / "killed", cfg)
+    assert doc2["resumed_from"] == 4 and doc2["requeued"] == 2 and doc2["n_trials"] == cfg.n_trials
+    key = lambda d: [(t["proxy"], t["bitops"]) for t in d["trials"]]  # noqa: E731
+    assert sorted(key(doc2)) == sorted(key(doc1))
+    # more trials asked for: the same study grows
+    doc3 = _run(saved, tmp_path / "killed", _cfg(n_trials=8))
+    assert doc3["n_trials"] == 8 and doc3["resumed_from"] == cfg.n_trials
+
+    # two worker processes: the same trials as one
+    doc4 = _run(saved, tmp_path / "two", _cfg(n_workers=2))
+    assert doc4["n_trials"] == cfg.n_trials
+    assert key(doc4) == key(doc1)
