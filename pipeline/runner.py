@@ -151,7 +151,9 @@ class FamilyRunner:
         """(first-phase key, final key) of ``job``."""
         b = job.backbone
         if b not in self._hashes:
-            self._hashes[b] = data_hash([tree_hash(self.fp_root / b), tree_hash(self.calib_root / b)])
+            extra = self.family.extra_inputs(self.cfg, b) if self.family.extra_inputs else []
+            self._hashes[b] = data_hash([tree_hash(self.fp_root / b), tree_hash(self.calib_root / b),
+                                         *(tree_hash(p) for p in extra)])
         options = to_dict(seeded_config(self.cfg, job.seed))
         ft_field = self.family.finetune_field
         ft = options.pop(ft_field) if ft_field else None

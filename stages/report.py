@@ -53,16 +53,27 @@ def run(args):
         report.plot_claims(claims, scratch / "claims.png", cfg.ci_level)
         for b in sorted(agg["backbone"].unique()):
             report.sample_montage(agg, Path(args.eval) / "grids", b, scratch / f"samples_{b}.png")
+        searches = []
+        for f in sorted(Path(args.search).glob("*/front.json")) if Path(args.search).exists() else []:
+            searches.append(read_json(f, "search front"))
+            if (f.parent / "front.png").exists():
+                shutil.copyfile(f.parent / "front.png", scratch / f"search_{f.parent.name}.png")
         plots = out / "plots"
         if plots.exists():
             shutil.rmtree(plots)
         scratch.rename(plots)
-        write_json(out / "summary.json", report.summary(agg, claims, floor))
+        summ = report.summary(agg, claims, floor)
+        if searches:
+            for d in searches:  # the search's own held-out check, next to the rows of the full protocol
+                summ[f"search/{d['backbone']}"] = {"n_trials": d["n_trials"], "front_size": len(d["front"]),
+                                                   "budget_g": d["budget"] / 1e9, "comparisons": d["comparisons"]}
+        write_json(out / "summary.json", summ)
         write_json(out / "timings.json", report.timings(df))
         write_json(out / "claims.json", {"level": cfg.ci_level, "replicates": cfg.bootstrap, "claims": claims})
         with atomic_file(out / "results.md") as fh:
             fh.write(report.markdown_report(agg, tables=res.get("tables"), failed=res.get("failed"), claims=claims,
-                                            floor=floor, protocol=res.get("protocol"), level=cfg.ci_level))
+                                            floor=floor, protocol=res.get("protocol"), level=cfg.ci_level,
+                                            searches=searches))
         with atomic_file(out / "results.csv") as fh:
             df[[c for c in report.COLUMNS + ["seed", "wbits", "abits", "macs_m", "model_bytes"] if c in df]].to_csv(
                 fh, index=False)
@@ -81,5 +92,6 @@ def run(args):
 if __name__ == "__main__":
     p = parser(__doc__)
     p.add_argument("--eval", default="data/eval")
+    p.add_argument("--search", default="data/search", help="TMPQ-DM search outputs (optional)")
     p.add_argument("--out", default="reports")
     main(run, p)

@@ -36,6 +36,10 @@ def miniature(params: dict) -> dict:
     # a new family added the documented way: its module (copied below), its section, one list entry
     p["families"].append("toy")
     p["toy"] = {"variants": ["toy_rtn"], "settings": ["W4A8"], "backbones": ["unet"], "keep_first_last_bits": 8}
+    p["search"].update(w_bits=[4, 8], a_bits=[4, 8], n_groups=3, budget_bits=8, population_size=4, n_trials=6,
+                       batch_size=2, n_workers=1, calib_batches=1)
+    p["search"]["proxy"].update(n_samples=8, holdout_samples=16)
+    p["tmpq"].update(settings=["W4A4"], seeds=[0])
     p["eval"].update(n_samples=40, batch_size=40, grid_size=4, floor_real_splits=2)
     p["report"].update(bootstrap=50)
     return p
@@ -97,6 +101,8 @@ def test_repro_writes_summary_for_every_model(repo):
         extra = (["fp4dit/fp4dit/W4A8", "fp4dit/int-asym_tok_ada/W4A8"] if b == "dit"
                  else ["mpq/mpqdm/W3A4", "mpq/mpqdm2/W3A4", "toy/toy_rtn/W4A8"])
         extra += ["dilatequant/dilatequant/W4A8", "dilatequant/full_qat/W4A8"]
+        if b == "unet":  # TMPQ-DM: the searched configuration (3 of 5 steps) and the uniform reference
+            extra += ["tmpq/tmpq/W4A4", "tmpq/uniform/W4A4"]
         for m in extra:
             row = summary[f"{b}/{m}"]
             assert row["fid"] >= 0 and 0 <= row["accuracy"] <= 1 and row["bitops_g"] > 0
@@ -114,7 +120,12 @@ def test_repro_writes_summary_for_every_model(repo):
     md = (dst / "reports" / "results.md").read_text()
     assert "### unet" in md and "### Toy vs naive" in md and "### FP4DiT cross, online per-token" in md
     assert "## Paper claims" in md and "## Noise floor" in md
-    for f in ("fid_vs_wbits.png", "fid_vs_bitops.png", "claims.png", "samples_unet.png", "samples_dit.png"):
+    search = summary["search/unet"]
+    assert search["n_trials"] == 6 and search["front_size"] >= 1 and search["comparisons"]
+    assert summary["unet/tmpq/tmpq/W4A4"]["bitops_g"] <= summary["unet/tmpq/uniform/W4A4"]["bitops_g"] * (1 + 1e-9)
+    assert "## TMPQ-DM search" in md
+    for f in ("fid_vs_wbits.png", "fid_vs_bitops.png", "claims.png", "samples_unet.png", "samples_dit.png",
+              "search_unet.png"):
         assert (dst / "reports" / "plots" / f).stat().st_size > 0
     assert (dst / "data" / "quantized" / "naive" / "W4A4" / "naive" / "unet" / "seed0" / "packed.safetensors").exists()
     manifest = json.loads((dst / "data" / "quantized" / "toy" / "manifest.json").read_text())
@@ -133,7 +144,7 @@ def test_a_second_clean_run_reproduces_summary_exactly(repo, tmp_path):
         a, b = json.loads(first), json.loads(second)
         diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
         pytest.fail(f"summary.json differs between two clean runs: {diff}")
-    rows = {k for k in json.loads(first) if not k.startswith(("claims/", "noise_floor/"))}
+    rows = {k for k in json.loads(first) if not k.startswith(("claims/", "noise_floor/", "search/"))}
     timed = {k.split("#")[0] for k in json.loads((dst / "reports" / "timings.json").read_text())}
     assert timed == rows
 

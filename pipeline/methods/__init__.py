@@ -14,7 +14,8 @@ A *family* is one module of this package that declares, in one :class:`Family` o
   sub-config only the fine-tune phase reads, so changing it never redoes the first phase;
 - ``backbones`` it supports, ``tables``: the comparison tables of the report it wants, and optionally
   ``check_setting(setting, cfg, switches)``, raising ValueError for a bit setting it cannot run (so the
-  refusal comes from the ``validate`` stage, before any compute).
+  refusal comes from the ``validate`` stage, before any compute), and ``extra_inputs(cfg, backbone)``:
+  other files a job reads (e.g. a search's result), hashed into the job's cache key.
 
 The generic runner (:mod:`pipeline.runner`) does everything else: validation, job planning,
 MLflow runs, caching, saving (the core's packed format; a fine-tuned family's first phase is kept as
@@ -109,6 +110,8 @@ class Family:
     finetune_field: Optional[str] = None
     tables: tuple = ()
     check_setting: Optional[Callable[..., None]] = None  # (setting, cfg, switches); ValueError = unsupported
+    # (cfg, backbone) -> paths besides the FP model and calibration set a job reads (hashed into its cache key)
+    extra_inputs: Optional[Callable[..., list]] = None
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:

@@ -352,8 +352,17 @@ def check_setting(setting, cfg: TMPQConfig, switches: dict) -> None:
         raise ValueError("TMPQ-DM quantizes activations: use W<b>A<b> with b < 16")
 
 
+def extra_inputs(cfg: TMPQConfig, backbone: str) -> list:
+    from pathlib import Path
+
+    path = Path(cfg.search_dir) / backbone / "front.json"
+    if not path.exists():
+        raise FileNotFoundError(f"TMPQ-DM search result {path} not found (stage search@{backbone} writes it)")
+    return [path]
+
+
 register_family(Family(
-    name="tmpq", config_cls=TMPQConfig, quantize=quantize, check_setting=check_setting,
+    name="tmpq", config_cls=TMPQConfig, quantize=quantize, check_setting=check_setting, extra_inputs=extra_inputs,
     description="TMPQ-DM: searched per-layer W/A widths + timestep subsequence (stage search)",
     variants=(
         Variant("tmpq", "TMPQ-DM: best searched configuration within the BitOPs of the uniform setting",
