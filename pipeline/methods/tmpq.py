@@ -307,8 +307,6 @@ def choose(front: dict, budget: float) -> dict:
 def quantize(backbone, calib, setting, cfg: TMPQConfig, ctx: MethodContext) -> QuantResult:
     """``tmpq``: the searched configuration within the BitOPs of uniform ``setting`` at the full schedule;
     ``uniform``: uniform ``setting`` at the full schedule, calibrated the same way (the reference)."""
-    import torch
-
     from ..io import write_json
     from ..quant.surgery import quantize_model
     from ..sampling import timestep_values
@@ -343,7 +341,6 @@ def quantize(backbone, calib, setting, cfg: TMPQConfig, ctx: MethodContext) -> Q
     calibrate_fp_ranges(backbone, calib, _Opts.calib_batches, _Opts.seed, ctx.device)
     if ctx.workdir is not None and timesteps != full:
         write_json(ctx.workdir / "sampling.json", {"timesteps": [int(t) for t in timesteps]})
-    torch.manual_seed(0)
     return QuantResult(backbone, spec, info)
 
 
