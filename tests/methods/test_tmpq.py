@@ -212,3 +212,43 @@ def test_search_resumes_after_a_kill_and_two_workers_give_the_same_study(saved, 
     doc4 = _run(saved, tmp_path / "two", _cfg(n_workers=2))
     assert doc4["n_trials"] == cfg.n_trials
     assert key(doc4) == key(doc1)
+
+
+def test_family_rows_come_from_the_front(saved, tmp_path):
+    """``tmpq`` rebuilds the chosen front point from its spec (same outputs as the super-network with it
+    switched in) and records its timesteps for the evaluate stage; ``uniform`` samples the full schedule."""
+    from pipeline.config import parse_setting
+    from pipeline.io import read_json
+    from pipeline.methods import MethodContext, get_family
+    from pipeline.methods.tmpq import TMPQConfig
+
+    fp, calib, _ = saved
+    cfg = _cfg()
+    doc = _run(saved, tmp_path / "search" / "unet", cfg)
+    fam = get_family("tmpq")
+    budget_setting = parse_setting("W8A8")
+    x, t, y = next(iter(calib.batches(4, "cpu")))
+    for variant in ("tmpq", "uniform"):
+        work = tmp_path / variant
+        work.mkdir()
+        ctx = MethodContext(device="cpu", diffusion=DiffusionConfig(), sampling=SamplingConfig(steps=4),
+                            backbone_name="unet", variant=dict(fam.variant(variant).switches), workdir=work)
+        res = fam.quantize(copy.deepcopy(fp), calib, budget_setting, TMPQConfig(search_dir=str(tmp_path / "search")),
+                           ctx)
+        if variant == "tmpq":
+            point = choose(doc, doc["uniform_cost_per_step"]["W8A8"] * 4)
+            cand = Candidate.from_dict(point["candidate"])
+            assert read_json(work / "sampling.json")["timesteps"] == cand.timesteps
+            assert res.info["trial"] == point["trial"] and len(cand.timesteps) == cfg.n_groups
+            sn = SuperNet(fp, calib, cfg)
+            sn.apply(cand)
+            with torch.no_grad():
+                assert torch.equal(res.backbone(x, t, y), sn.backbone(x, t, y))
+        else:
+            assert not (work / "sampling.json").exists() and res.info["n_steps"] == 4
+    ctx.variant = dict(fam.variant("tmpq").switches)
+    with pytest.raises(ValueError, match="did not price"):
+        fam.quantize(copy.deepcopy(fp), calib, parse_setting("W6A6"), TMPQConfig(search_dir=str(tmp_path / "search")),
+                     ctx)
+    with pytest.raises(FileNotFoundError, match="search@unet"):
+        fam.quantize(copy.deepcopy(fp), calib, budget_setting, TMPQConfig(search_dir=str(tmp_path / "none")), ctx)
