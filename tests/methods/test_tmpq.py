@@ -80,8 +80,9 @@ def _random_candidate(sn, cfg, gen, timesteps):
                      timesteps=timesteps, attention=frozenset(sn.attention))
 
 
-def test_switching_bits_equals_a_freshly_calibrated_quantizer(tiny_calibrated):
-    fp, calib = tiny_calibrated["unet"]
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_switching_bits_equals_a_freshly_calibrated_quantizer(tiny_calibrated, kind):
+    fp, calib = tiny_calibrated[kind]
     cfg = _cfg()
     sn = SuperNet(fp, calib, cfg)
     assert sn.attention and sn.w_slots and len(sn.a_slots) == len(sn.layers) + len(sn.attention)
@@ -115,8 +116,9 @@ def test_switching_bits_equals_a_freshly_calibrated_quantizer(tiny_calibrated):
         sn.apply(Candidate(w={name: 6}, a={}, timesteps=[1]))
 
 
-def test_bitops_of_a_candidate_is_the_sum_over_its_timesteps_of_the_layer_costs(tiny_calibrated):
-    fp, calib = tiny_calibrated["unet"]
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_bitops_of_a_candidate_is_the_sum_over_its_timesteps_of_the_layer_costs(tiny_calibrated, kind):
+    fp, calib = tiny_calibrated[kind]
     cfg = _cfg()
     sn = SuperNet(fp, calib, cfg)
     macs = per_image_macs(sn.backbone)
