@@ -121,9 +121,9 @@ class _Pool:
         res = self.pool.map(_score_in_worker, [(c.to_dict(), which) for c in cands], chunksize=1)
         return [np.asarray(r, dtype=np.float64) for r in res]
 
-    def close(self) -> None:
+    def close(self, terminate: bool = False) -> None:
         if self.pool is not None:
-            self.pool.close()
+            self.pool.terminate() if terminate else self.pool.close()
             self.pool.join()
 
 
@@ -253,8 +253,6 @@ def run_search(backbone: str, cfg, diffusion, sampling, tracking, fp_dir, calib_
     out.mkdir(parents=True, exist_ok=True)
     full = timestep_values(diffusion, sampling)
     groups = timestep_groups(diffusion.num_train_timesteps, cfg.n_groups)
-    if cfg.n_groups > diffusion.num_train_timesteps:
-        raise ValueError(f"search.n_groups {cfg.n_groups} > diffusion.num_train_timesteps")
     space = {k: v for k, v in to_dict(cfg).items() if k not in ("n_trials", "n_workers", "backbones")}
     space.pop("proxy")
     space["proxy"] = {k: v for k, v in to_dict(cfg.proxy).items() if not k.startswith("holdout")}
@@ -271,6 +269,11 @@ def run_search(backbone: str, cfg, diffusion, sampling, tracking, fp_dir, calib_
     sn, cost = local.supernet, local.cost
     budget = (cfg.budget_bitops * 1e9 if cfg.budget_bitops is not None
               else cost.per_step(sn.uniform(cfg.budget_bits, cfg.budget_bits, full)) * len(full))
+    cheapest = cost.bitops(sn.uniform(min(cfg.w_bits), min(cfg.a_bits), group_default_timesteps(groups)))
+    if cheapest > budget * (1 + 1e-9):
+        raise ValueError(f"search: even the cheapest candidate (W{min(cfg.w_bits)}A{min(cfg.a_bits)} at "
+                         f"{cfg.n_groups} steps, {cheapest / 1e9:.3f} GBitOPs) exceeds the budget {budget / 1e9:.3f} "
+                         "GBitOPs; raise search.budget_bitops / budget_bits or add lower widths")
     dists = distributions(sn, groups, cfg)
     study, requeued = open_study(journal, f"tmpq-{backbone}-{key}", cfg)
     if not study.trials:
@@ -292,8 +295,10 @@ def run_search(backbone: str, cfg, diffusion, sampling, tracking, fp_dir, calib_
         try:
             _optimise(study, dists, sn, groups, cost, budget, pool, cfg, run_, progress)
             doc = _summarise(study, sn, groups, cost, budget, full, pool, cfg, key)
-        finally:
-            pool.close()
+        except BaseException:
+            pool.close(terminate=True)
+            raise
+        pool.close()
         doc["backbone"] = backbone
         write_json(out / FRONT_FILE, doc)  # results only: a rerun that changes nothing rewrites the same bytes
         run_info = {"seconds": time.time() - t0, "resumed_from": start, "requeued": requeued,

@@ -254,3 +254,9 @@ def test_family_rows_come_from_the_front(saved, tmp_path):
                      ctx)
     with pytest.raises(FileNotFoundError, match="search@unet"):
         fam.quantize(copy.deepcopy(fp), calib, budget_setting, TMPQConfig(search_dir=str(tmp_path / "none")), ctx)
+
+
+def test_a_budget_no_candidate_meets_fails_before_the_study(saved, tmp_path):
+    with pytest.raises(ValueError, match="exceeds the budget"):
+        _run(saved, tmp_path / "s", _cfg(budget_bitops=1e-6))
+    assert not list((tmp_path / "s").glob("study-*.journal"))
