@@ -27,7 +27,9 @@ re-implementing the peer. So each model folder holds the peer's *own* serializat
 *own* code:
 
 - ``peer.safetensors`` + ``peer.json``: quanto's ``state_dict`` + ``quantization_map`` (reloaded with
-  ``requantize``), torchao's tensor-subclass state dict flattened with its safetensors support
+  ``requantize``; plus the modules whose output quantization ``Calibration(streamline=True)`` switched off,
+  which quanto's own serialization drops — without it a reloaded W8A8 model quantizes outputs the calibrated
+  one does not), torchao's tensor-subclass state dict flattened with its safetensors support
   (``torchao.prototype.safetensors``; reloaded with ``unflatten_tensor_state_dict`` + ``load_state_dict(
   assign=True)``). safetensors only, nothing pickled.
 - ``loader.json`` names :func:`load_peer_model`; :func:`pipeline.evaluation.load_entry` calls the loader a
@@ -225,6 +227,17 @@ def dequantized_state(net: nn.Module) -> dict:
 # ----------------------------------------------------------------------------------------------
 # saving / loading the peer's own serialization
 # ----------------------------------------------------------------------------------------------
+def _quanto_output_quantization_off(net: nn.Module) -> list:
+    """Modules whose output quantization quanto's ``Calibration(streamline=True)`` removed (their outputs feed
+    no quantized op): a hook state that quanto's own state dict / quantization map do not carry."""
+    out = []
+    for name, m in net.named_modules():
+        hook = getattr(m, "_quantize_hooks", {}).get("output")
+        if getattr(m, "activation_qtype", None) is not None and hook is not None and hook.id not in m._forward_hooks:
+            out.append(name)
+    return out
+
+
 def save_peer(net: nn.Module, peer: str, out_dir: Path, meta: dict) -> int:
     """Write the peer's own serialization of ``net`` into ``out_dir``; returns its bytes."""
     from safetensors.torch import save_file
@@ -237,7 +250,8 @@ def save_peer(net: nn.Module, peer: str, out_dir: Path, meta: dict) -> int:
         quanto = _import("quanto")
         tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items() if v is not None}
         save_file(tensors, out_dir / PEER_FILE)
-        meta = {**meta, "quantization_map": quanto.quantization_map(net)}
+        meta = {**meta, "quantization_map": quanto.quantization_map(net),
+                "output_quantization_off": _quanto_output_quantization_off(net)}
     else:
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
@@ -264,6 +278,9 @@ def load_peer_model(net: nn.Module, model_dir, device=None) -> nn.Module:
     if meta["peer"] == "quanto":
         quanto = _import("quanto")
         quanto.requantize(net, tensors, meta["quantization_map"], device=torch.device(device))
+        modules = dict(net.named_modules())
+        for name in meta.get("output_quantization_off", []):
+            modules[name].disable_output_quantization()
         loaded = {k for k, v in net.state_dict().items() if v is not None}
         if loaded != set(tensors):  # requantize loads with strict=False: check nothing was left out
             raise ValueError(f"{model_dir / PEER_FILE}: quanto state does not match the model "
