@@ -68,6 +68,11 @@ def test_evaluate_loader_reproduces_the_peer_forward(tiny_backbone, tiny_calibra
         emu_bb.net = load_quantized(emu_bb.net, tmp_path / "q")
         emu = emu_bb(x, t, y)
     assert torch.equal(got, want)
+    from pipeline.quant.cost import bitops, count_macs  # what evaluate runs on the loaded model too
+
+    loaded = load_entry(ModelEntry(kind, "peers", peer, setting, tmp_path / "fp", tmp_path / "q"), "cpu")
+    macs = count_macs(loaded.net, lambda: loaded(x, t, y))
+    assert macs and bitops(loaded.net, macs, 3) > 0
     assert 0 < float((want - ref).norm() / ref.norm()) < 0.5  # quantized, and still the same function
     if not st.act_quantized:
         torch.testing.assert_close(emu, want, rtol=1e-5, atol=1e-5)
