@@ -9,11 +9,16 @@ Rows (variant = tool, setting = what the tool is asked for; :data:`PEERS` is the
   per-tensor static int8 (quanto quantizes the inputs and outputs of every quantized module). W2/W4/W8 x
   A8/FP; no other bits exist in quanto.
 - ``torchao``: ``quantize_(net, config)`` with ``Int8WeightOnlyConfig`` (W8, FP activations),
-  ``IntxWeightOnlyConfig(int<W>, PerGroup(group_size))`` (W2..W7, FP activations) and
-  ``Int8DynamicActivationInt8WeightConfig`` (W8A8: per-channel int8 weights, per-token dynamic int8
-  activations). ``quantize_`` converts ``nn.Linear`` only (its default filter): torchao keeps every Conv2d FP,
+  ``IntxWeightOnlyConfig(int<W>, PerGroup(group_size))`` (W2..W7, FP activations),
+  ``Int8DynamicActivationInt8WeightConfig`` (W8A8: per-channel int8 weights, per-token dynamic symmetric int8
+  activations) and ``Int8DynamicActivationIntxWeightConfig(int<W>, PerGroup(group_size))`` (W2..W7 A8,
+  per-token dynamic asymmetric int8 activations). ``quantize_`` converts ``nn.Linear`` only (its default filter): torchao keeps every Conv2d FP,
   which the coverage column shows; with ``PerGroup`` a Linear whose input size is not a multiple of the
   group size stays FP too (torchao would raise; ``info["kept_fp_indivisible"]`` counts them).
+
+Not used: torchao's ``Int4WeightOnlyConfig`` (its packed int4 path needs ``mslk >= 1.0``; the registry only has a
+0.0.0 placeholder) — the CPU int4 path is ``IntxWeightOnlyConfig``, which stores int<W> codes unpacked in int8, so
+torchao's W4 / W2 files are as large as its W8 ones (``peer_bytes`` / ``model_mb`` show the tool's real storage).
 
 Every tool quantizes everything it converts by default (no first/last-layer exceptions: what a user gets), on
 a deep copy of the FP backbone (the FP model given to :func:`quantize` is not modified). ``A32`` / ``A16``
@@ -87,9 +92,10 @@ PEERS = {
     "quanto": Peer("optimum-quanto", "optimum.quanto", (2, 4, 8), (2, 4, 8),
                    "optimum-quanto: quantize + freeze; qint8/qint4/qint2 weights, A8 = static int8 from "
                    "quanto's Calibration() over the calibration inputs"),
-    "torchao": Peer("torchao", "torchao", (2, 3, 4, 5, 6, 7, 8), (8,),
+    "torchao": Peer("torchao", "torchao", (2, 3, 4, 5, 6, 7, 8), (2, 3, 4, 5, 6, 7, 8),
                     "torchao quantize_: Int8WeightOnly (W8), IntxWeightOnly PerGroup (W2-W7), "
-                    "Int8DynamicActivationInt8Weight (W8A8, per-token dynamic activations); Linear only"),
+                    "Int8DynamicActivationInt8Weight (W8A8) / Int8DynamicActivationIntxWeight PerGroup (W2-W7 A8), "
+                    "per-token dynamic int8 activations; Linear only"),
 }
 
 
@@ -165,15 +171,15 @@ def _quanto(backbone, calib, setting, cfg: PeersConfig, device) -> dict:
 
 
 def _torchao_config(setting, cfg: PeersConfig):
-    from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
-                                      IntxWeightOnlyConfig, PerGroup)
+    from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8DynamicActivationIntxWeightConfig,
+                                      Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup)
 
-    if setting.act_quantized:
-        return Int8DynamicActivationInt8WeightConfig()
     if setting.wbits == 8:
-        return Int8WeightOnlyConfig()
-    return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{setting.wbits}"),
-                                granularity=PerGroup(cfg.torchao_group_size))
+        return Int8DynamicActivationInt8WeightConfig() if setting.act_quantized else Int8WeightOnlyConfig()
+    dtype, group = getattr(torch, f"int{setting.wbits}"), PerGroup(cfg.torchao_group_size)
+    if setting.act_quantized:
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=group)
+    return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=group)
 
 
 def _torchao(backbone, calib, setting, cfg: PeersConfig, device) -> dict:
@@ -182,7 +188,7 @@ def _torchao(backbone, calib, setting, cfg: PeersConfig, device) -> dict:
 
     config = _torchao_config(setting, cfg)
     gs = cfg.torchao_group_size
-    grouped = not setting.act_quantized and setting.wbits != 8
+    grouped = setting.wbits != 8
     skipped = [n for n, m in backbone.net.named_modules()
                if grouped and isinstance(m, nn.Linear) and m.in_features % gs]
 

@@ -16,7 +16,7 @@ from pipeline.methods.peers import PeersConfig, coverage, load_peer_model, run_p
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = [("quanto", "W8A32"), ("quanto", "W4A32"), ("quanto", "W8A8"), ("torchao", "W8A32"), ("torchao", "W4A32"),
-        ("torchao", "W8A8")]
+        ("torchao", "W8A8"), ("torchao", "W4A8")]
 
 
 def _batch(calib):
@@ -120,9 +120,9 @@ def test_bad_options_and_settings_are_config_errors():
         with pytest.raises(ConfigError, match=msg):
             from_dict(PeersConfig, bad, "peers")
     base = {"variants": ["quanto", "torchao"], "backbones": ["unet"]}
-    family, _, _ = load_family("peers", {"peers": {**base, "settings": ["W8A8", "W8A32", "W4A32", "W2A32"]}})
+    family, _, _ = load_family("peers", {"peers": {**base, "settings": ["W8A8", "W4A8", "W8A32", "W4A32", "W2A32"]}})
     assert family.name == "peers"
-    for settings, msg in ((["W3A32"], "quanto"), (["W4A8"], "torchao"), (["W8A4"], "8 bits only")):
+    for settings, msg in ((["W3A32"], "quanto"), (["W3A8"], "variant 'quanto'"), (["W8A4"], "8 bits only")):
         with pytest.raises(ConfigError, match=msg):
             load_family("peers", {"peers": {**base, "settings": settings}})
     with pytest.raises(ConfigError, match="unknown variant"):
