@@ -74,6 +74,7 @@ from . import Family, MethodContext, QuantResult, Table, Variant, register_famil
 PEER_FILE = "peer.safetensors"
 PEER_META = "peer.json"
 LOADER_FILE = "loader.json"
+_PREFIX = "net."
 _FP_ACT = (16, 32)  # activation bits that mean "activations stay FP"
 
 
@@ -261,7 +262,8 @@ def save_peer(net: nn.Module, peer: str, out_dir: Path, meta: dict) -> int:
     else:
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-        tensors, metadata = flatten_tensor_state_dict(net.state_dict())
+        # keys prefixed: torchao's unflatten splits every name at its last dot (top-level names would fail)
+        tensors, metadata = flatten_tensor_state_dict({f"{_PREFIX}{k}": v for k, v in net.state_dict().items()})
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, out_dir / PEER_FILE,
                   metadata=metadata)
     write_json(out_dir / PEER_META, {"peer": peer, **meta})
@@ -300,7 +302,7 @@ def load_peer_model(net: nn.Module, model_dir, device=None) -> nn.Module:
     state, leftover = unflatten_tensor_state_dict(tensors, metadata)
     if leftover:
         raise ValueError(f"{model_dir / PEER_FILE}: tensors not part of the state dict: {sorted(leftover)[:5]}")
-    net.load_state_dict(state, assign=True, strict=True)
+    net.load_state_dict({k[len(_PREFIX):]: v for k, v in state.items()}, assign=True, strict=True)
     return net
 
 
@@ -334,6 +336,8 @@ def quantize(backbone, calib, setting, cfg: PeersConfig, ctx: MethodContext) -> 
             params[k].copy_(v.to(params[k].device))
     info = {**cov, "peer": peer, "peer_package": PEERS[peer].package,
             "peer_version": version(PEERS[peer].package), "peer_seconds": seconds, **details}
+    if ctx.run is not None:
+        ctx.run.set_tags({"peer_package": info["peer_package"], "peer_version": info["peer_version"]})
     if ctx.workdir is not None:
         info["peer_bytes"] = save_peer(peer_bb.net, peer, Path(ctx.workdir),
                                        {k: v for k, v in info.items() if k != "peer"})
@@ -342,12 +346,17 @@ def quantize(backbone, calib, setting, cfg: PeersConfig, ctx: MethodContext) -> 
     return QuantResult(emulation, spec, info)
 
 
-_OURS = ("naive/naive", "dilatequant/dilatequant", "fp4dit/fp4dit", "mpq/mpqdm2")
-_NOTE = ("Peers at their own settings (A32 = FP activations; our rows all quantize activations, so only W8A8 "
-         "meets a row of ours at the same bits: naive). coverage = share of Linear/Conv weight parameters the "
-         "tool stores quantized (torchao converts Linear only; quanto Linear and Conv2d; ours quantize every "
-         "layer, the first/last/embedding ones at 8 bits). model_mb of a peer = its own serialization; BitOPs "
-         "count peer layers as FP (the core's cost model does not see them).")
+_OURS = {"unet": ("naive/naive", "dilatequant/dilatequant", "mpq/mpqdm2"),
+         "dit": ("naive/naive", "fp4dit/fp4dit", "dilatequant/dilatequant")}
+_NOTE = ("The tools at their own settings, next to our rows at the same bits where they ran (default run: naive at "
+         "W8A8 / W4A8, and fp4dit at W4A8 on the DiT; dilatequant (W4A4, W6A6) and mpq (W2A4, W4A4) meet them only "
+         "in a sweep that adds those settings). A32 = FP activations: no row of ours is weight-only. coverage = "
+         "share of Linear/Conv weight parameters the tool stores quantized, read off its quantized model: quanto "
+         "converts Linear and Conv2d (1.0), torchao Linear only (the UNet's convolutions stay FP). Ours quantize "
+         "every Linear/Conv (naive, dilatequant, mpq: first/last/embedding layers at 8 bits; fp4dit keeps its "
+         "skip list FP) and do not report the column. Activations: quanto A8 = static per-tensor int8 on the "
+         "inputs and outputs of its modules, torchao A8 = dynamic per-token int8 (ours: static or per-timestep, "
+         "per tensor; fp4dit per token). model_mb = the tool's own file; BitOPs count the tools' layers as FP.")
 
 register_family(Family(
     name="peers", config_cls=PeersConfig, quantize=quantize, check_setting=check_setting,
@@ -357,6 +366,6 @@ register_family(Family(
     tables=tuple(
         Table(title=f"Peer tools vs ours ({bb.upper() if bb == 'dit' else 'UNet'})", backbone=bb,
               columns=("fid_ratio", "accuracy", "psnr", "coverage", "model_mb", "method_seconds"),
-              baselines=_OURS, note=_NOTE)
+              baselines=_OURS[bb], note=_NOTE)
         for bb in ("unet", "dit")),
 ))

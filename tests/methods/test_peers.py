@@ -187,3 +187,22 @@ def test_saved_peer_reloads_onto_a_fresh_fp_net(tiny_calibrated, tmp_path):
     save_peer(peer_bb.net, "quanto", tmp_path, {})
     net = load_peer_model(copy.deepcopy(fp.net), tmp_path)
     assert [type(m).__name__ for m in net.modules()] == [type(m).__name__ for m in peer_bb.net.modules()]
+
+
+@pytest.mark.parametrize("peer,setting", [("quanto", "W8A8"), ("torchao", "W4A8")])
+def test_pixart_round_trip(tiny_backbone, tmp_path, peer, setting):
+    """PixArt has top-level parameters (``scale_shift_table``): the saved state still reloads exactly."""
+    from pipeline.calibration import collect_calibration
+    from pipeline.config import CalibrateConfig, DiffusionConfig, SamplingConfig
+
+    fp = tiny_backbone("pixart", patch=4, randomise=True)
+    calib = collect_calibration(fp, CalibrateConfig(n_samples=4, n_timesteps=2, batch_size=4), DiffusionConfig(),
+                                SamplingConfig(steps=3))
+    peer_bb, _ = run_peer(peer, fp, calib, parse_setting(setting), PeersConfig())
+    save_peer(peer_bb.net, peer, tmp_path, {})
+    reloaded = copy.deepcopy(fp)
+    reloaded.net = load_peer_model(reloaded.net, tmp_path)
+    x, t, y = _batch(calib)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, t, y), peer_bb(x, t, y))
+    assert 0 < coverage(peer_bb.net)["coverage"] <= 1
