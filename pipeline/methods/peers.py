@@ -4,17 +4,18 @@ in the same tables — optimum-quanto and torchao, each used the way its documen
 Rows (variant = tool, setting = what the tool is asked for; :data:`PEERS` is the whole mapping):
 
 - ``quanto`` (optimum-quanto): ``quantize(net, weights=qint<W>, activations=qint8 | None)``, at A8 a
-  ``Calibration()`` pass over the shared calibration inputs, then ``freeze``. Weights qint8 / qint4 / qint2
-  (quanto's own grouping: per output channel at 8 bits, groups along the input at 4 / 2 bits); activations
-  per-tensor static int8 (quanto quantizes the inputs and outputs of every quantized module). W2/W4/W8 x
-  A8/FP; no other bits exist in quanto.
+  ``Calibration()`` pass over the shared calibration inputs, then ``freeze``. Weights qint8 (symmetric, per
+  output channel) / qint4 / qint2 (affine scale + shift, groups of 128 along the input where the input size
+  allows, else per output channel: quanto's own choice); activations per-tensor static int8 (quanto quantizes
+  the inputs and outputs of its modules). W2/W4/W8 x A8/FP; no other bits exist in quanto.
 - ``torchao``: ``quantize_(net, config)`` with ``Int8WeightOnlyConfig`` (W8, FP activations),
   ``IntxWeightOnlyConfig(int<W>, PerGroup(group_size))`` (W2..W7, FP activations),
   ``Int8DynamicActivationInt8WeightConfig`` (W8A8: per-channel int8 weights, per-token dynamic symmetric int8
   activations) and ``Int8DynamicActivationIntxWeightConfig(int<W>, PerGroup(group_size))`` (W2..W7 A8,
-  per-token dynamic asymmetric int8 activations). ``quantize_`` converts ``nn.Linear`` only (its default filter): torchao keeps every Conv2d FP,
-  which the coverage column shows; with ``PerGroup`` a Linear whose input size is not a multiple of the
-  group size stays FP too (torchao would raise; ``info["kept_fp_indivisible"]`` counts them).
+  per-token dynamic asymmetric int8 activations). ``quantize_`` converts ``nn.Linear`` only (its default
+  filter): torchao keeps every Conv2d FP, which the coverage column shows; with ``PerGroup`` a Linear whose
+  input size is not a multiple of the group size stays FP too (torchao would raise;
+  ``info["kept_fp_indivisible"]`` counts them).
 
 Not used: torchao's ``Int4WeightOnlyConfig`` (its packed int4 path needs ``mslk >= 1.0``; the registry only has a
 0.0.0 placeholder) — the CPU int4 path is ``IntxWeightOnlyConfig``, which stores int<W> codes unpacked in int8, so

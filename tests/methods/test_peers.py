@@ -206,3 +206,16 @@ def test_pixart_round_trip(tiny_backbone, tmp_path, peer, setting):
     with torch.no_grad():
         assert torch.equal(reloaded(x, t, y), peer_bb(x, t, y))
     assert 0 < coverage(peer_bb.net)["coverage"] <= 1
+
+
+def test_coverage_reaches_the_results_table():
+    from pipeline.report import COLUMNS, aggregate, markdown_table, results_frame, summary
+
+    rows = [{"backbone": "unet", "family": f, "variant": v, "setting": s, "seed": 0, "fid": fid, "model_bytes": 2**20,
+             **({"coverage": cov} if cov is not None else {})}
+            for f, v, s, fid, cov in (("fp", "fp", "FP32", 1.0, None), ("naive", "naive", "W8A8", 1.2, None),
+                                      ("peers", "torchao", "W8A8", 1.1, 0.2001))]
+    agg, _ = aggregate(results_frame(rows))
+    out = summary(agg)
+    assert out["unet/peers/torchao/W8A8"]["coverage"] == 0.2001 and "coverage" not in out["unet/naive/naive/W8A8"]
+    assert "coverage" in COLUMNS and "0.200" in markdown_table(agg)
