@@ -381,7 +381,7 @@ register_family(Family(
     variants=tuple(Variant(name, p.description, {"peer": name}) for name, p in PEERS.items()),
     backbones=("unet", "dit", "pixart"),
     tables=tuple(
-        Table(title=f"Peer tools vs ours ({bb.upper() if bb == 'dit' else 'UNet'})", backbone=bb,
+        Table(title=f"Peer tools vs ours ({ {'unet': 'UNet', 'dit': 'DiT'}[bb]})", backbone=bb,
               columns=("fid_ratio", "accuracy", "psnr", "coverage", "model_mb", "method_seconds"),
               baselines=_OURS[bb], note=_NOTE)
         for bb in ("unet", "dit")),
