@@ -382,7 +382,7 @@ register_family(Family(
     backbones=("unet", "dit", "pixart"),
     tables=tuple(
         Table(title=f"Peer tools vs ours ({ {'unet': 'UNet', 'dit': 'DiT'}[bb]})", backbone=bb,
-              columns=("fid_ratio", "accuracy", "psnr", "coverage", "model_mb", "method_seconds"),
+              columns=("fid_ratio", "accuracy", "coverage", "model_mb", "method_seconds"),
               baselines=_OURS[bb], note=_NOTE)
         for bb in ("unet", "dit")),
 ))
