@@ -91,10 +91,27 @@ def evaluation_context(cfg, diffusion, sampling, data_dir: Path, evaluators_dir:
             "code": code_hash(Path(__file__).resolve().parents[1])}
 
 
+LOADER_FILE = "loader.json"  # a model folder's own loader: {"loader": "pipeline.<module>:<fn>", "files": [...]}
+
+
+def _folder_loader(quant_dir: Optional[Path]) -> Optional[dict]:
+    f = Path(quant_dir) / LOADER_FILE if quant_dir is not None else None
+    if f is None or not f.exists():
+        return None
+    from .io import read_json
+
+    spec = read_json(f)
+    if not str(spec.get("loader", "")).startswith("pipeline."):
+        raise ValueError(f"{f}: 'loader' must name a function of the pipeline package, got {spec.get('loader')!r}")
+    return spec
+
+
 def model_bytes(entry: ModelEntry) -> int:
-    """Bytes on disk of what is needed to run the model."""
+    """Bytes on disk of what is needed to run the model (a folder loader's own files, when it lists them)."""
     if entry.quant_dir is not None:
-        return sum(p.stat().st_size for p in Path(entry.quant_dir).glob("*.safetensors"))
+        files = (_folder_loader(entry.quant_dir) or {}).get("files")
+        paths = [Path(entry.quant_dir) / n for n in files] if files else Path(entry.quant_dir).glob("*.safetensors")
+        return sum(p.stat().st_size for p in paths)
     return sum(p.stat().st_size for p in Path(entry.fp_dir).rglob("*.safetensors"))
 
 
@@ -102,7 +119,13 @@ def load_entry(entry: ModelEntry, device) -> Any:
     from .models import load_backbone
 
     backbone = load_backbone(entry.fp_dir, device=device)
-    if entry.quant_dir is not None:
+    custom = _folder_loader(entry.quant_dir)
+    if custom is not None:  # a model stored in another tool's format names its loader (net, folder, device)
+        import importlib
+
+        module, fn = custom["loader"].split(":")
+        backbone.net = getattr(importlib.import_module(module), fn)(backbone.net, entry.quant_dir, device)
+    elif entry.quant_dir is not None:
         from .quant.packing import load_quantized
 
         backbone.net = load_quantized(backbone.net, entry.quant_dir)
@@ -235,6 +258,8 @@ class Evaluator:
             row["method_seconds"] = float(info.get("method_seconds", 0.0))
             peak = (info.get("info") or {}).get("peak_memory_mb")  # families that measure it (e.g. dilatequant)
             row["method_peak_mb"] = float(peak) if isinstance(peak, (int, float)) else None
+            cov = (info.get("info") or {}).get("coverage")  # share of weights stored quantized (e.g. peers)
+            row["coverage"] = float(cov) if isinstance(cov, (int, float)) else None
         if self.hps is not None:
             row["hps"] = self.hps.compute(images, [caption(self.class_names[int(k)]) for k in labels])
         else:

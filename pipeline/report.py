@@ -17,7 +17,7 @@ import pandas as pd
 
 COLUMNS = ["backbone", "family", "variant", "setting", "n_seeds", "fid", "fid_ratio", "psnr", "ssim", "feat_dist",
            "accuracy", "clip_score", "hps", "bitops_g", "model_mb", "sec_per_image", "method_seconds",
-           "method_peak_mb"]
+           "method_peak_mb", "coverage"]
 ROW_KEYS = ["backbone", "family", "variant", "setting"]
 # metrics with a bootstrap interval: FID from the features, the paired metrics from per-sample arrays
 CI_METRICS = ("fid", "psnr", "ssim", "feat_dist")
@@ -36,7 +36,7 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         raise ValueError("no evaluation results to report (did the evaluate stage run?)")
     df = pd.DataFrame(rows)
-    for col in ("hps", "method_seconds", "method_peak_mb", "psnr", "ssim", "feat_dist"):
+    for col in ("hps", "method_seconds", "method_peak_mb", "coverage", "psnr", "ssim", "feat_dist"):
         if col not in df:
             df[col] = None
     if "seed" not in df:
@@ -210,7 +210,7 @@ def row_label(r) -> str:
 TIMING_COLUMNS = ("sec_per_image", "method_seconds", "method_peak_mb")  # peak memory of the method (MB)
 METRIC_COLUMNS = ("n_seeds", "fid", "fid_lo", "fid_hi", "fid_sd", "fid_ratio", "fid_ratio_lo", "fid_ratio_hi",
                   "psnr", "psnr_lo", "psnr_hi", "ssim", "ssim_lo", "ssim_hi", "feat_dist", "feat_dist_lo",
-                  "feat_dist_hi", "accuracy", "clip_score", "hps", "bitops_g", "model_mb")
+                  "feat_dist_hi", "accuracy", "clip_score", "hps", "bitops_g", "model_mb", "coverage")
 
 
 def _keyed(df: pd.DataFrame, columns, key=None) -> dict[str, dict[str, float]]:
@@ -386,7 +386,9 @@ def markdown_report(df: pd.DataFrame, notes: list[str] | None = None, tables: li
              "`method_seconds` is the wall time of the method itself (calibration / reconstruction / QAT), "
              "`method_peak_mb` its peak memory where the family measures it (CUDA max allocated, or the "
              "process's peak RSS on CPU), "
-             "`model_mb` the size on disk; timings per model are in `reports/timings.json`.", ""]
+             "`model_mb` the size on disk, `coverage` the share of Linear/Conv weight parameters a family "
+             "reports as stored quantized (where it measures it, e.g. the peer tools); timings per model are in "
+             "`reports/timings.json`.", ""]
     if failed:
         parts += ["## Failed jobs", "", "| backbone | family | variant | setting | seed | error |", "|---|---|---|---|---|---|"]
         parts += [f"| {f['backbone']} | {f['family']} | {f['variant']} | {f['setting']} | {f.get('seed', 0)} | "

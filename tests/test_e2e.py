@@ -33,6 +33,7 @@ def miniature(params: dict) -> dict:
     p["dilatequant"].update(variants=["dilatequant", "full_qat"], settings=["W4A8"], seeds=[0], seeded_variants=None,
                             calib_batches=1, act_mse_samples=256)
     p["dilatequant"]["bkd"].update(iters=2, batch_size=8, error_inputs=16)
+    p["peers"].update(settings=["W8A8"])
     # a new family added the documented way: its module (copied below), its section, one list entry
     p["families"].append("toy")
     p["toy"] = {"variants": ["toy_rtn"], "settings": ["W4A8"], "backbones": ["unet"], "keep_first_last_bits": 8}
@@ -100,7 +101,8 @@ def test_repro_writes_summary_for_every_model(repo):
             assert row["fid"] >= 0 and 0 <= row["accuracy"] <= 1 and row["bitops_g"] > 0
         extra = (["fp4dit/fp4dit/W4A8", "fp4dit/int-asym_tok_ada/W4A8"] if b == "dit"
                  else ["mpq/mpqdm/W3A4", "mpq/mpqdm2/W3A4", "toy/toy_rtn/W4A8"])
-        extra += ["dilatequant/dilatequant/W4A8", "dilatequant/full_qat/W4A8"]
+        extra += ["dilatequant/dilatequant/W4A8", "dilatequant/full_qat/W4A8", "peers/quanto/W8A8",
+                  "peers/torchao/W8A8"]
         if b == "unet":  # TMPQ-DM: the searched configuration (3 of 5 steps) and the uniform reference
             extra += ["tmpq/tmpq/W4A4", "tmpq/uniform/W4A4"]
         for m in extra:
@@ -114,6 +116,9 @@ def test_repro_writes_summary_for_every_model(repo):
         w4 = summary[f"{b}/naive/naive/W4A4"]
         assert w4["n_seeds"] == 2 and w4["fid_lo"] <= w4["fid"] <= w4["fid_hi"] and "psnr" in w4
         assert f"noise_floor/{b}/fp_other_noise" in summary
+        # the peer tools' coverage: quanto converts Linear and Conv2d, torchao Linear only
+        assert summary[f"{b}/peers/quanto/W8A8"]["coverage"] == 1.0
+        assert 0 < summary[f"{b}/peers/torchao/W8A8"]["coverage"] < 1
     assert "noise_floor/real_vs_real" in summary
     claims = json.loads((dst / "reports" / "claims.json").read_text())["claims"]
     assert any(c.get("metrics", {}).get("fid", {}).get("verdict") for c in claims)
