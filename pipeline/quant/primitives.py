@@ -237,9 +237,64 @@ def fp_quantize(x: torch.Tensor, maxval, exp_bits: int, man_bits: int, signed: b
     """
     check_fp_format(exp_bits, man_bits, signed)
     maxval = torch.as_tensor(maxval, dtype=x.dtype, device=x.device).clamp_min(_MIN_MAXVAL)
+    if not (torch.is_grad_enabled() and (x.requires_grad or maxval.requires_grad)):
+        out = _fp_quantize_inference(x, maxval, exp_bits, man_bits, signed)
+        if out is not None:
+            return out
+    return _fp_quantize_reference(x, maxval, exp_bits, man_bits, signed)
+
+
+def _fp_quantize_reference(x: torch.Tensor, maxval: torch.Tensor, exp_bits: int, man_bits: int,
+                           signed: bool) -> torch.Tensor:
+    """The straight-through formulation of :func:`fp_quantize` (``maxval`` already a clamped tensor)."""
     x_c = fp_clip(x, maxval, signed)
     step, _ = fp_step(x_c.abs(), maxval, exp_bits, man_bits, exact_zero=False)  # 0 stays 0 (sign kept)
     return step * round_ste(x_c / step)
+
+
+_F32_EXP_MASK = 0x7F800000  # exponent field of a float32
+
+
+def _fp_quantize_inference(x: torch.Tensor, maxval: torch.Tensor, exp_bits: int, man_bits: int,
+                           signed: bool) -> Optional[torch.Tensor]:
+    """No-autograd float32 form of :func:`fp_quantize`, bit-identical to :func:`_fp_quantize_reference`
+    (None where it does not apply: other dtypes, or the rare wide formats with a large maxval).
+
+    Two buffers instead of about fifteen, written in place. The clip, |x_c| / base, the division by the step,
+    the rounding and the product with the step are the reference's operations in the reference's order. Only
+    the step is formed differently: the reference computes s = max(base · 2^(rel − M), tiny) with
+    rel = clamp(f − 127, 1 − e_top, 0) (f = float32 exponent field of r = |x_c| / base) and ``torch.exp2``,
+    which is exact at integer arguments. Here 2^rel is r's own bit pattern with the mantissa cleared and the
+    field clamped to [128 − e_top, 127] (so the subnormal and zero r of the reference's clamp included), and
+    s = max(2^rel · (base · 2^−M), tiny): base · 2^−M is exact (a power-of-two scaling of a normal number)
+    and both products are the exact real base · 2^(rel − M) rounded once, so they are equal; 2^(rel − M) is
+    a normal float32 for e_top + M <= 126 (every format with E <= 6), exact as a subnormal below that.
+    Wider exponents (e_top > 127: unsigned 16-bit P such as E13M3) clamp the field at 1 instead, and are
+    taken only when base · 2^−M <= 1 (P on [0, 1]): then every step the two forms could tell apart (r
+    subnormal, or 2^(rel − M) below float32's range) is below ``tiny`` in both and clamps to it."""
+    if x.dtype != torch.float32 or maxval.dtype != torch.float32:
+        return None
+    e_top = 2 ** exp_bits - 1
+    base = maxval / (2.0 - 2.0 ** (-man_bits))
+    base_m = base * 2.0 ** (-man_bits)
+    field_lo = 128 - e_top
+    if field_lo < 1:
+        if not bool((base_m <= 1.0).all()):
+            return None
+        field_lo = 1
+    tiny = torch.finfo(torch.float32).tiny
+    lo = -maxval if signed else torch.zeros_like(maxval)
+    x_c = torch.maximum(x, lo)
+    torch.minimum(x_c, maxval, out=x_c)
+    r = torch.abs(x_c).div_(base)  # x_abs / base
+    bits = r.view(torch.int32)
+    bits.clamp_(min=field_lo << _F32_MAN_BITS, max=(127 << _F32_MAN_BITS) | (2 ** _F32_MAN_BITS - 1))
+    bits.bitwise_and_(_F32_EXP_MASK)  # r -> 2^rel
+    step = r.mul_(base_m)
+    # max(step, tiny) is a no-op when the smallest possible step (2^(1 - e_top) * base_m) is not below tiny
+    if not bool((base_m * 2.0 ** (field_lo - 127) >= tiny).all()):
+        step.clamp_min_(tiny)
+    return x_c.div_(step).round_().mul_(step)
 
 
 def fp_encode(x: torch.Tensor, maxval, exp_bits: int, man_bits: int, signed: bool = True) -> torch.Tensor:
