@@ -126,3 +126,50 @@ def test_fast_path_does_not_modify_its_input():
     with torch.no_grad():
         fp_quantize(x, x.abs().amax(dim=-1, keepdim=True), 2, 3)
     assert _same(x, x0)
+
+
+def _token_reference(x, e, m, signed=True):
+    return _fp_quantize_reference(x, x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-20), e, m, signed)
+
+
+@pytest.mark.parametrize("fmt", SIGNED)
+def test_token_quantizer_fast_path_equals_reference(fmt):
+    """fp_quantize_token (FPQuantizer 'token', OnlineTokenActQuantizer fp) skips the clip, an identity at the
+    row's own absmax; rows with inf / NaN take the general path."""
+    from pipeline.quant.act import OnlineTokenActQuantizer
+    from pipeline.quant.primitives import fp_quantize_token
+
+    for seed in range(3):
+        x = _inputs(seed, True)
+        ref = _token_reference(x, *fmt)
+        with torch.no_grad():
+            assert _same(fp_quantize_token(x, *fmt), ref)
+            assert _same(FPQuantizer(*fmt, granularity="token")(x), ref)
+        assert _same(fp_quantize_token(x.clone().requires_grad_(True), *fmt).detach(), ref)
+        finite = x[7:].clone()
+        with torch.no_grad():
+            assert _same(fp_quantize_token(finite, *fmt), _token_reference(finite, *fmt))
+    g = torch.Generator().manual_seed(13)
+    auto, last = (OnlineTokenActQuantizer(1 + sum(fmt), fmt="fp", exp_bits=fmt[0], man_bits=fmt[1], rows=r)
+                  for r in ("auto", "last_dim"))
+    conv_in = torch.randn(6, 8, 5, 5, generator=g)
+    conv_in[0, 0] = 0.0
+    attn = torch.randn(6, 16, 4, 8, generator=g).transpose(1, 2)  # [B, heads, N, d] view
+    tokens = torch.randn(3, 7, 40, generator=g)
+    for q, x, rows in ((auto, conv_in, conv_in.reshape(6, 8, 25)), (last, attn, attn), (auto, tokens, tokens)):
+        with torch.no_grad():
+            assert _same(q(x), _token_reference(rows, *fmt).reshape(x.shape))
+        assert _same(q(x.clone().requires_grad_(True)).detach(), _token_reference(rows, *fmt).reshape(x.shape))
+
+
+def test_token_quantizer_gradients_unchanged():
+    from pipeline.quant.primitives import fp_quantize_token
+
+    g = torch.Generator().manual_seed(14)
+    x0 = torch.randn(4, 64, generator=g)
+    grads = []
+    for f in (lambda x: fp_quantize_token(x, 2, 3), lambda x: _token_reference(x, 2, 3)):
+        x = x0.clone().requires_grad_(True)
+        (f(x) * torch.arange(64.0)).sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(*grads)
