@@ -510,7 +510,9 @@ class OnlineTokenActQuantizer(nn.Module):
         if self.fmt == "fp" and self.signed:  # maxval = row absmax, computed inside (no gradient to it)
             return fp_quantize_token(xr, self.exp_bits, self.man_bits).reshape(x.shape)
         with torch.no_grad():
-            amax = (xr.abs() if self.signed else xr.clamp_min(0)).amax(dim=-1, keepdim=True)
+            # unsigned: max(max(x, 0)) = max(max(x), 0) without a clamped copy of x (a row max of -0.0 may stay
+            # -0.0; both uses below clamp the scale away from 0, so the output is the same bit for bit)
+            amax = xr.abs().amax(dim=-1, keepdim=True) if self.signed else xr.amax(dim=-1, keepdim=True).clamp_min_(0)
         if self.fmt == "fp":
             out = fp_quantize(xr, amax, self.exp_bits, self.man_bits, self.signed)
         else:

@@ -285,12 +285,15 @@ def _fp_quantize_inference(x: torch.Tensor, maxval: torch.Tensor, exp_bits: int,
     a normal float32 for e_top + M <= 126 (every format with E <= 6), exact as a subnormal below that.
     Wider exponents (e_top > 127: unsigned 16-bit P such as E13M3) clamp the field at 1 instead, and are
     taken only when base · 2^−M <= 1 (P on [0, 1]): then every step the two forms could tell apart (r
-    subnormal, or 2^(rel − M) below float32's range) is below ``tiny`` in both and clamps to it."""
-    if x.dtype != torch.float32 or maxval.dtype != torch.float32:
+    subnormal, or 2^(rel − M) below float32's range) is below ``tiny`` in both and clamps to it.
+    The result is contiguous like the reference's (a different memory layout would change the rounding of
+    the matmuls that consume it), so a non-contiguous maxval takes the reference path."""
+    if x.dtype != torch.float32 or maxval.dtype != torch.float32 or not maxval.is_contiguous():
         return None
     base = maxval / (2.0 - 2.0 ** (-man_bits))
     if not _fast_step_applies(base, exp_bits, man_bits):
         return None
+    x = x.contiguous()  # the reference's result is contiguous (its exponent read makes r contiguous): same layout
     lo = -maxval if signed else torch.zeros_like(maxval)
     x_c = torch.maximum(x, lo)
     torch.minimum(x_c, maxval, out=x_c)
@@ -329,6 +332,7 @@ def fp_quantize_token(x: torch.Tensor, exp_bits: int, man_bits: int, signed: boo
     r = |x_c| / base and the step -- bit-identical to the general path."""
     if _FP_FAST_PATH and signed and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad):
         check_fp_format(exp_bits, man_bits, signed)
+        x = x.contiguous()  # the reference's result is contiguous: same memory layout (matmuls downstream see it)
         a = torch.abs(x)
         maxval = a.amax(dim=-1, keepdim=True).clamp_min_(_MIN_MAXVAL)
         base = maxval / (2.0 - 2.0 ** (-man_bits))

@@ -47,7 +47,8 @@ def _maxvals(x: torch.Tensor, signed: bool, g: torch.Generator):
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.shape == b.shape and torch.equal(a.nan_to_num(), b.nan_to_num())
+    """Equal values, signs of zero, NaN positions and memory layout (matmuls downstream round by layout)."""
+    return (a.shape == b.shape and a.stride() == b.stride() and torch.equal(a.nan_to_num(), b.nan_to_num())
             and torch.equal(torch.signbit(a), torch.signbit(b)) and torch.equal(a.isnan(), b.isnan()))
 
 
@@ -173,3 +174,18 @@ def test_token_quantizer_gradients_unchanged():
         (f(x) * torch.arange(64.0)).sum().backward()
         grads.append(x.grad)
     assert torch.equal(*grads)
+
+
+def test_layout_follows_the_reference():
+    """Non-contiguous inputs give the reference's (contiguous) layout; a non-contiguous maxval takes the
+    reference path."""
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(3, 9, 2, 8, generator=g).transpose(1, 2)
+    mv = x.abs().amax(dim=-1, keepdim=True)
+    with torch.no_grad():
+        assert _same(fp_quantize(x, mv, 2, 3), _fp_quantize_reference(x, mv, 2, 3, True))
+    mv_t = torch.rand(3, 2, generator=g).t().unsqueeze(-1) + 0.5  # [2, 3, 1], non-contiguous
+    y = torch.randn(2, 3, 8, generator=g)
+    assert _fp_quantize_inference(y, mv_t, 2, 3, True) is None
+    with torch.no_grad():
+        assert _same(fp_quantize(y, mv_t, 2, 3), _fp_quantize_reference(y, mv_t, 2, 3, True))
