@@ -256,7 +256,7 @@ class Evaluator:
 
             info = read_json(info_file)
             row["method_seconds"] = float(info.get("method_seconds", 0.0))
-            peak = (info.get("info") or {}).get("peak_memory_mb")  # families that measure it (e.g. dilatequant)
+            peak = info.get("peak_memory_mb", (info.get("info") or {}).get("peak_memory_mb"))  # runner, all families
             row["method_peak_mb"] = float(peak) if isinstance(peak, (int, float)) else None
             cov = (info.get("info") or {}).get("coverage")  # share of weights stored quantized (e.g. peers)
             row["coverage"] = float(cov) if isinstance(cov, (int, float)) else None

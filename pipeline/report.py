@@ -384,7 +384,7 @@ def markdown_report(df: pd.DataFrame, notes: list[str] | None = None, tables: li
              "with the FP model's image from the same noise (`pipeline/metrics/paired.py`). BitOPs are summed over "
              "all sampling steps (G = 1e9). Sample grids: `reports/plots/samples_<backbone>.png`. "
              "`method_seconds` is the wall time of the method itself (calibration / reconstruction / QAT), "
-             "`method_peak_mb` its peak memory where the family measures it (CUDA max allocated, or the "
+             "`method_peak_mb` its peak memory, measured by the runner for every family (CUDA max allocated, or the "
              "process's peak RSS on CPU), "
              "`model_mb` the size on disk, `coverage` the share of Linear/Conv weight parameters a family "
              "reports as stored quantized (where it measures it, e.g. the peer tools); timings per model are in "

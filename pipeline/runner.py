@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -95,6 +96,65 @@ def code_hash(root: Optional[Path] = None) -> str:
         h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+class PeakMemory:
+    """Context measuring the method's peak memory in MB: CUDA max allocated (reset at entry) on a GPU;
+    on CPU the peak resident set size of the process, sampled every ``interval`` s by a thread (psutil;
+    without psutil the process-lifetime ``ru_maxrss``, which earlier jobs of the same process can set)."""
+
+    def __init__(self, device, interval: float = 0.05):
+        import torch
+
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak_mb: Optional[float] = None
+        self.kind = ""
+        self._stop = threading.Event()
+        self._thread = None
+        self._peak = 0
+
+    def _rss(self) -> int:
+        return self._proc.memory_info().rss
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._rss())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.kind = "cuda_max_allocated"
+            return self
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+            self._peak = self._rss()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+            self.kind = "cpu_peak_rss"
+        except ImportError:  # pragma: no cover - psutil comes with the pinned environment
+            self.kind = "cpu_ru_maxrss"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, self._rss())
+            self.peak_mb = self._peak / 2**20
+        else:  # pragma: no cover
+            import resource
+
+            self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return None
 
 
 def _numbers(d: dict) -> dict:
@@ -250,15 +310,17 @@ class FamilyRunner:
         backbone = models.load_backbone(self.fp_root / job.backbone, device=device)
         log.info("%s: %s", job.label, self.family.variant(job.variant).description)
         t0 = time.time()
-        result = self.family.quantize(backbone, self.calibration(job.backbone), job.setting, cfg,
-                                      self.context(job, run_, workdir, device))
-        return result, time.time() - t0
+        with PeakMemory(device) as mem:
+            result = self.family.quantize(backbone, self.calibration(job.backbone), job.setting, cfg,
+                                          self.context(job, run_, workdir, device))
+        return result, time.time() - t0, mem
 
     def _calibrated(self, job: Job, dest: Path, run_, device) -> dict:
-        result, seconds = self._first_phase(job, run_, device, dest)
+        result, seconds, mem = self._first_phase(job, run_, device, dest)
         meta = {"calibration": self.calibration(job.backbone).manifest.get("sha256"), "info": result.info}
         _save_packed(result.backbone.net, result.spec, dest, {"family": job.family, "variant": job.variant})
-        return {"quantize_seconds": seconds, "method_seconds": seconds, **meta}
+        return {"quantize_seconds": seconds, "method_seconds": seconds, "peak_memory_mb": mem.peak_mb,
+                "peak_memory_kind": mem.kind, **meta}
 
     def _finetuned(self, job: Job, dest: Path, old: Path, key1: str, run_, device) -> dict:
         from . import models
@@ -270,9 +332,10 @@ class FamilyRunner:
             init = read_json(init_dir / "info.json")
             log.info("%s: first phase unchanged, reused", job.label)
         else:
-            result, seconds = self._first_phase(job, run_, device, dest)
+            result, seconds, mem = self._first_phase(job, run_, device, dest)
             save_student(result.backbone.net, result.spec, init_dir, {"family": job.family, "variant": job.variant})
             init = {"key": key1, "init_seconds": seconds, "info": result.info,
+                    "peak_memory_mb": mem.peak_mb, "peak_memory_kind": mem.kind,
                     "calibration": self.calibration(job.backbone).manifest.get("sha256")}
             write_json(init_dir / "info.json", init)
             del result
@@ -280,12 +343,16 @@ class FamilyRunner:
         student = models.load_backbone(self.fp_root / job.backbone, device=device)
         _, spec, _ = load_student(student.net, init_dir)
         t0 = time.time()
-        ft = self.family.finetune(student, teacher, job.setting, seeded_config(self.cfg, job.seed),
-                                  self.context(job, run_, dest, device))
+        with PeakMemory(device) as mem:
+            ft = self.family.finetune(student, teacher, job.setting, seeded_config(self.cfg, job.seed),
+                                      self.context(job, run_, dest, device))
         seconds = time.time() - t0
         _save_packed(student.net, spec, dest, {"family": job.family, "variant": job.variant})
+        peaks = [p for p in (init.get("peak_memory_mb"), mem.peak_mb) if isinstance(p, (int, float))]
         return {"init_seconds": init["init_seconds"], "finetune_seconds": seconds,
-                "method_seconds": init["init_seconds"] + seconds, "calibration": init.get("calibration"),
+                "method_seconds": init["init_seconds"] + seconds, "init_peak_memory_mb": init.get("peak_memory_mb"),
+                "finetune_peak_memory_mb": mem.peak_mb, "peak_memory_mb": max(peaks) if peaks else None,
+                "peak_memory_kind": mem.kind, "calibration": init.get("calibration"),
                 "info": init["info"], "finetune": ft}
 
 

@@ -79,6 +79,10 @@ def test_plan_order_layout_and_manifest(inputs, monkeypatch):
     assert [f["variant"] for f in failed] == ["toy_fragile"] and "asked to fail at W4A8" in failed[0]["error"]
     assert (inputs / "out" / "W4A8" / "toy_rtn" / "unet" / "seed0" / "packed.safetensors").exists()
     assert not (inputs / "out" / "W4A8" / "toy_fragile" / "unet" / "seed0" / "info.json").exists()
+    # the runner measures every family's peak memory (here the toy family, which measures nothing itself)
+    info = read_json(inputs / "out" / "W4A8" / "toy_rtn" / "unet" / "seed0" / "info.json")
+    assert info["peak_memory_mb"] > 0 and info["peak_memory_kind"] == "cpu_peak_rss"
+    assert "peak_memory_mb" not in info["info"]
     assert manifest["tables"][0]["settings"] == ["W8A8", "W4A8"]
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.family = 'toy'")
     by_variant = {(r["tags.variant"], r["tags.setting"]): r["status"] for _, r in runs.iterrows()}
@@ -158,6 +162,27 @@ def test_finetune_phase_reuses_its_first_phase(inputs, monkeypatch):
     assert calls == {"quantize": 1, "finetune": 2}  # only the fine-tune phase re-ran
     info = read_json(out / "W8A8" / "ftoy" / "unet" / "seed0" / "info.json")
     assert info["finetune"] == {"steps": 2} and info["method_seconds"] >= info["init_seconds"]
+    # peak memory of both phases (the reused first phase's from its init/info.json); the job's is the larger
+    assert info["init_peak_memory_mb"] > 0 and info["finetune_peak_memory_mb"] > 0
+    assert info["peak_memory_mb"] == max(info["init_peak_memory_mb"], info["finetune_peak_memory_mb"])
+    assert read_json(out / "W8A8" / "ftoy" / "unet" / "seed0" / "init" / "info.json")["peak_memory_mb"] > 0
+
+
+def test_peak_memory_on_cuda_is_max_allocated_with_reset(monkeypatch):
+    """On a GPU the runner's PeakMemory resets the CUDA peak at entry and reads max_memory_allocated at exit."""
+    from pipeline.runner import PeakMemory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", str(d))))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: calls.append(("max", str(d))) or 3 * 2**20)
+    with PeakMemory("cuda") as mem:
+        calls.append("run")
+    assert calls == [("reset", "cuda"), "run", ("max", "cuda")]
+    assert mem.peak_mb == 3.0 and mem.kind == "cuda_max_allocated"
+    with PeakMemory("cpu") as mem:
+        x = torch.zeros(2**22)  # 16 MB
+        del x
+    assert mem.peak_mb > 0 and mem.kind == "cpu_peak_rss"
 
 
 def test_method_seeds_plan_and_offset_every_seed_option(inputs):

@@ -79,13 +79,13 @@ range shrinks by < 1 % on average (``info.wd_act_range_ratio`` = 0.992): the ran
 mostly saturated. The paper's gain (FID 9.63 -> 9.13) may depend on trained models whose activation
 outliers sit on unsaturated weight channels.
 
-``info`` carries ``wd_act_range_ratio`` (:class:`ActivationRangeProbe`) and ``peak_memory_mb`` (CUDA: max allocated; CPU: peak RSS of the process sampled every
-50 ms while the method runs) next to the runner's ``method_seconds``.
+``info`` carries ``wd_act_range_ratio`` (:class:`ActivationRangeProbe`); the runner records every family's
+``method_seconds`` and ``peak_memory_mb`` (:class:`pipeline.runner.PeakMemory`; CUDA: max allocated; CPU: peak
+RSS of the process sampled every 50 ms while the method runs).
 """
 from __future__ import annotations
 
 import copy
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -309,62 +309,6 @@ class ActivationRangeProbe:
 
 
 # ------------------------------------------------------------------------------------------------
-# peak memory of the method
-# ------------------------------------------------------------------------------------------------
-class PeakMemory:
-    """Context measuring the method's peak memory in MB: CUDA max allocated (reset at entry) on a GPU;
-    on CPU the peak resident set size of the process, sampled every ``interval`` s by a thread (psutil;
-    without psutil the process-lifetime ``ru_maxrss``, which earlier jobs of the same process can set)."""
-
-    def __init__(self, device, interval: float = 0.05):
-        self.device = torch.device(device)
-        self.interval = interval
-        self.peak_mb: Optional[float] = None
-        self.kind = ""
-        self._stop = threading.Event()
-        self._thread = None
-        self._peak = 0
-
-    def _rss(self) -> int:
-        return self._proc.memory_info().rss
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, self._rss())
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.kind = "cuda_max_allocated"
-            return self
-        try:
-            import psutil
-
-            self._proc = psutil.Process()
-            self._peak = self._rss()
-            self._thread = threading.Thread(target=self._watch, daemon=True)
-            self._thread.start()
-            self.kind = "cpu_peak_rss"
-        except ImportError:  # pragma: no cover - psutil comes with the pinned environment
-            self.kind = "cpu_ru_maxrss"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._peak = max(self._peak, self._rss())
-            self.peak_mb = self._peak / 2**20
-        else:  # pragma: no cover
-            import resource
-
-            self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return None
-
-
-# ------------------------------------------------------------------------------------------------
 # the method
 # ------------------------------------------------------------------------------------------------
 def dilatequant_spec(setting, cfg: DilateQuantConfig, tpq: bool = True):
@@ -396,55 +340,52 @@ def quantize(backbone, calib, setting, cfg: DilateQuantConfig, ctx: MethodContex
     v = check_variant(ctx.variant)
     device = ctx.device
     t0 = time.time()
-    with PeakMemory(device) as mem:
-        backbone.eval()
-        fp_backbone = copy.deepcopy(backbone) if v["training"] != "none" else None
-        net = backbone.net
-        # 1. surgery
-        spec = dilatequant_spec(setting, cfg, tpq=v["tpq"])
-        quantize_model(net, spec, timesteps=calib.timesteps)
-        info: dict = {"variant": v, "n_quant_layers": sum(1 for _ in quant_layers(net))}
-        # 2. weight dilation
-        factors = apply_weight_dilation(net, cfg) if v["wd"] else {}
-        if v["wd"]:
-            info.update(_dilation_summary(factors))
-        # 3. activation calibration (the quantizers see X / s)
-        if setting.act_quantized:
-            for _, q in activation_quantizers(net):
-                if hasattr(q, "max_samples"):
-                    q.max_samples = cfg.act_mse_samples
+    backbone.eval()
+    fp_backbone = copy.deepcopy(backbone) if v["training"] != "none" else None
+    net = backbone.net
+    # 1. surgery
+    spec = dilatequant_spec(setting, cfg, tpq=v["tpq"])
+    quantize_model(net, spec, timesteps=calib.timesteps)
+    info: dict = {"variant": v, "n_quant_layers": sum(1 for _ in quant_layers(net))}
+    # 2. weight dilation
+    factors = apply_weight_dilation(net, cfg) if v["wd"] else {}
+    if v["wd"]:
+        info.update(_dilation_summary(factors))
+    # 3. activation calibration (the quantizers see X / s)
+    if setting.act_quantized:
+        for _, q in activation_quantizers(net):
+            if hasattr(q, "max_samples"):
+                q.max_samples = cfg.act_mse_samples
 
-            def run():
-                with torch.no_grad():
-                    for x, t, y in calib.batches(64, device, shuffle=True, seed=cfg.seed, limit=cfg.calib_batches):
-                        backbone(x, t, y)
+        def run():
+            with torch.no_grad():
+                for x, t, y in calib.batches(64, device, shuffle=True, seed=cfg.seed, limit=cfg.calib_batches):
+                    backbone(x, t, y)
 
-            with ActivationRangeProbe(net, factors) as probe:
-                calibrate_activations(net, run)
-            if factors:
-                info["wd_act_range_ratio"] = probe.mean_ratio()
-        quant_state(net, weight=True, act=setting.act_quantized)
-        # 4-5. block-wise knowledge distillation (or whole-network QAT)
-        inputs = [calib.x.to(device), calib.t.to(device), calib.labels.to(device)]
-        if v["training"] == "bkd" and cfg.bkd.iters > 0:
-            res = distill_model(backbone, fp_backbone, inputs, cfg.bkd, root="net", run=ctx.run,
-                                act_quant=setting.act_quantized, prefix="bkd")
-            info.update(_training_summary(res, "bkd"))
-        elif v["training"] == "full":
-            iters = cfg.bkd.iters if cfg.full_qat_iters is None else cfg.full_qat_iters
-            if iters > 0:
-                import dataclasses
+        with ActivationRangeProbe(net, factors) as probe:
+            calibrate_activations(net, run)
+        if factors:
+            info["wd_act_range_ratio"] = probe.mean_ratio()
+    quant_state(net, weight=True, act=setting.act_quantized)
+    # 4-5. block-wise knowledge distillation (or whole-network QAT)
+    inputs = [calib.x.to(device), calib.t.to(device), calib.labels.to(device)]
+    if v["training"] == "bkd" and cfg.bkd.iters > 0:
+        res = distill_model(backbone, fp_backbone, inputs, cfg.bkd, root="net", run=ctx.run,
+                            act_quant=setting.act_quantized, prefix="bkd")
+        info.update(_training_summary(res, "bkd"))
+    elif v["training"] == "full":
+        iters = cfg.bkd.iters if cfg.full_qat_iters is None else cfg.full_qat_iters
+        if iters > 0:
+            import dataclasses
 
-                full_cfg = dataclasses.replace(cfg.bkd, iters=iters)
-                res = distill_model(backbone, fp_backbone, inputs, full_cfg, root="", block_patterns=("net",),
-                                    run=ctx.run, act_quant=setting.act_quantized, prefix="full_qat")
-                info.update(_training_summary(res, "full_qat"))
-        del fp_backbone
-        quant_state(net, weight=True, act=setting.act_quantized)
-        backbone.eval()
+            full_cfg = dataclasses.replace(cfg.bkd, iters=iters)
+            res = distill_model(backbone, fp_backbone, inputs, full_cfg, root="", block_patterns=("net",),
+                                run=ctx.run, act_quant=setting.act_quantized, prefix="full_qat")
+            info.update(_training_summary(res, "full_qat"))
+    del fp_backbone
+    quant_state(net, weight=True, act=setting.act_quantized)
+    backbone.eval()
     info["method_inner_seconds"] = time.time() - t0
-    info["peak_memory_mb"] = mem.peak_mb
-    info["peak_memory_kind"] = mem.kind
     return QuantResult(backbone, spec, info)
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from .primitives import (FP_ACT_FORMATS, LP_NORM, MSE_CANDIDATES, MSE_STEP, FPQuantizer, IntQuantizer,
-                         check_fp_format, check_int_bits, fake_quant_int, fp_quantize, int_qparams, int_range)
+                         check_fp_format, check_int_bits, fake_quant_int, fp_quantize,
+                         fp_quantize_token, int_qparams, int_range)
 
 _TIMESTEP_KEYS = ("t", "timestep", "timesteps")
 _SAMPLE_KEYS = ("x", "sample", "hidden_states", "x_t")
@@ -506,8 +507,12 @@ class OnlineTokenActQuantizer(nn.Module):
         if not self.enabled or self.calibrating:
             return x
         xr = self._row_view(x)
+        if self.fmt == "fp" and self.signed:  # maxval = row absmax, computed inside (no gradient to it)
+            return fp_quantize_token(xr, self.exp_bits, self.man_bits).reshape(x.shape)
         with torch.no_grad():
-            amax = (xr.abs() if self.signed else xr.clamp_min(0)).amax(dim=-1, keepdim=True)
+            # unsigned: max(max(x, 0)) = max(max(x), 0) without a clamped copy of x (a row max of -0.0 may stay
+            # -0.0; both uses below clamp the scale away from 0, so the output is the same bit for bit)
+            amax = xr.abs().amax(dim=-1, keepdim=True) if self.signed else xr.amax(dim=-1, keepdim=True).clamp_min_(0)
         if self.fmt == "fp":
             out = fp_quantize(xr, amax, self.exp_bits, self.man_bits, self.signed)
         else:

@@ -162,10 +162,15 @@ class QuantAttnProcessor(nn.Module):
         if self.k_quantizer is not None:
             key = self.k_quantizer(key)
         scale = 1.0 / math.sqrt(query.shape[-1])
-        scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+        scores = torch.matmul(query, key.transpose(-2, -1))
+        # without autograd the scaling and the mask are applied in place (same values, one buffer)
+        inplace = not (torch.is_grad_enabled() and scores.requires_grad)
+        scores = scores.mul_(scale) if inplace else scores * scale
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:
                 scores = scores.masked_fill(~attention_mask, float("-inf"))
+            elif inplace and torch.broadcast_shapes(scores.shape, attention_mask.shape) == scores.shape:
+                scores = scores.add_(attention_mask)
             else:
                 scores = scores + attention_mask
         probs = torch.softmax(scores, dim=-1)

@@ -42,6 +42,7 @@ Channel masks (MPQ-DM OMQ mixed groups)
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -237,9 +238,109 @@ def fp_quantize(x: torch.Tensor, maxval, exp_bits: int, man_bits: int, signed: b
     """
     check_fp_format(exp_bits, man_bits, signed)
     maxval = torch.as_tensor(maxval, dtype=x.dtype, device=x.device).clamp_min(_MIN_MAXVAL)
+    if _FP_FAST_PATH and not (torch.is_grad_enabled() and (x.requires_grad or maxval.requires_grad)):
+        out = _fp_quantize_inference(x, maxval, exp_bits, man_bits, signed)
+        if out is not None:
+            return out
+    return _fp_quantize_reference(x, maxval, exp_bits, man_bits, signed)
+
+
+def _fp_quantize_reference(x: torch.Tensor, maxval: torch.Tensor, exp_bits: int, man_bits: int,
+                           signed: bool) -> torch.Tensor:
+    """The straight-through formulation of :func:`fp_quantize` (``maxval`` already a clamped tensor)."""
     x_c = fp_clip(x, maxval, signed)
     step, _ = fp_step(x_c.abs(), maxval, exp_bits, man_bits, exact_zero=False)  # 0 stays 0 (sign kept)
     return step * round_ste(x_c / step)
+
+
+_F32_EXP_MASK = 0x7F800000  # exponent field of a float32
+_FP_FAST_PATH = True  # off only inside reference_fp_path()
+
+
+@contextlib.contextmanager
+def reference_fp_path():
+    """Run FP fake quantization through the straight-through reference formulation only (no inference
+    fast path), e.g. to time or check the fast path against it."""
+    global _FP_FAST_PATH
+    prev, _FP_FAST_PATH = _FP_FAST_PATH, False
+    try:
+        yield
+    finally:
+        _FP_FAST_PATH = prev
+
+
+def _fp_quantize_inference(x: torch.Tensor, maxval: torch.Tensor, exp_bits: int, man_bits: int,
+                           signed: bool) -> Optional[torch.Tensor]:
+    """No-autograd float32 form of :func:`fp_quantize`, bit-identical to :func:`_fp_quantize_reference`
+    (None where it does not apply: other dtypes, or the rare wide formats with a large maxval).
+
+    Two buffers instead of about fifteen, written in place. The clip, |x_c| / base, the division by the step,
+    the rounding and the product with the step are the reference's operations in the reference's order. Only
+    the step is formed differently: the reference computes s = max(base · 2^(rel − M), tiny) with
+    rel = clamp(f − 127, 1 − e_top, 0) (f = float32 exponent field of r = |x_c| / base) and ``torch.exp2``,
+    which is exact at integer arguments. Here 2^rel is r's own bit pattern with the mantissa cleared and the
+    field clamped to [128 − e_top, 127] (so the subnormal and zero r of the reference's clamp included), and
+    s = max(2^rel · (base · 2^−M), tiny): base · 2^−M is exact (a power-of-two scaling of a normal number)
+    and both products are the exact real base · 2^(rel − M) rounded once, so they are equal; 2^(rel − M) is
+    a normal float32 for e_top + M <= 126 (every format with E <= 6), exact as a subnormal below that.
+    Wider exponents (e_top > 127: unsigned 16-bit P such as E13M3) clamp the field at 1 instead, and are
+    taken only when base · 2^−M <= 1 (P on [0, 1]): then every step the two forms could tell apart (r
+    subnormal, or 2^(rel − M) below float32's range) is below ``tiny`` in both and clamps to it.
+    The result is contiguous like the reference's (a different memory layout would change the rounding of
+    the matmuls that consume it), so a non-contiguous maxval takes the reference path."""
+    if x.dtype != torch.float32 or maxval.dtype != torch.float32 or not maxval.is_contiguous():
+        return None
+    base = maxval / (2.0 - 2.0 ** (-man_bits))
+    if not _fast_step_applies(base, exp_bits, man_bits):
+        return None
+    x = x.contiguous()  # the reference's result is contiguous (its exponent read makes r contiguous): same layout
+    lo = -maxval if signed else torch.zeros_like(maxval)
+    x_c = torch.maximum(x, lo)
+    torch.minimum(x_c, maxval, out=x_c)
+    step = _fp_step_(torch.abs(x_c).div_(base), base, exp_bits, man_bits)  # from r = x_abs / base
+    return x_c.div_(step).round_().mul_(step)
+
+
+def _fast_step_applies(base: torch.Tensor, exp_bits: int, man_bits: int) -> bool:
+    """Whether :func:`_fp_step_` equals :func:`fp_step`'s step for this base (see :func:`_fp_quantize_inference`)."""
+    return 2 ** exp_bits - 1 <= _F32_EXP_BIAS or bool((base * 2.0 ** (-man_bits) <= 1.0).all())
+
+
+def _fp_step_(r: torch.Tensor, base: torch.Tensor, exp_bits: int, man_bits: int) -> torch.Tensor:
+    """The step max(base · 2^(rel − M), tiny) of :func:`fp_step` for r = |x_c| / base (float32, r >= 0),
+    written into r's buffer (valid where :func:`_fast_step_applies`)."""
+    e_top = 2 ** exp_bits - 1
+    base_m = base * 2.0 ** (-man_bits)
+    field_lo = max(_F32_EXP_BIAS + 1 - e_top, 1)
+    bits = r.view(torch.int32)
+    bits.clamp_(min=field_lo << _F32_MAN_BITS, max=(_F32_EXP_BIAS << _F32_MAN_BITS) | (2 ** _F32_MAN_BITS - 1))
+    bits.bitwise_and_(_F32_EXP_MASK)  # r -> 2^rel
+    step = r.mul_(base_m)
+    # max(step, tiny) is a no-op when the smallest possible step (2^(1 - e_top) * base_m) is not below tiny
+    tiny = torch.finfo(torch.float32).tiny
+    if not bool((base_m * 2.0 ** (field_lo - _F32_EXP_BIAS) >= tiny).all()):
+        step.clamp_min_(tiny)
+    return step
+
+
+def fp_quantize_token(x: torch.Tensor, exp_bits: int, man_bits: int, signed: bool = True) -> torch.Tensor:
+    """``fp_quantize(x, maxval)`` with the per-token clipping value maxval = absmax of each row of the last dim
+    (:meth:`FPQuantizer.token_maxval`; no gradient to it), the FP4DiT online activation quantizer.
+
+    Without autograd a signed float32 ``x`` takes a shorter form: the clip to the row's own absmax is an
+    identity (x_c = x bit for bit while every row max is finite), so |x| doubles as the buffer of
+    r = |x_c| / base and the step -- bit-identical to the general path."""
+    if _FP_FAST_PATH and signed and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad):
+        check_fp_format(exp_bits, man_bits, signed)
+        x = x.contiguous()  # the reference's result is contiguous: same memory layout (matmuls downstream see it)
+        a = torch.abs(x)
+        maxval = a.amax(dim=-1, keepdim=True).clamp_min_(_MIN_MAXVAL)
+        base = maxval / (2.0 - 2.0 ** (-man_bits))
+        if bool(torch.isfinite(maxval).all()) and _fast_step_applies(base, exp_bits, man_bits):
+            step = _fp_step_(a.div_(base), base, exp_bits, man_bits)
+            return torch.div(x, step).round_().mul_(step)
+        return fp_quantize(x, maxval, exp_bits, man_bits, signed)
+    return fp_quantize(x, x.detach().abs().amax(dim=-1, keepdim=True), exp_bits, man_bits, signed)
 
 
 def fp_encode(x: torch.Tensor, maxval, exp_bits: int, man_bits: int, signed: bool = True) -> torch.Tensor:
@@ -696,9 +797,10 @@ class FPQuantizer(_LazyParamsMixin, nn.Module):
         return lay.param_view(self.maxval).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.granularity == "token":
-            out = self._quant(x, self.token_maxval(x))
-            return out  # per-token is for activations: masks do not apply
+        if self.granularity == "token":  # per-token is for activations: masks do not apply
+            if self.signed:
+                return fp_quantize_token(x, self.exp_bits, self.man_bits)
+            return self._quant(x, self.token_maxval(x))
         if not self.initialized:
             self.calibrate(x)
         lay = self.layout()

@@ -262,7 +262,7 @@ def test_family_end_to_end_is_bit_deterministic_and_exports_packed(tiny_calibrat
     info = a.info
     assert info["bkd_units"] >= 2 and info["wd_layers"] == info["n_quant_layers"]
     assert info["bkd_mse_after"] <= info["bkd_mse_before"] * 1.05
-    assert info["peak_memory_mb"] > 0
+    assert "peak_memory_mb" not in info  # measured by the runner for every family (tests/test_runner.py)
     assert 0 < info["wd_act_range_ratio"] <= 1.0  # dilation never widens a layer's input range
     # trained weights: not the FP ones any more
     fp_w = dict(quant_layers(copy.deepcopy(fp).net)) or {n: m for n, m in fp.net.named_modules()}
@@ -375,7 +375,7 @@ def test_runner_runs_the_family_logs_bkd_to_mlflow_and_keeps_peak_memory(tmp_pat
     job = tmp_path / "out" / "W4A8" / "dilatequant" / "unet" / "seed0"
     assert (job / "packed.safetensors").exists()
     info = read_json(job / "info.json")
-    assert info["method_seconds"] > 0 and info["info"]["peak_memory_mb"] > 0 and info["info"]["bkd_units"] >= 2
+    assert info["method_seconds"] > 0 and info["peak_memory_mb"] > 0 and info["info"]["bkd_units"] >= 2
     runs = mlflow.search_runs(experiment_names=[p["tracking"]["experiment"]], output_format="list")
     keys = {k for r in runs for k in r.data.metrics}
     assert any(k.startswith("bkd/") and k.endswith("/mse") for k in keys), sorted(keys)[:20]

@@ -322,3 +322,32 @@ def test_plain_pixart_directory_with_caption_embeddings(tiny_backbone, tmp_path)
     assert any(n.endswith("attn2.to_k") for n in names)  # cross-attention to the captions is quantized
     assert not any(n.startswith(("proj_out", "pos_embed")) for n in names)
     assert all(_grid_check(layer) for _, layer in quant_layers(res.backbone.net))
+
+
+@pytest.mark.parametrize("setting", [W4A6, W4A8])
+def test_sampling_with_the_fp_inference_fast_path_is_bit_identical(tiny_backbone, setting, monkeypatch):
+    """DDIM samples of an FP4DiT-quantized tiny DiT (E2M1/E3M0 group weights, online per-token FP
+    activations, Q/K/V and unsigned 16-bit P) are the same bit for bit with and without the no-autograd
+    FP fast path (pipeline.quant.primitives._fp_quantize_inference / fp_quantize_token)."""
+    from pipeline.config import DiffusionConfig, SamplingConfig
+    from pipeline.quant import primitives
+    from pipeline.quant.primitives import reference_fp_path
+    from pipeline.quant.surgery import quant_state
+    from pipeline.sampling import eval_labels, initial_noise, sample
+
+    bb = tiny_backbone("dit", **ARCH)
+    quantize_model(bb.net, fp4dit_spec(setting, FP4DiTConfig(), {}))
+    quant_state(bb.net, weight=True, act=True)
+    noise, labels = initial_noise(6, (1, 8, 8), 3), eval_labels(6, 10)
+    diff, samp = DiffusionConfig(), SamplingConfig(steps=4)
+    calls = []
+    step_ = primitives._fp_step_
+    monkeypatch.setattr(primitives, "_fp_step_", lambda *a: calls.append(a[2]) or step_(*a))
+    fast = sample(bb, noise, labels, diff, samp)
+    assert len(calls) > 0 and max(calls) > 7  # the fast path ran, for P (E12/E13) too
+    n_fast = len(calls)
+    with reference_fp_path():
+        ref = sample(bb, noise, labels, diff, samp)
+    assert len(calls) == n_fast
+    assert torch.isfinite(ref).all() and not torch.equal(ref, noise)
+    assert torch.equal(fast, ref)

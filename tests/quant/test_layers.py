@@ -284,3 +284,29 @@ def test_attention_processor_quantizes_operands():
     assert proc.operand_bits("q") == 8
     proc.act_quant = False
     assert proc.operand_bits("q") is None
+
+
+@pytest.mark.parametrize("case", sorted(ATTN_CASES) + ["bool_mask"])
+@pytest.mark.parametrize("p_fmt", ["fp16", "fp8", "int8"])
+def test_attention_inference_path_is_bit_identical_to_the_autograd_path(case, p_fmt):
+    """Without autograd the score scaling / additive mask run in place and the online FP quantizers take their
+    fast path; the output equals the autograd forward (reference paths) bit for bit."""
+    from pipeline.quant.act import OnlineTokenActQuantizer
+
+    if case == "bool_mask":
+        kw, make_args = ATTN_CASES["self"][:2]
+        call_kw = {"attention_mask": torch.tensor([[True, True, False, True, True], [True] * 5])}
+    else:
+        kw, make_args, call_kw = ATTN_CASES[case]
+    attn = _attention(**kw)
+    qkv = [OnlineTokenActQuantizer(6, fmt="fp", rows="last_dim") for _ in range(3)]
+    p = {"fp16": OnlineTokenActQuantizer(16, fmt="fp", exp_bits=13, man_bits=3, signed=False, rows="last_dim"),
+         "fp8": OnlineTokenActQuantizer(8, fmt="fp", signed=False, rows="last_dim"),
+         "int8": OnlineTokenActQuantizer(8, fmt="int", signed=False, rows="last_dim")}[p_fmt]
+    attn.set_processor(QuantAttnProcessor(qkv[0], qkv[1], p, qkv[2]))
+    args = make_args()
+    ref = attn(*args, **call_kw)
+    assert ref.requires_grad
+    with torch.no_grad():
+        fast = attn(*args, **call_kw)
+    assert torch.equal(fast, ref.detach())
