@@ -485,12 +485,15 @@ class EvalConfig:
     grid_size: int = 10
     floor_seed_offset: int = 1  # the FP model is also sampled at seed + offset (the seed-noise floor)
     floor_real_splits: int = 5  # real-vs-real floor: random disjoint splits (0 = skip)
+    # processes that evaluate the quantized models (each single-threaded, as the stage itself: the results do
+    # not depend on n_workers or on the machine's core count)
+    n_workers: int = 2
     fid: FIDConfig = field(default_factory=FIDConfig)
     clip: CLIPEvalConfig = field(default_factory=CLIPEvalConfig)
     hps: HPSConfig = field(default_factory=HPSConfig)
 
     def validate(self, p: str) -> None:
-        _check_positive(self, p, "n_samples", "batch_size", "grid_size", "floor_seed_offset")
+        _check_positive(self, p, "n_samples", "batch_size", "grid_size", "floor_seed_offset", "n_workers")
         if self.n_samples < 2:
             raise ConfigError(f"{p}.n_samples: FID needs at least 2 samples, got {self.n_samples}")
         if self.floor_real_splits < 0:

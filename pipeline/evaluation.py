@@ -86,7 +86,8 @@ def evaluation_context(cfg, diffusion, sampling, data_dir: Path, evaluators_dir:
     the protocol params, the evaluators, the reference data and the library code."""
     from .config import to_dict
 
-    return {"eval": to_dict(cfg), "sampling": to_dict(sampling), "diffusion": to_dict(diffusion),
+    protocol = {k: v for k, v in to_dict(cfg).items() if k != "n_workers"}  # n_workers changes no result
+    return {"eval": protocol, "sampling": to_dict(sampling), "diffusion": to_dict(diffusion),
             "evaluators": tree_hash(evaluators_dir), "data": tree_hash(data_dir),
             "code": code_hash(Path(__file__).resolve().parents[1])}
 
@@ -344,6 +345,35 @@ def _cached(old_cache: Path, stem: str, exts: tuple[str, ...] = (".json", ".png"
     return all((old_cache / f"{stem}{ext}").exists() for ext in exts)
 
 
+_WORKER: Optional["Evaluator"] = None
+_WORKER_FP: dict = {}
+
+
+def _init_worker(args: tuple, fp_arrays: dict) -> None:
+    global _WORKER, _WORKER_FP
+    torch.set_num_threads(1)
+    _WORKER = Evaluator(*args)
+    _WORKER_FP = fp_arrays
+
+
+def _evaluate_in_worker(entry: ModelEntry):
+    return _WORKER.evaluate(entry, _WORKER_FP.get(entry.backbone))
+
+
+def _evaluate_many(entries: list, evaluator_args: tuple, fp_arrays: dict, n_workers: int, local):
+    """(row, images, arrays) of every entry, in order: ``n_workers`` spawned single-threaded processes,
+    or this process (``local()`` -> its Evaluator) when one worker suffices."""
+    if n_workers <= 1 or len(entries) <= 1:
+        for e in entries:
+            yield local().evaluate(e, fp_arrays.get(e.backbone))
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(min(n_workers, len(entries)), initializer=_init_worker,
+                                      initargs=(evaluator_args, fp_arrays)) as pool:
+        yield from pool.imap(_evaluate_in_worker, entries, chunksize=1)
+
+
 def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, data_dir: Path, evaluators_dir: Path,
                  out: Path) -> list[dict]:
     """Evaluate ``entries`` into ``out``: ``results.json`` (rows, failed jobs, tables, noise floor),
@@ -362,6 +392,7 @@ def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, da
     from .tracking import stage_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(1)  # as the workers: the numbers do not depend on eval.n_workers or the core count
     context = evaluation_context(cfg, diffusion, sampling, data_dir, evaluators_dir)
     old_cache = Path(out) / "cache"
     entries = sorted(entries, key=lambda e: e.quant_dir is not None)  # FP models first (stable)
@@ -382,6 +413,28 @@ def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, da
             for d in ("cache", "grids", "samples"):
                 (tmp / d).mkdir()
             fp_arrays: dict[str, dict] = {}
+            by_index: dict[int, dict] = {}
+            pending = []
+
+            def store(i, e, key, row, images, arrays):
+                row["key"] = key
+                save_grid(images[: cfg.grid_size * cfg.grid_size], tmp / "cache" / f"{key}.png", nrow=cfg.grid_size)
+                save_file(arrays, str(tmp / "cache" / f"{key}.safetensors"))
+                write_json(tmp / "cache" / f"{key}.json", row)
+                tags = {"stage": "evaluate", "backbone": e.backbone, "family": e.family, "variant": e.variant,
+                        "setting": e.setting, "seed": e.seed, "eval_key": key}
+                with mlflow.start_run(run_name=f"evaluate@{e.label}", nested=True, tags=tags):
+                    mlflow.log_params({**{k: v for k, v in tags.items() if k != "stage"},
+                                       "n_samples": cfg.n_samples})
+                    mlflow.log_metrics({k: float(v) for k, v in row.items()
+                                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                    mlflow.log_artifact(str(tmp / "cache" / f"{key}.png"), "samples")
+                log.info("[%d/%d] %s: FID %.3f, accuracy %.3f, CLIP %.2f, PSNR vs FP %s, %.4f s/image", i,
+                         len(entries), e.label, row["fid"], row["accuracy"], row["clip_score"],
+                         f"{row['psnr']:.2f} dB" if "psnr" in row else "-", row["sec_per_image"])
+                by_index[i] = row
+
+            # pass 1, in this process: the FP models (their images pair every other model's) and cached results
             for i, e in enumerate(entries, 1):
                 key = entry_key(e, context)
                 if e.quant_dir is not None and e.backbone not in fp_arrays:
@@ -392,25 +445,12 @@ def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, da
                         shutil.copy(old_cache / f"{key}{ext}", tmp / "cache" / f"{key}{ext}")
                     log.info("[%d/%d] %s: cached (FID %.3f, acc %.3f)", i, len(entries), e.label, row["fid"],
                              row["accuracy"])
+                    by_index[i] = row
+                elif e.quant_dir is not None:
+                    pending.append((i, e, key))
+                    continue
                 else:
-                    row, images, arrays = get_evaluator().evaluate(e, fp_arrays.get(e.backbone))
-                    row["key"] = key
-                    save_grid(images[: cfg.grid_size * cfg.grid_size], tmp / "cache" / f"{key}.png", nrow=cfg.grid_size)
-                    save_file(arrays, str(tmp / "cache" / f"{key}.safetensors"))
-                    write_json(tmp / "cache" / f"{key}.json", row)
-                    tags = {"stage": "evaluate", "backbone": e.backbone, "family": e.family, "variant": e.variant,
-                            "setting": e.setting, "seed": e.seed, "eval_key": key}
-                    with mlflow.start_run(run_name=f"evaluate@{e.label}", nested=True, tags=tags):
-                        mlflow.log_params({**{k: v for k, v in tags.items() if k != "stage"},
-                                           "n_samples": cfg.n_samples})
-                        mlflow.log_metrics({k: float(v) for k, v in row.items()
-                                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
-                        mlflow.log_artifact(str(tmp / "cache" / f"{key}.png"), "samples")
-                    log.info("[%d/%d] %s: FID %.3f, accuracy %.3f, CLIP %.2f, PSNR vs FP %s, %.4f s/image", i,
-                             len(entries), e.label, row["fid"], row["accuracy"], row["clip_score"],
-                             f"{row['psnr']:.2f} dB" if "psnr" in row else "-", row["sec_per_image"])
-                shutil.copy(tmp / "cache" / f"{key}.png", tmp / "grids" / f"{e.slug}.png")
-                shutil.copy(tmp / "cache" / f"{key}.safetensors", tmp / "samples" / f"{e.slug}.safetensors")
+                    store(i, e, key, *get_evaluator().evaluate(e, None))
                 if e.quant_dir is None:
                     fp_arrays[e.backbone] = load_file(str(tmp / "cache" / f"{key}.safetensors"))
                     floor_key = f"{key}-floor"
@@ -419,9 +459,21 @@ def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, da
                     else:
                         floor[e.backbone] = get_evaluator().seed_floor(e, fp_arrays[e.backbone])
                         log.info("noise floor %s: FP at another noise seed: FID %.3f (vs %.3f), PSNR %.2f dB",
-                                 e.backbone, floor[e.backbone]["fid"], row["fid"], floor[e.backbone]["psnr"])
+                                 e.backbone, floor[e.backbone]["fid"], by_index[i]["fid"], floor[e.backbone]["psnr"])
                     write_json(tmp / "cache" / f"{floor_key}.json", floor[e.backbone])
-                rows.append(row)
+            # pass 2: the new quantized models, in eval.n_workers processes (results stored in entry order)
+            if pending:
+                log.info("evaluate: %d new models in %d worker process(es)", len(pending),
+                         min(cfg.n_workers, len(pending)))
+            args = (cfg, diffusion, sampling, Path(data_dir), Path(evaluators_dir), device)
+            for (i, e, key), result in zip(pending, _evaluate_many([p[1] for p in pending], args, fp_arrays,
+                                                                     cfg.n_workers, get_evaluator)):
+                store(i, e, key, *result)
+            for i, e in enumerate(entries, 1):
+                key = by_index[i]["key"] if "key" in by_index[i] else entry_key(e, context)
+                shutil.copy(tmp / "cache" / f"{key}.png", tmp / "grids" / f"{e.slug}.png")
+                shutil.copy(tmp / "cache" / f"{key}.safetensors", tmp / "samples" / f"{e.slug}.safetensors")
+                rows.append(by_index[i])
             ref_key = data_hash({"context": context, "what": "reference"})[:24]
             if _cached(old_cache, f"reference-{ref_key}", (".json", ".safetensors")):
                 for ext in (".json", ".safetensors"):

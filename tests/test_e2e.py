@@ -38,7 +38,7 @@ def miniature(params: dict) -> dict:
     p["families"].append("toy")
     p["toy"] = {"variants": ["toy_rtn"], "settings": ["W4A8"], "backbones": ["unet"], "keep_first_last_bits": 8}
     p["search"].update(w_bits=[4, 8], a_bits=[4, 8], n_groups=3, budget_bits=8, population_size=4, n_trials=6,
-                       batch_size=2, n_workers=1, calib_batches=1)
+                       batch_size=2, calib_batches=1)
     p["search"]["proxy"].update(n_samples=8, holdout_samples=16)
     p["tmpq"].update(settings=["W4A4"], seeds=[0])
     p["eval"].update(n_samples=40, batch_size=40, grid_size=4, floor_real_splits=2)
@@ -64,13 +64,15 @@ def copy_checkout(dst: Path) -> None:
             shutil.copy2(src, dst / f)
 
 
-def make_repo(dst: Path):
+def make_repo(dst: Path, workers: int = 2):
     """A fresh clone in ``dst``: the working tree (no reports/, no dvc.lock), the toy family, the miniature
-    params, git + dvc initialised. Returns the environment to run dvc in."""
+    params (``workers`` processes for the search and the evaluation), git + dvc initialised. Returns the
+    environment to run dvc in."""
     copy_checkout(dst)
     shutil.copy2(ROOT / "tests" / "fixtures" / "toy_family.py", dst / "pipeline" / "methods" / "toy_family.py")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (dst / "params.yaml").write_text(yaml.safe_dump(miniature(params), sort_keys=False))
+    params = miniature(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    params["eval"]["n_workers"] = params["search"]["n_workers"] = workers
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@example.invalid")
@@ -139,10 +141,11 @@ def test_repro_writes_summary_for_every_model(repo):
 
 def test_a_second_clean_run_reproduces_summary_exactly(repo, tmp_path):
     """Same params and seeds, a new clone from scratch: summary.json byte for byte (timings live in
-    timings.json, the one output allowed to differ)."""
+    timings.json, the one output allowed to differ) — with one process where the first run used two for
+    the search and the evaluation (the results do not depend on the worker count)."""
     *_, first = repo
     dst = tmp_path / "repo"
-    env = make_repo(dst)
+    env = make_repo(dst, workers=1)
     _run(["dvc", "repro"], dst, env)
     second = (dst / "reports" / "summary.json").read_bytes()
     if second != first:
