@@ -71,7 +71,7 @@ SPLIT_LEAVES = ("conv1", "conv_shortcut")  # the ResNet layers that read cat([hi
 
 
 def _default_act_recon() -> BlockDistillConfig:
-    return BlockDistillConfig(iters=20, batch_size=32, weight_lr=0.0, weight_quant_lr=0.0, act_quant_lr=4.0e-4)
+    return BlockDistillConfig(iters=10, batch_size=32, weight_lr=0.0, weight_quant_lr=0.0, act_quant_lr=4.0e-4)
 
 
 @dataclass
