@@ -202,3 +202,39 @@ def test_packed_model_reloads_bit_for_bit(tiny_calibrated, tmp_path):
     x, t, y = calib.x[:6], calib.t[:6], calib.labels[:6]
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), res.backbone(x, t, y))
+
+
+def test_runner_job_saves_a_loadable_model(tiny_calibrated, tmp_path, monkeypatch):
+    """One qdiff job (method seed 1) through the generic runner (seeded config, packing, manifest) and the
+    evaluate stage's loader: the reloaded model keeps its split quantizers and stays close to FP."""
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.calibration import save_calibration
+    from pipeline.evaluation import ModelEntry, load_entry
+    from pipeline.models import save_backbone
+    from pipeline.runner import FamilyRunner
+
+    fp, calib = tiny_calibrated["unet"]
+    save_backbone(fp, tmp_path / "fp" / "unet")
+    save_calibration(calib, tmp_path / "calib" / "unet")
+    root = Path(__file__).resolve().parents[2]
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    p["model"]["backbones"] = ["unet"]
+    p["families"] = ["qdiff"]
+    p["qdiff"].update(variants=["qdiff"], settings=["W4A8"], seeds=[1], seeded_variants=["qdiff"], calib_batches=1)
+    p["qdiff"]["recon"]["iters"] = 2
+    p["qdiff"]["act_recon"]["iters"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    monkeypatch.chdir(tmp_path)
+    FamilyRunner("qdiff", tmp_path / "params.yaml", tmp_path / "fp", tmp_path / "calib", tmp_path / "out").run()
+    entry = ModelEntry("unet", "qdiff", "qdiff", "W4A8", tmp_path / "fp" / "unet",
+                       tmp_path / "out" / "W4A8" / "qdiff" / "unet" / "seed1")
+    loaded = load_entry(entry, "cpu")
+    split = loaded.net.get_submodule("up_blocks.0.resnets.0.conv1").act_quantizer
+    assert isinstance(split, SplitActQuantizer)
+    x, t, y = calib.x[:4], calib.t[:4], calib.labels[:4]
+    with torch.no_grad():
+        err = float((loaded(x, t, y) - fp(x, t, y)).pow(2).mean() / fp(x, t, y).pow(2).mean())
+    assert 0 < err < 0.2
