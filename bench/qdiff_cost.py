@@ -5,7 +5,7 @@ quantize time and the relative L2 error of eps vs FP on 128 held-out trajectory 
 with another seed), next to naive round-to-nearest at the same bits.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/qdiff_cost.py [--settings W4A8,W8A8] [--variants qdiff,...]
-        [--recon-iters N] [--act-iters N] [--backbone unet]
+        [--recon-iters N] [--act-iters N] [--act-lr LR] [--backbone unet]
 """
 import argparse
 import copy
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--variants", default="qdiff,qdiff_no_split,brecq_w")
     ap.add_argument("--recon-iters", type=int, default=None)
     ap.add_argument("--act-iters", type=int, default=None)
+    ap.add_argument("--act-lr", type=float, default=None)
     ap.add_argument("--backbone", default="unet")
     args = ap.parse_args()
     params = ROOT / "params.yaml"
@@ -58,6 +59,8 @@ def main() -> None:
         qcfg.recon = dataclasses.replace(qcfg.recon, iters=args.recon_iters)
     if args.act_iters is not None:
         qcfg.act_recon = dataclasses.replace(qcfg.act_recon, iters=args.act_iters)
+    if args.act_lr is not None:
+        qcfg.act_recon = dataclasses.replace(qcfg.act_recon, act_quant_lr=args.act_lr)
     naive, qdiff = get_family("naive"), get_family("qdiff")
     total = 0.0
     for s in args.settings.split(","):

@@ -53,6 +53,17 @@ Variants: ``qdiff`` (1-5), ``qdiff_no_split`` (no shortcut splitting: the paper'
 ``brecq_w`` (phase 1 only: AdaRound weights, split off, min-max static activations, no phase 2 — BRECQ
 weights with naive activations). DiT backbones run too (they have no concatenated inputs; ``qdiff`` and
 ``qdiff_no_split`` are then the same).
+
+Measured (``bench/qdiff_cost.py``: a freshly initialised default-size UNet — untrained, a sanity check, not a
+result — 640 calibration inputs, 18 units, relative L2 error of ε vs FP on 128 held-out trajectory inputs,
+1 thread on 2 shared cores): W4A8 naive 0.1626, qdiff 0.1517-0.1524, qdiff_no_split 0.1550-0.1561, brecq_w
+0.1553; W8A8 naive 0.0380, qdiff 0.0351-0.0358, qdiff_no_split 0.0366, brecq_w 0.0379. 15-20 s per job, about
+half of it phase 2 (per-unit caching and trainer set-up dominate: 10 vs 20 iterations saves ~3 s a pass).
+Phase 2 at the default schedule (10 iterations, official lr 4e-4) barely moves the steps (W4A8 qdiff 0.1524
+without it, 0.1517 with it); per unit the block MSE drops by 0-1.5 % (two of 18 units rise by < 20 %). A 10x larger lr (4e-3)
+diverges: the block MSE rises on the training inputs themselves (attention blocks 0.0018 -> 0.049) and the
+whole-model error becomes 0.4055 — Adam moves Δ by ~lr per step whatever its size, and the small steps
+(post-softmax P at A8: Δ ≈ 1/255) overshoot. Keep the official lr; longer phase-2 schedules are untested here.
 """
 from __future__ import annotations
 
