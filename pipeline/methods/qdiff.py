@@ -315,7 +315,9 @@ def _table(backbone: str) -> Table:
              "the hidden and skip channels); qdiff_no_split = the same without the split; brecq_w = AdaRound "
              "weights with min-max activations. naive = min-max round-to-nearest; peers = optimum-quanto / torchao; "
              "dilatequant = a QAT-style method for reference. Short reconstruction schedules (qdiff.recon.iters, "
-             "qdiff.act_recon.iters; paper: 20000 / 5000).",
+             "qdiff.act_recon.iters; paper: 20000 / 5000). Deviations from the official code: the weight split is "
+             "realised as one weight range per (output channel, part) through group ranges; phase 2 learns the "
+             "activation zero points with the steps, on the plain block MSE (official: steps only, L_2.4).",
         claims=(
             Claim("qdiff/qdiff", "naive/naive", "Q-Diffusion (arXiv 2302.04304) Tables 1-2: far better than "
                   "round-to-nearest PTQ at W4A8", settings=("W4A8",)),
