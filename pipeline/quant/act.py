@@ -524,3 +524,75 @@ class OnlineTokenActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         fmt = f"E{self.exp_bits}M{self.man_bits}" if self.fmt == "fp" else "int"
         return f"bits={self._bits}, fmt={fmt}, signed={self.signed}, rows={self.rows}, enabled={self.enabled}"
+
+
+# ----------------------------------------------------------------------------------------------
+# channel-split (Q-Diffusion shortcut splitting)
+# ----------------------------------------------------------------------------------------------
+class SplitActQuantizer(nn.Module):
+    """Two activation quantizers over the two parts of the channel dim (dim 1) of the input: channels
+    ``[:split]`` go through ``parts[0]``, ``[split:]`` through ``parts[1]``, and the results are concatenated
+    again (Q-Diffusion's shortcut splitting, ``QuantModule.split``: the input of a UNet up-block ResNet's
+    first conv / shortcut is ``cat([hidden_states, skip], dim=1)``, two tensors with very different ranges).
+    Same small interface as the other activation quantizers; ``calibrating`` / ``enabled`` reach both parts,
+    each part observes (and is initialised from) its own channels only."""
+
+    def __init__(self, split: int, first: nn.Module, second: nn.Module):
+        super().__init__()
+        if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+            raise ValueError(f"split must be a positive int (channels of the first part), got {split!r}")
+        self.split = int(split)
+        self.parts = nn.ModuleList([first, second])
+        self._enabled = True
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        for p in getattr(self, "parts", ()):
+            p.enabled = bool(value)
+
+    @property
+    def calibrating(self) -> bool:
+        return any(bool(p.calibrating) for p in self.parts)
+
+    @calibrating.setter
+    def calibrating(self, value: bool) -> None:
+        for p in self.parts:
+            p.calibrating = bool(value)
+
+    @property
+    def bits(self) -> int:
+        return self.parts[0].bits
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        for p in self.parts:
+            p.bits = value
+
+    def _halves(self, x: torch.Tensor) -> tuple:
+        if x.dim() < 2 or x.shape[1] <= self.split:
+            raise ValueError(f"SplitActQuantizer: input of shape {tuple(x.shape)} has no channels after the "
+                             f"split point {self.split} (dim 1)")
+        return x[:, :self.split], x[:, self.split:]
+
+    def observe(self, x: torch.Tensor) -> None:
+        a, b = self._halves(x)
+        self.parts[0].observe(a)
+        self.parts[1].observe(b)
+
+    def finish_calibration(self) -> None:
+        for p in self.parts:
+            p.finish_calibration()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._enabled:
+            return x
+        a, b = self._halves(x)
+        return torch.cat([self.parts[0](a), self.parts[1](b)], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"split={self.split}"

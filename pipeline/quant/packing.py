@@ -52,7 +52,7 @@ from pipeline.quant.surgery import (QuantSpec, ensure_timestep_context, model_ti
 PACKED_FILE = "packed.safetensors"
 SPEC_FILE = "quant_spec.json"
 FORMAT_VERSION = 1
-_ACT_TYPES = ("StaticActQuantizer", "TimestepActQuantizer", "OnlineTokenActQuantizer")
+_ACT_TYPES = ("StaticActQuantizer", "TimestepActQuantizer", "OnlineTokenActQuantizer", "SplitActQuantizer")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,6 +73,8 @@ def act_quantizer_desc(q: nn.Module) -> dict:
     elif isinstance(q, act_mod.OnlineTokenActQuantizer):
         args = {"bits": q.bits, "fmt": q.fmt, "exp_bits": q.exp_bits, "man_bits": q.man_bits, "signed": q.signed,
                 "rows": q.rows}
+    elif isinstance(q, act_mod.SplitActQuantizer):  # the two parts are described recursively
+        args = {"split": q.split, "parts": [act_quantizer_desc(p) for p in q.parts]}
     else:
         raise TypeError(f"cannot save activation quantizer of type {name}; supported: {list(_ACT_TYPES)}")
     return {"type": name, "args": args, "enabled": bool(getattr(q, "enabled", True))}
@@ -86,6 +88,12 @@ def _build_act_quantizer(desc: dict, model: nn.Module, where: str) -> nn.Module:
         q = act_mod.TimestepActQuantizer(context=ensure_timestep_context(model), **args)
     elif kind == "OnlineTokenActQuantizer":
         q = act_mod.OnlineTokenActQuantizer(**args)
+    elif kind == "SplitActQuantizer":
+        parts = args.get("parts")
+        if not isinstance(parts, list) or len(parts) != 2:
+            raise ValueError(f"{where}: SplitActQuantizer needs two part descriptions, got {parts!r}")
+        q = act_mod.SplitActQuantizer(int(args["split"]), *(_build_act_quantizer(d, model, f"{where} part {i}")
+                                                             for i, d in enumerate(parts)))
     else:
         raise ValueError(f"{where}: unknown activation quantizer type {kind!r}; expected one of {list(_ACT_TYPES)}")
     q.enabled = bool(desc.get("enabled", True))

@@ -333,3 +333,40 @@ def test_static_mse_beats_minmax_and_learnable():
         StaticActQuantizer(4, init="percentile")
     with pytest.raises(RuntimeError, match="no activations were observed"):
         StaticActQuantizer(4).finish_calibration()
+
+
+def test_split_act_quantizer_calibrates_each_part_on_its_own_channels():
+    from pipeline.quant.act import SplitActQuantizer, StaticActQuantizer
+    from pipeline.quant.packing import _build_act_quantizer, act_quantizer_desc
+
+    torch.manual_seed(0)
+    q = SplitActQuantizer(3, StaticActQuantizer(8), StaticActQuantizer(8))
+    x = torch.cat([torch.randn(4, 3, 5, 5) * 0.1, torch.randn(4, 2, 5, 5) * 10.0], dim=1)
+    q.calibrating = True
+    assert all(p.calibrating for p in q.parts)
+    assert torch.equal(q(x), x)  # observing passes FP values
+    q.finish_calibration()
+    assert not q.calibrating
+    a, b = q.parts
+    ref_a, ref_b = StaticActQuantizer(8), StaticActQuantizer(8)
+    for ref, part in ((ref_a, x[:, :3]), (ref_b, x[:, 3:])):
+        ref.calibrating = True
+        ref(part)
+        ref.finish_calibration()
+    assert torch.equal(a.quantizer.scale, ref_a.quantizer.scale) and torch.equal(b.quantizer.scale, ref_b.quantizer.scale)
+    assert float(b.quantizer.scale) > 10 * float(a.quantizer.scale)
+    torch.testing.assert_close(q(x), torch.cat([ref_a(x[:, :3]), ref_b(x[:, 3:])], dim=1), rtol=0, atol=0)
+    q.bits = 6
+    assert q.bits == 6 and all(p.bits == 6 for p in q.parts)
+    q.enabled = False
+    assert torch.equal(q(x), x) and not any(p.enabled for p in q.parts)
+    q.enabled = True
+    # the packed description rebuilds the same quantizer (state through the state dict)
+    r = _build_act_quantizer(act_quantizer_desc(q), torch.nn.Module(), "test")
+    assert isinstance(r, SplitActQuantizer) and r.split == 3
+    r.load_state_dict(q.state_dict())
+    assert torch.equal(r(x), q(x))
+    with pytest.raises(ValueError, match="split point 5"):
+        SplitActQuantizer(5, StaticActQuantizer(8), StaticActQuantizer(8))(x)
+    with pytest.raises(ValueError, match="split must be a positive int"):
+        SplitActQuantizer(0, StaticActQuantizer(8), StaticActQuantizer(8))
