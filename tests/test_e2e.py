@@ -41,6 +41,10 @@ def miniature(params: dict) -> dict:
                        batch_size=2, calib_batches=1)
     p["search"]["proxy"].update(n_samples=8, holdout_samples=16)
     p["tmpq"].update(settings=["W4A4"], seeds=[0])
+    p["qdiff"].update(variants=["qdiff"], settings=["W4A8"], seeds=[0], seeded_variants=None, calib_batches=1,
+                      act_mse_samples=256)
+    p["qdiff"]["recon"].update(iters=2, batch_size=8)
+    p["qdiff"]["act_recon"].update(iters=1, batch_size=8, error_inputs=16)
     p["eval"].update(n_samples=40, batch_size=40, grid_size=4, floor_real_splits=2)
     p["report"].update(bootstrap=50)
     return p
@@ -105,8 +109,8 @@ def test_repro_writes_summary_for_every_model(repo):
                  else ["mpq/mpqdm/W3A4", "mpq/mpqdm2/W3A4", "toy/toy_rtn/W4A8"])
         extra += ["dilatequant/dilatequant/W4A8", "dilatequant/full_qat/W4A8", "peers/quanto/W8A8",
                   "peers/torchao/W8A8"]
-        if b == "unet":  # TMPQ-DM: the searched configuration (3 of 5 steps) and the uniform reference
-            extra += ["tmpq/tmpq/W4A4", "tmpq/uniform/W4A4"]
+        if b == "unet":  # TMPQ-DM: the searched configuration (3 of 5 steps) and the uniform reference; Q-Diffusion
+            extra += ["tmpq/tmpq/W4A4", "tmpq/uniform/W4A4", "qdiff/qdiff/W4A8"]
         for m in extra:
             row = summary[f"{b}/{m}"]
             assert row["fid"] >= 0 and 0 <= row["accuracy"] <= 1 and row["bitops_g"] > 0
