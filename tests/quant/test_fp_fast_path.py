@@ -65,22 +65,13 @@ def _check(x, maxval, e, m, signed):
     assert _same(slow, ref)
 
 
-@pytest.mark.parametrize("fmt", SIGNED)
-def test_fast_path_equals_reference_signed(fmt):
-    g = torch.Generator().manual_seed(10)
+@pytest.mark.parametrize("fmt, signed", [(f, True) for f in SIGNED] + [(f, False) for f in UNSIGNED])
+def test_fast_path_equals_reference(fmt, signed):
+    g = torch.Generator().manual_seed(10 if signed else 11)
     for seed in range(3):
-        x = _inputs(seed, True)
-        for mv in _maxvals(x, True, g):
-            _check(x, mv, *fmt, True)
-
-
-@pytest.mark.parametrize("fmt", UNSIGNED)
-def test_fast_path_equals_reference_unsigned(fmt):
-    g = torch.Generator().manual_seed(11)
-    for seed in range(3):
-        x = _inputs(seed, False)
-        for mv in _maxvals(x, False, g):
-            _check(x, mv, *fmt, False)
+        x = _inputs(seed, signed)
+        for mv in _maxvals(x, signed, g):
+            _check(x, mv, *fmt, signed)
 
 
 @pytest.mark.parametrize("fmt", [(13, 3), (12, 4), (15, 1)])
