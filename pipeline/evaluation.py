@@ -345,33 +345,15 @@ def _cached(old_cache: Path, stem: str, exts: tuple[str, ...] = (".json", ".png"
     return all((old_cache / f"{stem}{ext}").exists() for ext in exts)
 
 
-_WORKER: Optional["Evaluator"] = None
-_WORKER_FP: dict = {}
-
-
-def _init_worker(args: tuple, fp_arrays: dict) -> None:
-    global _WORKER, _WORKER_FP
-    torch.set_num_threads(1)
-    _WORKER = Evaluator(*args)
-    _WORKER_FP = fp_arrays
-
-
-def _evaluate_in_worker(entry: ModelEntry):
-    return _WORKER.evaluate(entry, _WORKER_FP.get(entry.backbone))
-
-
 def _evaluate_many(entries: list, evaluator_args: tuple, fp_arrays: dict, n_workers: int, local):
-    """(row, images, arrays) of every entry, in order: ``n_workers`` spawned single-threaded processes,
-    or this process (``local()`` -> its Evaluator) when one worker suffices."""
-    if n_workers <= 1 or len(entries) <= 1:
-        for e in entries:
-            yield local().evaluate(e, fp_arrays.get(e.backbone))
-        return
-    import multiprocessing as mp
+    """(row, images, arrays) of every entry, in order: ``n_workers`` spawned single-threaded processes
+    (:class:`pipeline.parallel.WorkerPool`), or this process (``local()`` -> its Evaluator) when one
+    worker suffices."""
+    from .parallel import WorkerPool
 
-    with mp.get_context("spawn").Pool(min(n_workers, len(entries)), initializer=_init_worker,
-                                      initargs=(evaluator_args, fp_arrays)) as pool:
-        yield from pool.imap(_evaluate_in_worker, entries, chunksize=1)
+    n = 1 if len(entries) <= 1 else min(n_workers, len(entries))
+    with WorkerPool(n, Evaluator, evaluator_args, local=local) as pool:
+        yield from pool.imap("evaluate", [(e, fp_arrays.get(e.backbone)) for e in entries])
 
 
 def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, data_dir: Path, evaluators_dir: Path,

@@ -30,9 +30,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
+
+from .metrics.stats import verdict
+from .parallel import WorkerPool
 
 log = logging.getLogger("pipeline")
 FRONT_FILE = "front.json"
@@ -85,46 +88,6 @@ class Scorer:
         n, seed = self.sample_of(which)
         imgs = self._images(self.supernet.backbone, n, seed, cand.timesteps)
         return ((imgs - ref) ** 2).flatten(1).mean(1).double().numpy()
-
-
-_WORKER: Optional[Scorer] = None
-
-
-def _init_worker(kwargs: dict) -> None:
-    import torch
-
-    global _WORKER
-    torch.set_num_threads(1)
-    _WORKER = Scorer(**kwargs)
-
-
-def _score_in_worker(job: tuple) -> list:
-    from .methods.tmpq import Candidate
-
-    cand, which = job
-    return _WORKER.score(Candidate.from_dict(cand), which).tolist()
-
-
-class _Pool:
-    """Scores candidates in ``n`` spawned processes, or in this process when ``n == 1``."""
-
-    def __init__(self, n: int, kwargs: dict, local: Scorer) -> None:
-        self.local, self.pool = local, None
-        if n > 1:
-            import multiprocessing as mp
-
-            self.pool = mp.get_context("spawn").Pool(n, initializer=_init_worker, initargs=(kwargs,))
-
-    def score(self, cands, which: str) -> list:
-        if self.pool is None:
-            return [self.local.score(c, which) for c in cands]
-        res = self.pool.map(_score_in_worker, [(c.to_dict(), which) for c in cands], chunksize=1)
-        return [np.asarray(r, dtype=np.float64) for r in res]
-
-    def close(self, terminate: bool = False) -> None:
-        if self.pool is not None:
-            self.pool.terminate() if terminate else self.pool.close()
-            self.pool.join()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,15 +188,6 @@ def pareto_front(points: list[dict]) -> list[dict]:
     return front
 
 
-def verdict(diff_ci: tuple[float, float]) -> str:
-    lo, hi = diff_ci
-    if hi < 0:
-        return "holds"
-    if lo > 0:
-        return "does not hold"
-    return "not separable at this N"
-
-
 # ------------------------------------------------------------------------------------------------
 # the stage
 # ------------------------------------------------------------------------------------------------
@@ -291,14 +245,9 @@ def run_search(backbone: str, cfg, diffusion, sampling, tracking, fp_dir, calib_
     with stage_run("search", params=params, tags=tags, experiment=tracking.experiment, uri=tracking.uri,
                    run_name=f"search@{backbone}", log_file=Path("data") / "logs" / f"search@{backbone}.log",
                    inputs=[fp_dir, calib_dir]) as run_:
-        pool = _Pool(cfg.n_workers, kwargs, local)
-        try:
+        with WorkerPool(cfg.n_workers, Scorer, kwargs=kwargs, local=lambda: local) as pool:
             _optimise(study, dists, sn, groups, cost, budget, pool, cfg, run_, progress)
             doc = _summarise(study, sn, groups, cost, budget, full, pool, cfg, key)
-        except BaseException:
-            pool.close(terminate=True)
-            raise
-        pool.close()
         doc["backbone"] = backbone
         write_json(out / FRONT_FILE, doc)  # results only: a rerun that changes nothing rewrites the same bytes
         run_info = {"seconds": time.time() - t0, "resumed_from": start, "requeued": requeued,
@@ -314,6 +263,11 @@ def run_search(backbone: str, cfg, diffusion, sampling, tracking, fp_dir, calib_
     return doc
 
 
+def _score(pool: WorkerPool, cands: list, which: str) -> list:
+    """Per-sample proxy of every candidate (Scorer.score), in order."""
+    return pool.map("score", [(c, which) for c in cands])
+
+
 def _optimise(study, dists, sn, groups, cost, budget, pool, cfg, run_, progress) -> None:
     import mlflow
 
@@ -325,7 +279,7 @@ def _optimise(study, dists, sn, groups, cost, budget, pool, cfg, run_, progress)
         trials = [study.ask(dists) for _ in range(k)]
         cands = [decode(t.params, sn, groups) for t in trials]
         t0 = time.time()
-        scores = pool.score(cands, "search")
+        scores = _score(pool, cands, "search")
         for trial, cand, s in zip(trials, cands, scores):
             c = cost.bitops(cand)
             trial.set_user_attr("constraint", c - budget)
@@ -351,22 +305,21 @@ def _summarise(study, sn, groups, cost, budget, full, pool, cfg, key) -> dict:
     from .methods.tmpq import group_default_timesteps
 
     trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    cands = {t.number: decode(t.params, sn, groups) for t in trials}
     points = [{"trial": t.number, "proxy": t.values[0], "bitops": t.values[1] * 1e9,
                "feasible": t.values[1] * 1e9 <= budget * (1 + 1e-9),
-               "candidate": decode(t.params, sn, groups).to_dict()} for t in trials]
+               "candidate": cands[t.number].to_dict()} for t in trials]
     front = pareto_front([p for p in points if p["feasible"]])
     widths = sorted(set(cfg.w_bits) & set(cfg.a_bits))
-    refs = []
+    refs, ref_cands = [], []
     for b in widths:
         for label, ts in (("full", full), ("groups", group_default_timesteps(groups))):
             cand = sn.uniform(b, b, ts)
             refs.append({"label": f"uniform W{b}A{b} @ {len(ts)} steps", "bits": b, "schedule": label,
                          "bitops": cost.bitops(cand), "candidate": cand.to_dict()})
-    from .methods.tmpq import Candidate
-
-    to_score = [Candidate.from_dict(p["candidate"]) for p in front] + [Candidate.from_dict(r["candidate"]) for r in refs]
-    search_scores = pool.score([Candidate.from_dict(r["candidate"]) for r in refs], "search")
-    holdout = pool.score(to_score, "holdout")
+            ref_cands.append(cand)
+    search_scores = _score(pool, ref_cands, "search")
+    holdout = _score(pool, [cands[p["trial"]] for p in front] + ref_cands, "holdout")
     for p, h in zip(front + refs, holdout):
         p["holdout_mean"] = float(np.mean(h))
         p["holdout_ci"] = list(bootstrap_ci(h, seed=cfg.seed))
@@ -387,7 +340,7 @@ def _summarise(study, sn, groups, cost, budget, full, pool, cfg, key) -> dict:
         comparisons.append({"uniform": r["label"], "uniform_bitops": r["bitops"], "uniform_mse": r["holdout_mean"],
                             "searched_trial": best["trial"], "searched_bitops": best["bitops"],
                             "searched_mse": best["holdout_mean"], "diff": float(diff.mean()), "diff_ci": list(ci),
-                            "verdict": verdict(ci)})
+                            "verdict": verdict(*ci, lower_is_better=True)})
     for p in front + refs:
         p.pop("_h")
     uniform_cost = {f"W{w}A{a}": cost.per_step(sn.uniform(w, a, full)) for w in cfg.w_bits for a in cfg.a_bits}
@@ -400,9 +353,8 @@ def _summarise(study, sn, groups, cost, budget, full, pool, cfg, key) -> dict:
                          "calib_batches": cfg.calib_batches, "seed": cfg.seed},
             "uniform_cost_per_step": uniform_cost, "front": front, "uniform": refs, "comparisons": comparisons,
             "trials": [{k: v for k, v in p.items() if k != "candidate"} |
-                       {"mean_w_bits": Candidate.from_dict(p["candidate"]).mean_w_bits,
-                        "mean_a_bits": Candidate.from_dict(p["candidate"]).mean_a_bits,
-                        "n_steps": len(p["candidate"]["timesteps"])} for p in points]}
+                       {"mean_w_bits": cands[p["trial"]].mean_w_bits, "mean_a_bits": cands[p["trial"]].mean_a_bits,
+                        "n_steps": len(cands[p["trial"]].timesteps)} for p in points]}
 
 
 def _write_tables(doc: dict, out: Path) -> None:

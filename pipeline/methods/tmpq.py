@@ -73,13 +73,13 @@ def group_default_timesteps(groups) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 def uniform_spec(wbits: int, abits: int, weight_init: str = "minmax", act_init: str = "minmax",
                  keep_bits: int = 8):
-    """W<wbits>A<abits> everywhere (attention operands at ``abits``), first/last/embeddings at ``keep_bits``."""
-    from ..quant.surgery import LayerQuant, QuantSpec, default_rules
+    """W<wbits>A<abits> everywhere (attention operands at ``abits``), first/last/embeddings at ``keep_bits``:
+    the naive PTQ spec (:func:`pipeline.methods.naive_ptq.naive_spec`) at that setting."""
+    from ..config import BitSetting
+    from .naive_ptq import NaivePTQConfig, naive_spec
 
-    default = LayerQuant(w_bits=wbits, w_format="int", w_granularity="channel", w_symmetric=False, w_init=weight_init,
-                         a_bits=abits, a_format="int", a_mode="static", a_symmetric=False, a_init=act_init,
-                         attn_bits=abits)
-    return QuantSpec(default=default, rules=default_rules(keep_bits or None))
+    return naive_spec(BitSetting(wbits, abits),
+                      NaivePTQConfig(weight_init=weight_init, act_init=act_init, keep_first_last_bits=keep_bits))
 
 
 def _exact(name: str) -> str:
@@ -180,14 +180,13 @@ class SuperNet:
         self.backbone = self.copies[self.widths[-1]]  # the network whose quantizers get switched
         self.layers = dict(quant_layers(self.backbone.net))
         self.attention = {n: self.backbone.net.get_submodule(n) for n, _ in quant_attention(self.backbone.net)}
-        self.w_quant = {n: {b: dict(quant_layers(c.net))[n].weight_quantizers for b, c in self.copies.items()}
-                        for n in self.layers}
-        self.a_quant = {n: {b: dict(quant_layers(c.net))[n].act_quantizer for b, c in self.copies.items()}
-                        for n in self.layers}
-        self.processors = {n: {b: dict(quant_attention(c.net))[n] for b, c in self.copies.items()}
-                           for n in self.attention}
+        layer_maps = {b: dict(quant_layers(c.net)) for b, c in self.copies.items()}
+        processor_maps = {b: dict(quant_attention(c.net)) for b, c in self.copies.items()}
+        self.w_quant = {n: {b: m[n].weight_quantizers for b, m in layer_maps.items()} for n in self.layers}
+        self.a_quant = {n: {b: m[n].act_quantizer for b, m in layer_maps.items()} for n in self.layers}
+        self.processors = {n: {b: m[n] for b, m in processor_maps.items()} for n in self.attention}
         lo, hi = self.widths[0], self.widths[-1]
-        lo_bits = dict(quant_layers(self.copies[lo].net))
+        lo_bits = layer_maps[lo]
         # weight width searched where it follows the uniform width (the keep rules fix the others)
         self.w_slots = [n for n in self.layers if lo == hi or lo_bits[n].w_bits != self.layers[n].w_bits]
         self.a_slots = [n for n in self.layers if self.layers[n].act_quantizer is not None] + list(self.attention)
@@ -314,9 +313,7 @@ def quantize(backbone, calib, setting, cfg: TMPQConfig, ctx: MethodContext) -> Q
     front = read_front(cfg.search_dir, ctx.backbone_name)
     sc = front["supernet"]  # the super-network options the search used
 
-    class _Opts:
-        weight_init, act_init = sc["weight_init"], sc["act_init"]
-        keep_first_last_bits, calib_batches, seed = sc["keep_first_last_bits"], sc["calib_batches"], cfg.seed
+    opts = {"weight_init": sc["weight_init"], "act_init": sc["act_init"], "keep_bits": sc["keep_first_last_bits"]}
 
     full = timestep_values(ctx.diffusion, ctx.sampling)
     if ctx.variant.get("searched"):
@@ -327,18 +324,17 @@ def quantize(backbone, calib, setting, cfg: TMPQConfig, ctx: MethodContext) -> Q
                              f"{sorted(front['uniform_cost_per_step'])})")
         point = choose(front, budget)
         cand = Candidate.from_dict(point["candidate"])
-        spec = candidate_spec(cand, _Opts.weight_init, _Opts.act_init, _Opts.keep_first_last_bits)
+        spec = candidate_spec(cand, **opts)
         timesteps = cand.timesteps
         info = {"trial": point["trial"], "search_bitops_g": point["bitops"] / 1e9, "n_steps": len(timesteps),
                 "mean_w_bits": cand.mean_w_bits, "mean_a_bits": cand.mean_a_bits,
                 "holdout_mse": point["holdout_mean"]}
     else:
-        spec = uniform_spec(setting.wbits, setting.abits, _Opts.weight_init, _Opts.act_init,
-                            _Opts.keep_first_last_bits)
+        spec = uniform_spec(setting.wbits, setting.abits, **opts)
         timesteps = full
         info = {"n_steps": len(full)}
     quantize_model(backbone.net, spec)
-    calibrate_fp_ranges(backbone, calib, _Opts.calib_batches, _Opts.seed, ctx.device)
+    calibrate_fp_ranges(backbone, calib, sc["calib_batches"], cfg.seed, ctx.device)
     if ctx.workdir is not None and timesteps != full:
         write_json(ctx.workdir / "sampling.json", {"timesteps": [int(t) for t in timesteps]})
     return QuantResult(backbone, spec, info)

@@ -180,18 +180,18 @@ def test_search_resumes_after_a_kill_and_two_workers_give_the_same_study(saved, 
 
     # killed after the second round: the rerun continues the count, no trial lost, same study
     calls = {"n": 0}
-    real = search._Pool.score
+    real = search._score
 
-    def dying(self, cands, which):
+    def dying(pool, cands, which):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(self, cands, which)
+        return real(pool, cands, which)
 
-    monkeypatch.setattr(search._Pool, "score", dying)
+    monkeypatch.setattr(search, "_score", dying)
     with pytest.raises(KeyboardInterrupt):
         _run(saved, tmp_path / "killed", cfg)
-    monkeypatch.setattr(search._Pool, "score", real)
+    monkeypatch.setattr(search, "_score", real)
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
