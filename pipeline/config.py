@@ -476,6 +476,19 @@ class HPSConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    """``quantize``: how the jobs of every method family are run (not what they compute).
+
+    ``n_workers``: processes that run a family's jobs, each with one intra-op thread (as the stage's own
+    process), so a job's result does not depend on ``n_workers`` or on the machine's core count."""
+
+    n_workers: int = 2
+
+    def validate(self, p: str) -> None:
+        _check_positive(self, p, "n_workers")
+
+
+@dataclass
 class EvalConfig:
     """``eval``: one protocol for every model (same noise, labels, evaluators, reference set)."""
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import BitSetting, DiffusionConfig, ModelConfig, SamplingConfig, TrackingConfig, load_section, \
-    read_params, to_dict
+from .config import BitSetting, DiffusionConfig, ModelConfig, QuantizeConfig, SamplingConfig, TrackingConfig, \
+    load_section, read_params, to_dict
 from .io import atomic_dir, data_hash, read_json, tree_hash, write_json
 
 log = logging.getLogger("pipeline")
@@ -190,8 +190,10 @@ class FamilyRunner:
                  out: str | Path) -> None:
         from .validation import load_family
 
+        self._args = (name, str(params_path), str(fp_root), str(calib_root), str(out))  # a worker's own runner
         raw = read_params(params_path)
         model = load_section("model", ModelConfig, params_path)
+        self.n_workers = load_section("quantize", QuantizeConfig, params_path).n_workers
         self.family, self.matrix, self.cfg = load_family(name, raw, model.backbones)
         self.diffusion = load_section("diffusion", DiffusionConfig, params_path)
         self.sampling = load_section("sampling", SamplingConfig, params_path)
@@ -239,36 +241,60 @@ class FamilyRunner:
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
-        """Run every job; returns the failed manifest entries (empty when all succeeded)."""
+        """Run every job; returns the failed manifest entries (empty when all succeeded).
+
+        The jobs run in ``quantize.n_workers`` spawned processes (one model each at a time, results
+        collected in job order), every process with one intra-op thread, this one included: a job's
+        result does not depend on the worker count or on the machine's core count."""
         import torch
 
+        from .parallel import WorkerPool
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.set_num_threads(1)
+        n = max(1, min(self.n_workers, len(self.jobs)))
+        if n > 1:
+            from .tracking import ensure_experiment
+
+            ensure_experiment(self.tracking.experiment, self.tracking.uri)  # the store exists before workers log
+            log.info("%s: %d jobs in %d worker processes", self.family.name, len(self.jobs), n)
         entries = []
         with atomic_dir(self.out) as tmp:
-            for i, job in enumerate(self.jobs, 1):
-                entry = {"variant": job.variant, "setting": job.setting.name, "backbone": job.backbone,
-                         "seed": job.seed, "wbits": job.setting.wbits, "abits": job.setting.abits, "path": str(job.rel)}
-                dest = tmp / job.rel
-                try:
-                    entry["reused"] = self.run_job(job, dest, device)
-                    entry["status"] = "ok"
-                    log.info("[%d/%d] %s: %s", i, len(self.jobs), job.label,
-                             "unchanged, reused" if entry["reused"] else "done")
-                except Exception as exc:  # one failing variant is a row, not a crash
-                    log.error("[%d/%d] %s FAILED: %s\n%s", i, len(self.jobs), job.label, exc, traceback.format_exc())
-                    entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-                    for p in (dest.iterdir() if dest.exists() else []):  # keep a finished first phase
-                        if p.name != "init":
-                            shutil.rmtree(p) if p.is_dir() else p.unlink()
-                entries.append(entry)
+            with WorkerPool(n, FamilyRunner, self._args, local=lambda: self) as pool:
+                results = pool.imap("run_index", [(k, str(tmp), device) for k in range(len(self.jobs))])
+                for i, (job, entry) in enumerate(zip(self.jobs, results), 1):
+                    if entry["status"] == "ok":
+                        log.info("[%d/%d] %s: %s", i, len(self.jobs), job.label,
+                                 "unchanged, reused" if entry["reused"] else "done")
+                    else:
+                        log.error("[%d/%d] %s FAILED: %s", i, len(self.jobs), job.label, entry["error"])
+                    entries.append(entry)
             write_json(tmp / MANIFEST, {
                 "version": MANIFEST_VERSION, "family": self.family.name, "description": self.family.description,
                 "settings": list(self.matrix.settings), "variants": list(self.matrix.variants),
                 "backbones": list(self.matrix.backbones), "seeds": list(self.matrix.seeds),
                 "tables": [{**t.as_dict(self.family.name), "settings": list(self.matrix.settings),
-                            "variants": list(t.variants) or list(self.matrix.variants)} for t in self.family.tables],
+                            "variants": list(t.variants) or list(self.matrix.variants)} for t in self.family.tables
+                           if t.backbone in self.matrix.backbones],  # a table of a backbone not run: nothing to show
                 "models": entries})
         return [e for e in entries if e["status"] != "ok"]
+
+    def run_index(self, k: int, tmp: str, device) -> dict:
+        """Run job ``k`` into the new output folder ``tmp``; its manifest entry (a failure is an entry)."""
+        job = self.jobs[k]
+        entry = {"variant": job.variant, "setting": job.setting.name, "backbone": job.backbone,
+                 "seed": job.seed, "wbits": job.setting.wbits, "abits": job.setting.abits, "path": str(job.rel)}
+        dest = Path(tmp) / job.rel
+        try:
+            entry["reused"] = self.run_job(job, dest, device)
+            entry["status"] = "ok"
+        except Exception as exc:  # one failing variant is a row, not a crash
+            log.error("%s FAILED: %s\n%s", job.label, exc, traceback.format_exc())
+            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            for p in (dest.iterdir() if dest.exists() else []):  # keep a finished first phase
+                if p.name != "init":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return entry
 
     def run_job(self, job: Job, dest: Path, device) -> bool:
         """Produce ``dest`` for ``job``; True when a previous identical result was reused."""

@@ -136,6 +136,17 @@ def _is_number(v: Any) -> bool:
     return f == f and abs(f) != float("inf")
 
 
+def ensure_experiment(experiment: str = "diffusion-quant", uri: str = "sqlite:///mlflow.db") -> None:
+    """Point MLflow at ``uri``, creating the store (its schema) and ``experiment`` when missing. Call it in
+    one process before worker processes log to the same store: two processes creating it race."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=artifact_location())
+    mlflow.set_experiment(experiment)
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -158,11 +169,7 @@ def stage_run(
 
     file_handler = setup_logging(log_file)
     t0 = time.time()
-    mlflow.set_tracking_uri(tracking_uri(uri))
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        mlflow.create_experiment(experiment, artifact_location=artifact_location())
-    mlflow.set_experiment(experiment)
+    ensure_experiment(experiment, uri)
     all_tags = {
         "stage": stage,
         "git_commit": git_commit(),

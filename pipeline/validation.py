@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import (CalibrateConfig, ConfigError, DiffusionConfig, EvalConfig, ModelConfig, PrepareConfig,
-                     ReportConfig, SamplingConfig, SearchConfig, TrackingConfig, TrainEvaluatorsConfig, TrainFPConfig,
+                     QuantizeConfig, ReportConfig, SamplingConfig, SearchConfig, TrackingConfig, TrainEvaluatorsConfig, TrainFPConfig,
                      from_dict, read_params, split_family_section, to_dict)
 
 SECTIONS = {
     "tracking": TrackingConfig, "prepare": PrepareConfig, "diffusion": DiffusionConfig,
     "sampling": SamplingConfig, "model": ModelConfig, "train_fp": TrainFPConfig,
     "train_evaluators": TrainEvaluatorsConfig, "calibrate": CalibrateConfig, "eval": EvalConfig,
-    "report": ReportConfig, "search": SearchConfig,
+    "report": ReportConfig, "search": SearchConfig, "quantize": QuantizeConfig,
 }
 FAMILIES_KEY = "families"
 

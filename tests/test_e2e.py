@@ -20,7 +20,9 @@ def miniature(params: dict) -> dict:
     p["model"]["unet"]["unet"] = {"block_out_channels": [16, 32], "layers_per_block": 1,
                                   "attention_levels": [False, True], "norm_num_groups": 8}
     p["model"]["dit"]["dit"] = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "patch_size": 2}
-    for b in ("unet", "dit"):
+    p["model"]["pixart"]["pixart"] = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
+                                      "patch_size": 2, "caption_channels": 16, "caption_length": 2}
+    for b in ("unet", "dit", "pixart"):
         p["train_fp"][b].update(steps=30, batch_size=32, warmup_steps=5)
     p["train_evaluators"].update(classifier_steps=60, clip_steps=40, batch_size=64)
     p["calibrate"].update(n_samples=16, n_timesteps=3, batch_size=16)
@@ -70,12 +72,12 @@ def copy_checkout(dst: Path) -> None:
 
 def make_repo(dst: Path, workers: int = 2):
     """A fresh clone in ``dst``: the working tree (no reports/, no dvc.lock), the toy family, the miniature
-    params (``workers`` processes for the search and the evaluation), git + dvc initialised. Returns the
+    params (``workers`` processes for the quantize jobs, the search and the evaluation), git + dvc initialised. Returns the
     environment to run dvc in."""
     copy_checkout(dst)
     shutil.copy2(ROOT / "tests" / "fixtures" / "toy_family.py", dst / "pipeline" / "methods" / "toy_family.py")
     params = miniature(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    params["eval"]["n_workers"] = params["search"]["n_workers"] = workers
+    params["eval"]["n_workers"] = params["search"]["n_workers"] = params["quantize"]["n_workers"] = workers
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="t",
@@ -126,17 +128,24 @@ def test_repro_writes_summary_for_every_model(repo):
         assert summary[f"{b}/peers/quanto/W8A8"]["coverage"] == 1.0
         assert 0 < summary[f"{b}/peers/torchao/W8A8"]["coverage"] < 1
     assert "noise_floor/real_vs_real" in summary
+    # the text-conditioned backbone: FP, the naive baseline and the FP4DiT pair, each scored with CLIP too
+    for m in ("fp/fp/FP32", "naive/naive/W4A4", "fp4dit/fp4dit/W4A8", "fp4dit/int-asym_tok_ada/W4A8"):
+        row = summary[f"pixart/{m}"]
+        assert row["fid"] >= 0 and 0 <= row["accuracy"] <= 1 and row["bitops_g"] > 0 and "clip_score" in row
+    assert "unet/fp4dit/fp4dit/W4A8" not in summary and "pixart/mpq/mpqdm/W3A4" not in summary
     claims = json.loads((dst / "reports" / "claims.json").read_text())["claims"]
     assert any(c.get("metrics", {}).get("fid", {}).get("verdict") for c in claims)
     md = (dst / "reports" / "results.md").read_text()
     assert "### unet" in md and "### Toy vs naive" in md and "### FP4DiT cross, online per-token" in md
+    assert "### FP4DiT cross, online per-token activations (PixArt, text-conditioned)" in md
+    assert any(c["backbone"] == "pixart" and c.get("metrics") for c in claims)
     assert "## Paper claims" in md and "## Noise floor" in md
     search = summary["search/unet"]
     assert search["n_trials"] == 6 and search["front_size"] >= 1 and search["comparisons"]
     assert summary["unet/tmpq/tmpq/W4A4"]["bitops_g"] <= summary["unet/tmpq/uniform/W4A4"]["bitops_g"] * (1 + 1e-9)
     assert "## TMPQ-DM search" in md
     for f in ("fid_vs_wbits.png", "fid_vs_bitops.png", "claims.png", "samples_unet.png", "samples_dit.png",
-              "search_unet.png"):
+              "samples_pixart.png", "search_unet.png"):
         assert (dst / "reports" / "plots" / f).stat().st_size > 0
     assert (dst / "data" / "quantized" / "naive" / "W4A4" / "naive" / "unet" / "seed0" / "packed.safetensors").exists()
     manifest = json.loads((dst / "data" / "quantized" / "toy" / "manifest.json").read_text())
@@ -146,7 +155,7 @@ def test_repro_writes_summary_for_every_model(repo):
 def test_a_second_clean_run_reproduces_summary_exactly(repo, tmp_path):
     """Same params and seeds, a new clone from scratch: summary.json byte for byte (timings live in
     timings.json, the one output allowed to differ) — with one process where the first run used two for
-    the search and the evaluation (the results do not depend on the worker count)."""
+    the quantize jobs, the search and the evaluation (the results do not depend on the worker count)."""
     *_, first = repo
     dst = tmp_path / "repo"
     env = make_repo(dst, workers=1)
@@ -171,7 +180,7 @@ def test_every_stage_is_an_mlflow_run(repo):
     stages = {r.data.tags.get("stage") for r in runs}
     assert stages >= {"prepare", "train_fp", "train_evaluators", "calibrate", "quantize", "evaluate", "report"}
     q = [r for r in runs if r.data.tags.get("stage") == "quantize" and r.data.tags.get("family") == "naive"]
-    assert len(q) == 8 and all({"backbone", "family", "variant", "setting", "git_commit", "params_hash"}
+    assert len(q) == 12 and all({"backbone", "family", "variant", "setting", "git_commit", "params_hash"}
                                <= set(r.data.tags) for r in q)
     assert all(r.info.status == "FINISHED" for r in runs)
     train = [r for r in runs if r.data.tags.get("stage") == "train_fp"]

@@ -45,6 +45,7 @@ def inputs(tmp_path_factory):
 
 def _params(root, **toy):
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["quantize"]["n_workers"] = 1  # in this process: the toy family is registered here only
     p["sampling"]["steps"] = 3
     p["model"]["backbones"] = ["unet"]
     p["families"] = ["toy"]
@@ -224,3 +225,55 @@ def test_bad_seed_matrix_is_a_clear_error(inputs, bad, msg):
     _toy_module()
     with pytest.raises(ConfigError, match=msg):
         _runner(inputs, **bad)
+
+
+def test_jobs_in_worker_processes_give_the_same_models_as_one_process(inputs, monkeypatch, tmp_path):
+    """quantize.n_workers spreads a family's jobs over spawned single-threaded processes; the packed
+    models, their manifest entries and the MLflow runs are those of the in-process run."""
+    import mlflow
+
+    from pipeline.runner import FamilyRunner
+
+    monkeypatch.chdir(inputs)
+    outs = {}
+    for n in (1, 2):
+        p = yaml.safe_load((ROOT / "params.yaml").read_text())
+        p["quantize"]["n_workers"] = n
+        p["sampling"]["steps"] = 3
+        p["model"]["backbones"] = ["unet"]
+        p["families"] = ["naive"]
+        for fam in ("fp4dit", "mpq", "dilatequant", "tmpq", "peers", "qdiff"):
+            p.pop(fam)
+        p["naive"].update(settings=["W8A8", "W4A4"], backbones=["unet"], seeds=[0, 1], calib_batches=1)
+        path = tmp_path / f"params{n}.yaml"
+        path.write_text(yaml.safe_dump(p))
+        runner = FamilyRunner("naive", path, inputs / "fp", inputs / "calib", tmp_path / f"out{n}")
+        assert runner.n_workers == n and runner.run() == []
+        outs[n] = tmp_path / f"out{n}"
+    m1, m2 = (read_json(outs[n] / "manifest.json")["models"] for n in (1, 2))
+    assert [(m["setting"], m["seed"], m["status"]) for m in m1] == [(m["setting"], m["seed"], m["status"]) for m in m2]
+    assert len(m1) == 4
+    from safetensors import safe_open
+
+    for m in m1:  # every tensor and the metadata (the header's metadata order is the writer's hash-map order)
+        f1, f2 = (safe_open(str(outs[n] / m["path"] / "packed.safetensors"), "pt") for n in (1, 2))
+        assert f1.metadata() == f2.metadata() and sorted(f1.keys()) == sorted(f2.keys())
+        assert all(torch.equal(f1.get_tensor(k), f2.get_tensor(k)) for k in f1.keys()), m["path"]
+        assert (outs[1] / m["path"] / "quant_spec.json").read_bytes() == (outs[2] / m["path"] / "quant_spec.json").read_bytes()
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.family = 'naive'", output_format="list")
+    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
+
+
+class _Broken:
+    def __init__(self, why):
+        raise ValueError(why)
+
+
+def test_a_worker_that_cannot_start_raises_instead_of_hanging():
+    from pipeline.parallel import WorkerPool
+
+    with pytest.raises(RuntimeError, match="could not start: ValueError: no model here"):
+        with WorkerPool(2, _Broken, ("no model here",)) as pool:
+            pool.map("anything", [(), ()])
+    with pytest.raises(ValueError, match="n_workers: must be >= 1"):
+        WorkerPool(0, _Broken, ())

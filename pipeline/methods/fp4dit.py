@@ -360,10 +360,10 @@ def check_setting(setting, cfg: FP4DiTConfig, switches: dict) -> None:
     fp4dit_spec(setting, cfg, switches)
 
 
-def _cross_table(act: str, title: str, claims: tuple = ()) -> Table:
+def _cross_table(act: str, title: str, claims: tuple = (), backbone: str = "dit") -> Table:
     cells = tuple(cross_name(g, act, r) for g in CROSS_GRIDS for r in CROSS_ROUNDINGS)
     return Table(
-        title=title, backbone="dit", baselines=("naive/naive",), variants=cells, claims=claims,
+        title=title, backbone=backbone, baselines=("naive/naive",), variants=cells, claims=claims,
         columns=("fid_ratio", "accuracy", "clip_score", "bitops_g", "model_mb", "method_seconds"),
         note="Cells of the cross at equal bits: weight grid (fp = E2M1 + E3M0 FFN-1, int-asym / int-sym = "
              "INT min-max per group) x rounding (ada = block AdaRound, nearest); activations and Q/K/V in the "
@@ -373,6 +373,14 @@ def _cross_table(act: str, title: str, claims: tuple = ()) -> Table:
              "dvc exp run -S 'fp4dit.variants=[...]'.")
 
 
+_CLAIMS = (
+    Claim("fp4dit/fp4dit", "fp4dit/int-asym_tok_ada", "FP4DiT: FP weights beat INT weights at equal bits "
+          "(same pipeline, asymmetric INT twin)"),
+    Claim("fp4dit/fp4dit", "fp4dit/int-sym_tok_ada", "FP4DiT: FP weights beat INT weights (symmetric INT twin)"),
+    Claim("fp4dit/fp4dit", "fp4dit/fp_tok_nearest", "FP4DiT: scale-aware AdaRound improves on round-to-nearest"),
+    Claim("fp4dit/fp4dit", "naive/naive", "FP4DiT: far better than min-max INT PTQ"),
+)
+
 register_family(Family(
     name="fp4dit", config_cls=FP4DiTConfig, quantize=quantize, check_setting=check_setting,
     backbones=("dit", "pixart"),
@@ -381,12 +389,7 @@ register_family(Family(
         Variant("fp4dit_ffn_e2m1", "FP4DiT with E2M1 in the first FFN linear instead of E3M0", {"ffn1": False}),
     ) + tuple(Variant(old, f"alias of {new} (name before the cross)", dict(next(
         v.switches for v in CROSS_VARIANTS if v.name == new))) for old, new in LEGACY_ALIASES.items()),
-    tables=(_cross_table("tok", "FP4DiT cross, online per-token activations (DiT)", claims=(
-        Claim("fp4dit/fp4dit", "fp4dit/int-asym_tok_ada", "FP4DiT: FP weights beat INT weights at equal bits "
-              "(same pipeline, asymmetric INT twin)"),
-        Claim("fp4dit/fp4dit", "fp4dit/int-sym_tok_ada", "FP4DiT: FP weights beat INT weights (symmetric INT twin)"),
-        Claim("fp4dit/fp4dit", "fp4dit/fp_tok_nearest", "FP4DiT: scale-aware AdaRound improves on round-to-nearest"),
-        Claim("fp4dit/fp4dit", "naive/naive", "FP4DiT: far better than min-max INT PTQ"),
-    )),
-            _cross_table("static", "FP4DiT cross, static per-tensor activations (DiT)")),
+    tables=tuple(t for b, name in (("dit", "DiT"), ("pixart", "PixArt, text-conditioned")) for t in (
+        _cross_table("tok", f"FP4DiT cross, online per-token activations ({name})", claims=_CLAIMS, backbone=b),
+        _cross_table("static", f"FP4DiT cross, static per-tensor activations ({name})", backbone=b))),
 ))

@@ -153,6 +153,7 @@ def test_a_peer_that_fails_to_import_is_a_failed_row_and_the_other_runs(runner_i
     root = runner_inputs
     monkeypatch.chdir(root)
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["quantize"]["n_workers"] = 1  # in this process: the monkeypatched torchao must reach the jobs
     p["sampling"]["steps"] = 3
     p["model"]["backbones"] = ["unet"]
     p["peers"] = {**p["peers"], "variants": ["quanto", "torchao"], "settings": ["W8A8"], "backbones": ["unet"]}

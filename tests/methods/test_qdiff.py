@@ -221,6 +221,7 @@ def test_runner_job_saves_a_loadable_model(tiny_calibrated, tmp_path, monkeypatc
     save_calibration(calib, tmp_path / "calib" / "unet")
     root = Path(__file__).resolve().parents[2]
     p = yaml.safe_load((root / "params.yaml").read_text())
+    p["quantize"]["n_workers"] = 1
     p["model"]["backbones"] = ["unet"]
     p["families"] = ["qdiff"]
     p["qdiff"].update(variants=["qdiff"], settings=["W4A8"], seeds=[1], seeded_variants=["qdiff"], calib_batches=1)
