@@ -81,6 +81,25 @@ def entry_key(entry: ModelEntry, context: dict[str, Any]) -> str:
     return data_hash(parts)[:24]
 
 
+def entry_fields(entry: ModelEntry) -> dict[str, Any]:
+    """The fields of a row that belong to the entry, not to its model files: its identity and what its
+    ``info.json`` says about the method. Two entries can hold identical files (e.g. TMPQ-DM picking the same
+    configuration for two budgets) and so share one cached evaluation; these fields are never taken from it."""
+    out: dict[str, Any] = {"backbone": entry.backbone, "family": entry.family, "variant": entry.variant,
+                           "setting": entry.setting, "seed": entry.seed}
+    info_file = Path(entry.quant_dir or "") / "info.json"
+    if entry.quant_dir is not None and info_file.exists():
+        from .io import read_json
+
+        info = read_json(info_file)
+        out["method_seconds"] = float(info.get("method_seconds", 0.0))
+        peak = info.get("peak_memory_mb", (info.get("info") or {}).get("peak_memory_mb"))  # runner, all families
+        out["method_peak_mb"] = float(peak) if isinstance(peak, (int, float)) else None
+        cov = (info.get("info") or {}).get("coverage")  # share of weights stored quantized (e.g. peers)
+        out["coverage"] = float(cov) if isinstance(cov, (int, float)) else None
+    return out
+
+
 def evaluation_context(cfg, diffusion, sampling, data_dir: Path, evaluators_dir: Path) -> dict[str, Any]:
     """Everything besides the model files that decides an evaluation's result (part of every entry key):
     the protocol params, the evaluators, the reference data and the library code."""
@@ -251,16 +270,7 @@ class Evaluator:
             paired = paired_metrics(images, fp_pair["images"], features, fp_pair["features"])
             arrays.update({k: v.contiguous() for k, v in paired.items()})
             row.update({k: float(v.double().mean()) for k, v in paired.items()})
-        info_file = Path(entry.quant_dir or "") / "info.json"
-        if entry.quant_dir is not None and info_file.exists():
-            from .io import read_json
-
-            info = read_json(info_file)
-            row["method_seconds"] = float(info.get("method_seconds", 0.0))
-            peak = info.get("peak_memory_mb", (info.get("info") or {}).get("peak_memory_mb"))  # runner, all families
-            row["method_peak_mb"] = float(peak) if isinstance(peak, (int, float)) else None
-            cov = (info.get("info") or {}).get("coverage")  # share of weights stored quantized (e.g. peers)
-            row["coverage"] = float(cov) if isinstance(cov, (int, float)) else None
+        row.update(entry_fields(entry))
         if self.hps is not None:
             row["hps"] = self.hps.compute(images, [caption(self.class_names[int(k)]) for k in labels])
         else:
@@ -422,7 +432,7 @@ def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, da
                 if e.quant_dir is not None and e.backbone not in fp_arrays:
                     raise ValueError(f"{e.label}: no FP model of backbone {e.backbone!r} to pair its images with")
                 if _cached(old_cache, key):
-                    row = read_json(old_cache / f"{key}.json")
+                    row = {**read_json(old_cache / f"{key}.json"), **entry_fields(e)}
                     for ext in (".json", ".png", ".safetensors"):
                         shutil.copy(old_cache / f"{key}{ext}", tmp / "cache" / f"{key}{ext}")
                     log.info("[%d/%d] %s: cached (FID %.3f, acc %.3f)", i, len(entries), e.label, row["fid"],

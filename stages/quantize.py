@@ -10,6 +10,9 @@ from _common import main, parser
 
 def run(args):
     from pipeline.runner import FamilyRunner
+    from pipeline.tracking import setup_logging
+
+    setup_logging()  # this process's progress lines ([i/n] per job); each job's MLflow run logs in its worker
 
     runner = FamilyRunner(args.family, args.params, args.fp, args.calib, args.out)  # validates first
     failed = runner.run()

@@ -126,6 +126,7 @@ def test_evaluate_all_reuses_cached_rows_without_building_evaluators(tmp_path, m
     failed = [{"backbone": "unet", "family": "mpq", "variant": "x", "setting": "W2A4", "status": "failed",
                "error": "E"}]
     rows = evaluate_all(cfg, diff, samp, TrackingConfig(), entries, failed, [], data_dir, evaluators_dir, out)
+    row = {**row, "family": "fp", "variant": "fp", "setting": "FP32", "seed": 0}  # the entry's identity
     assert rows == [row]
     results = json.loads((out / "results.json").read_text())
     assert {k: results[k] for k in ("rows", "failed", "tables")} == {"rows": [row], "failed": failed, "tables": []}
@@ -137,3 +138,50 @@ def test_evaluate_all_reuses_cached_rows_without_building_evaluators(tmp_path, m
     with pytest.raises(AssertionError, match="evaluated again"):
         evaluate_all(cfg, diff, samp, TrackingConfig(), entries, [], [], data_dir, evaluators_dir, out)
     assert json.loads((out / "results.json").read_text())["rows"] == [row]  # the old output survives
+
+
+def test_identical_models_share_a_cached_evaluation_but_keep_their_own_identity(tmp_path, monkeypatch):
+    """Two entries with the same model files (TMPQ-DM picks one configuration for two budgets) share one
+    cache key; a cached row still takes its setting, seed and info.json fields from its own entry."""
+    import pipeline.evaluation as ev
+    from safetensors.torch import save_file
+
+    from pipeline.io import data_hash
+
+    monkeypatch.chdir(tmp_path)
+    fp = tmp_path / "fp" / "unet"
+    _write(fp / "model.safetensors", "fp-weights")
+    data_dir, evaluators_dir, out = tmp_path / "data", tmp_path / "evaluators", tmp_path / "out"
+    data_dir.mkdir()
+    evaluators_dir.mkdir()
+    entries = [ModelEntry("unet", "fp", "fp", "FP32", fp)]
+    for setting, seconds in (("W4A4", 1.0), ("W6A6", 2.0)):
+        q = tmp_path / "q" / setting
+        _write(q / "packed.safetensors", "same packed model")
+        _write(q / "info.json", json.dumps({"method_seconds": seconds, "peak_memory_mb": 10.0 * seconds}))
+        entries.append(ModelEntry("unet", "tmpq", "tmpq", setting, fp, quant_dir=q, seed=2))
+    cfg, samp, diff = EvalConfig(n_samples=4, grid_size=1), SamplingConfig(steps=2), DiffusionConfig()
+    context = ev.evaluation_context(cfg, diff, samp, data_dir, evaluators_dir)
+    keys = [entry_key(e, context) for e in entries]
+    assert keys[1] == keys[2]
+    cached = {keys[0]: {"key": keys[0], "fid": 1.5, "accuracy": 0.9, "backbone": "unet", "family": "fp"},
+              # as the last writer of a previous run left it: the W6A6 entry's identity and timing
+              keys[1]: {"key": keys[1], "fid": 7.0, "accuracy": 0.8, "backbone": "unet", "family": "tmpq",
+                        "variant": "tmpq", "setting": "W6A6", "seed": 2, "method_seconds": 2.0, "method_peak_mb": 20.0}}
+    for key, row in cached.items():
+        _write(out / "cache" / f"{key}.json", json.dumps(row))
+        save_grid(torch.zeros(1, 1, 8, 8), out / "cache" / f"{key}.png", nrow=1)
+        save_file({"images": torch.zeros(4, 1, 8, 8), "features": torch.zeros(4, 3)},
+                  str(out / "cache" / f"{key}.safetensors"))
+    _write(out / "cache" / f"{keys[0]}-floor.json", json.dumps({"fid": 1.6}))
+    ref_key = data_hash({"context": context, "what": "reference"})[:24]
+    _write(out / "cache" / f"reference-{ref_key}.json", json.dumps({"real": {"fid_mean": 0.5}}))
+    save_file({"features": torch.zeros(5, 3)}, str(out / "cache" / f"reference-{ref_key}.safetensors"))
+
+    def no_evaluator(*a, **k):
+        raise AssertionError("a cached model was evaluated again")
+
+    monkeypatch.setattr(ev, "Evaluator", no_evaluator)
+    rows = evaluate_all(cfg, diff, samp, TrackingConfig(), entries, [], [], data_dir, evaluators_dir, out)
+    got = {r["setting"]: (r["seed"], r["fid"], r["method_seconds"], r["method_peak_mb"]) for r in rows[1:]}
+    assert got == {"W4A4": (2, 7.0, 1.0, 10.0), "W6A6": (2, 7.0, 2.0, 20.0)}
