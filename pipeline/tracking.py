@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from . import cpu_numerics
 from .io import data_hash, tree_hash
 
 log = logging.getLogger("pipeline")
@@ -174,6 +175,7 @@ def stage_run(
         "stage": stage,
         "git_commit": git_commit(),
         "params_hash": data_hash(params)[:16],
+        "cpu_numerics": ",".join(f"{k}={v}" for k, v in cpu_numerics().items()),
     }
     for p in inputs or []:
         if Path(p).exists():

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+import pipeline  # noqa: F401  (pins the CPU numerics before any kernel runs, as every stage does)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _single_thread_and_private_mlflow(tmp_path_factory):

@@ -31,6 +31,40 @@ def _train_once(seed: int):
                           progress=False)
 
 
+def _capability(env_extra: dict) -> str:
+    """torch's CPU kernel capability in a fresh process that imports torch, then pipeline, then computes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pipeline
+
+    env = {k: v for k, v in os.environ.items() if k not in pipeline.CPU_NUMERICS}
+    env.update(env_extra)
+    code = ("import torch, pipeline; torch.ones(64) @ torch.ones(64); "
+            "print(torch.backends.cpu.get_cpu_capability())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(pipeline.__file__).resolve().parents[1], check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_cpu_numerics_are_pinned_on_import_and_an_explicit_choice_wins():
+    """Importing pipeline pins torch / MKL / oneDNN to their AVX2 paths (the same kernels, hence the same
+    bits, on every x86-64 processor with AVX2), unless the environment already names a path."""
+    import platform
+    from pathlib import Path
+
+    import pipeline
+
+    assert pipeline.CPU_NUMERICS == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert _capability({"ATEN_CPU_CAPABILITY": "default"}) == "DEFAULT"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if platform.machine() not in ("x86_64", "AMD64") or " avx2" not in flags:
+        pytest.skip("the AVX2 pin applies to x86-64 processors with AVX2")
+    assert _capability({}) == "AVX2"
+
+
 def test_seeded_build_ignores_and_preserves_the_global_rng():
     cfg = BackboneModel()
     torch.manual_seed(1)

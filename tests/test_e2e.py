@@ -185,6 +185,10 @@ def test_every_stage_is_an_mlflow_run(repo):
     assert all(r.info.status == "FINISHED" for r in runs)
     train = [r for r in runs if r.data.tags.get("stage") == "train_fp"]
     assert any(k.startswith("train_loss") for r in train for k in r.data.metrics)  # Lightning logged into the run
+    from pipeline import cpu_numerics
+
+    pinned = ",".join(f"{k}={v}" for k, v in cpu_numerics().items())
+    assert all(r.data.tags.get("cpu_numerics") == pinned for r in train)  # the kernels every stage ran with
     mpq = [r for r in runs if r.data.tags.get("stage") == "quantize" and r.data.tags.get("family") == "mpq"]
     assert len(mpq) == 2 and all(r.data.metrics.get("finetune_seconds", 0) > 0 for r in mpq)
 
