@@ -173,6 +173,7 @@ def evaluate_claims(agg: pd.DataFrame, stats: Optional[RowStats], tables: list) 
     from .metrics.stats import interval, verdict
 
     keys = set(agg.apply(row_key, axis=1)) if len(agg) else set()
+    seeds = dict(zip(agg.apply(row_key, axis=1), agg["n_seeds"])) if len(agg) and "n_seeds" in agg else {}
     out = []
     for c in claim_rows(tables):
         kb, kw = f"{c['backbone']}/{c['better']}/{c['setting']}", f"{c['backbone']}/{c['worse']}/{c['setting']}"
@@ -182,6 +183,7 @@ def evaluate_claims(agg: pd.DataFrame, stats: Optional[RowStats], tables: list) 
             out.append(item)
             continue
         item["status"] = "ok"
+        item["n_seeds"] = [int(seeds.get(kb, 1)), int(seeds.get(kw, 1))]
         item["metrics"] = {}
         for m in c["metrics"]:
             if stats is None or not (stats.has(kb, m) and stats.has(kw, m)):
@@ -327,17 +329,19 @@ def claims_markdown(claims: list, level: float = 0.95) -> str:
     if not claims:
         return ""
     pct = int(round(level * 100))
-    lines = [f"| backbone | setting | claim | metric | better | worse | difference [{pct} % CI] | verdict | source |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| backbone | setting | claim | seeds | metric | better | worse | difference [{pct} % CI] | verdict | "
+             "source |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in claims:
         claim = f"{c['better']} beats {c['worse']}"
         if c["status"] != "ok" or not c.get("metrics"):
-            lines.append(f"| {c['backbone']} | {c['setting']} | {claim} | – | – | – | – | "
+            lines.append(f"| {c['backbone']} | {c['setting']} | {claim} | – | – | – | – | – | "
                          f"{c['status'] if c['status'] != 'ok' else 'no per-sample arrays'} | {c['source']} |")
             continue
+        ns = c.get("n_seeds", [1, 1])
+        seeds = f"{ns[0]} / {ns[1]}" + (" ⚠" if min(ns) < 2 else "")
         for m, v in c["metrics"].items():
             nd = 4 if m in ("ssim", "feat_dist") else 3
-            lines.append(f"| {c['backbone']} | {c['setting']} | {claim} | {m} | {_fmt(v['better'], nd)} | "
+            lines.append(f"| {c['backbone']} | {c['setting']} | {claim} | {seeds} | {m} | {_fmt(v['better'], nd)} | "
                          f"{_fmt(v['worse'], nd)} | {_fmt(v['diff'], nd)} [{_fmt(v['lo'], nd)}, {_fmt(v['hi'], nd)}] | "
                          f"**{v['verdict']}** | {c['source']} |")
     return "\n".join(lines)
@@ -402,7 +406,11 @@ def markdown_report(df: pd.DataFrame, notes: list[str] | None = None, tables: li
                   "Each claim \"A beats B\" at one setting, per metric: the difference A − B (lower is better "
                   "for FID and feat_dist, higher for PSNR and SSIM) with its paired bootstrap interval — the same "
                   "resampled samples and method seeds for both rows. *holds*: the whole interval favours A; *does "
-                  "not hold*: it favours B; *not separable at this N*: it contains 0. "
+                  "not hold*: it favours B; *not separable at this N*: it contains 0. `seeds`: method seeds of A / "
+                  "B; ⚠ = a row with one method seed, whose interval holds sample noise only (no calibration-draw "
+                  "or training-order variance), so its verdict is weaker than the others'. Every interval is "
+                  "conditional on the one FP model of its backbone: the FP model's own training noise is not in "
+                  "it (rerun the FP training with another `train_fp.<backbone>.seed` to see it). "
                   "Plot: `reports/plots/claims.png`.", "", claims_markdown(claims, level), ""]
     if tables:
         parts += ["## Comparisons", ""]

@@ -115,12 +115,30 @@ def test_aggregate_means_over_seeds_with_intervals_and_claim_verdicts(tmp_path):
     assert claims[0]["metrics"]["psnr"]["verdict"] == "holds"
     assert claims[1]["metrics"]["fid"]["verdict"] == "does not hold"
     assert claims[2]["status"].startswith("not run")
+    assert claims[0]["n_seeds"] == [3, 3]
     s = report.summary(agg, claims, {"seed": {"unet": {"fid": 0.2}}, "real": {}})
     assert s["claims/unet/W4A4/fam/good<fam/bad/fid"]["verdict"] == "holds"
     assert "fid_lo" in s["unet/fam/good/W4A4"] and s["noise_floor/unet/fp_other_noise"]["fid"] == 0.2
     md = report.markdown_report(agg, tables=[table], claims=claims, floor={"seed": {"unet": {"fid": 0.2}}})
     assert "**holds**" in md and "## Noise floor" in md and "## Paper claims" in md
+    assert "| 3 / 3 | fid |" in md and "⚠" not in report.claims_markdown(claims)
     assert report.plot_claims(claims, tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_claims_mark_a_single_seed_row():
+    """A claim whose row has one method seed says so (its interval holds sample noise only)."""
+    from pipeline.methods import Claim, Table
+
+    rows, arrays, ref = _seeded()
+    keep = [r for r in rows if not (r["variant"] == "bad" and r.get("seed", 0) > 0)]
+    df = report.results_frame(keep)
+    agg, stats = report.aggregate(df, arrays.__getitem__, ref, replicates=100, seed=0)
+    table = {**Table(title="T", backbone="unet", claims=(Claim("fam/good", "fam/bad"),)).as_dict("fam"),
+             "settings": ["W4A4"]}
+    claims = report.evaluate_claims(agg, stats, [table])
+    assert claims[0]["n_seeds"] == [3, 1]
+    md = report.claims_markdown(claims)
+    assert "| 3 / 1 ⚠ | fid |" in md and "| 3 / 1 ⚠ | psnr |" in md
 
 
 def test_aggregate_is_deterministic():
