@@ -28,6 +28,9 @@ def run(args):
     from pipeline.search import run_search
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # one thread, as the workers: with search.n_workers = 1 the stage's own process scores the trials, and a
+    # second intra-op thread changed the held-out MSEs in the 9th digit (e2e: 1 vs 2 workers)
+    torch.set_num_threads(1)
     doc = run_search(args.backbone, cfg, diffusion, sampling, tracking, args.fp, args.calib, args.out, device)
     print(f"search@{args.backbone}: {doc['n_trials']} trials, front of {len(doc['front'])} points, "
           f"{doc['seconds']:.0f} s")
