@@ -71,10 +71,9 @@ def weight_stats(net) -> dict:
 def main() -> None:
     import torch
 
-    from pipeline import models
-    from pipeline.calibration import load_calibration
-    from pipeline.config import MATRIX_KEYS, DiffusionConfig, SamplingConfig, from_dict, load_section, parse_setting, read_params
-    from pipeline.methods import get_family
+    from _setup import load_run
+
+    from pipeline.config import parse_setting
     from pipeline.quant.surgery import quant_state, quantize_model
     from pipeline.train.qat import distillation_error
 
@@ -86,21 +85,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    fp_dir, calib_dir = args.data_root / "fp" / args.backbone, args.data_root / "calib" / args.backbone
-    for p in (fp_dir, calib_dir):
-        if not p.exists():
-            sys.exit(f"{p} not found: run `make repro` (or dvc repro train_fp@{args.backbone} "
-                     f"calibrate@{args.backbone}) first")
     settings = [parse_setting(s, "--settings") for s in args.settings]
-    params_path = ROOT / "params.yaml"
-    params = read_params(params_path)
-    diff = load_section("diffusion", DiffusionConfig, params_path)
-    samp = load_section("sampling", SamplingConfig, params_path)
-    fam = get_family("fp4dit")
-    cfg = from_dict(fam.config_cls, {k: v for k, v in params["fp4dit"].items() if k not in MATRIX_KEYS}, "fp4dit")
-    fp = models.load_backbone(fp_dir)
-    calib = load_calibration(calib_dir)
-    fp.eval()
+    fp, calib, diff, samp, _, cfg = load_run(args.data_root, args.backbone, "fp4dit")
 
     def score(setting, wgrid, aformat, weight_on, act_on):
         torch.manual_seed(0)

@@ -41,10 +41,10 @@ V2_CELLS = {
 def main() -> None:
     import torch
 
-    from pipeline import models
-    from pipeline.calibration import load_calibration
-    from pipeline.config import MATRIX_KEYS, DiffusionConfig, SamplingConfig, from_dict, load_section, parse_setting, read_params
-    from pipeline.methods import MethodContext, get_family
+    from _setup import load_run
+
+    from pipeline.config import parse_setting
+    from pipeline.methods import MethodContext
     from pipeline.runner import seeded_config
     from pipeline.train.qat import distillation_error
 
@@ -58,20 +58,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1, help="held-out noise offset (QAT's own check uses 0)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    fp_dir, calib_dir = args.data_root / "fp" / "unet", args.data_root / "calib" / "unet"
-    for p in (fp_dir, calib_dir):
-        if not p.exists():
-            sys.exit(f"{p} not found: run `make repro` (or dvc repro train_fp@unet calibrate@unet) first")
     settings = [parse_setting(s, "--settings") for s in args.settings]
-    params_path = ROOT / "params.yaml"
-    params = read_params(params_path)
-    diff = load_section("diffusion", DiffusionConfig, params_path)
-    samp = load_section("sampling", SamplingConfig, params_path)
-    fam = get_family("mpq")
-    base_cfg = from_dict(fam.config_cls, {k: v for k, v in params["mpq"].items() if k not in MATRIX_KEYS}, "mpq")
-    fp = models.load_backbone(fp_dir)
-    calib = load_calibration(calib_dir)
-    fp.eval()
+    fp, calib, diff, samp, fam, base_cfg = load_run(args.data_root, "unet", "mpq")
     cells = {} if args.only_v2 else dict(CELLS)
     if args.v2 or args.only_v2:
         cells.update(V2_CELLS)
