@@ -248,6 +248,88 @@ def dequantized_state(net: nn.Module) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# integer-kernel exactness (issue: oneDNN's int8 path saturates under the pinned numerics)
+# ----------------------------------------------------------------------------------------------
+_PROBED: dict = {}
+
+
+class IntMMRecorder:
+    """Within ``with``: every ``torch._int_mm`` call (the entry point quanto's and torchao's int8 layers call)
+    is checked against the int64 product of the same operands: ``calls`` (how many), ``max_error`` (largest
+    absolute difference, 0 = exact). Wraps the Python attribute, so calls made inside custom ops count too."""
+
+    def __init__(self):
+        self.calls = 0
+        self.max_error = 0
+        self._orig = None
+
+    def __enter__(self):
+        self._orig = orig = torch._int_mm
+
+        def checked(a, b, *args, **kwargs):
+            out = orig(a, b, *args, **kwargs)
+            ref = a.to(torch.int64) @ b.to(torch.int64)
+            self.calls += 1
+            self.max_error = max(self.max_error, int((out.to(torch.int64) - ref).abs().max()))
+            return out
+
+        torch._int_mm = checked
+        return self
+
+    def __exit__(self, *exc):
+        torch._int_mm = self._orig
+        return False
+
+
+def _probe_layer(peer: str, device) -> nn.Module:
+    """A 256 -> 128 Linear quantized by ``peer`` at W8A8, on inputs whose int8 codes fill the range (pairs of
+    u8 x s8 products then exceed the int16 range an unsafe kernel sums them in)."""
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Sequential(nn.Linear(256, 128)).to(device).eval()
+    with torch.no_grad():
+        layer[0].weight.copy_(torch.empty(128, 256).uniform_(-1, 1, generator=gen))
+    x = torch.empty(64, 256).uniform_(-4, 4, generator=gen).to(device)
+    if peer == "quanto":
+        quanto = _import("quanto")
+        quanto.quantize(layer, weights=quanto.qint8, activations=quanto.qint8)
+        with torch.no_grad(), quanto.Calibration():
+            layer(x)
+        quanto.freeze(layer)
+    else:
+        _import("torchao")
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        quantize_(layer, Int8DynamicActivationInt8WeightConfig())
+    return layer, x
+
+
+def probe_int8_kernel(peer: str, device="cpu") -> dict:
+    """Run ``peer``'s W8A8 linear layer once and check every integer matrix product it issues against the
+    int64 product of the same int8 operands. Returns ``{"calls", "max_error"}``; raises ``RuntimeError``
+    naming the tool when a product is wrong (its rows would be scored with a broken kernel). Cached per
+    process and device."""
+    key = (peer, str(device))
+    if key in _PROBED:
+        return _PROBED[key]
+    layer, x = _probe_layer(peer, device)
+    mode = IntMMRecorder()
+    with torch.no_grad(), mode:
+        layer(x)
+    result = {"calls": mode.calls, "max_error": mode.max_error}
+    if mode.max_error:
+        from .. import cpu_numerics
+
+        raise RuntimeError(
+            f"peers: {PEERS[peer].package}'s int8 matrix product is wrong on this CPU: {mode.calls} torch._int_mm "
+            f"call(s), max error {mode.max_error} against the exact int64 product (numerics "
+            f"{cpu_numerics()}). Its rows would be scored with a broken kernel; refusing. oneDNN's int8 path "
+            "without VNNI saturates 16-bit sums: keep pipeline.numerics' exact kernel on (PIPELINE_EXACT_INT_MM "
+            "unset or 1).")
+    _PROBED[key] = result
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # saving / loading the peer's own serialization
 # ----------------------------------------------------------------------------------------------
 def _quanto_output_quantization_off(net: nn.Module) -> list:
@@ -263,7 +345,7 @@ def _quanto_output_quantization_off(net: nn.Module) -> list:
 
 def save_peer(net: nn.Module, peer: str, out_dir: Path, meta: dict) -> int:
     """Write the peer's own serialization of ``net`` into ``out_dir``; returns its bytes."""
-    from safetensors.torch import save_file
+    from ..io import save_safetensors
 
     from ..io import write_json
 
@@ -272,7 +354,7 @@ def save_peer(net: nn.Module, peer: str, out_dir: Path, meta: dict) -> int:
     if peer == "quanto":
         quanto = _import("quanto")
         tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items() if v is not None}
-        save_file(tensors, out_dir / PEER_FILE)
+        save_safetensors(tensors, out_dir / PEER_FILE)
         meta = {**meta, "quantization_map": quanto.quantization_map(net),
                 "output_quantization_off": _quanto_output_quantization_off(net)}
     else:
@@ -280,7 +362,7 @@ def save_peer(net: nn.Module, peer: str, out_dir: Path, meta: dict) -> int:
 
         # keys prefixed: torchao's unflatten splits every name at its last dot (top-level names would fail)
         tensors, metadata = flatten_tensor_state_dict({f"{_PREFIX}{k}": v for k, v in net.state_dict().items()})
-        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, out_dir / PEER_FILE,
+        save_safetensors({k: v.detach().contiguous().clone() for k, v in tensors.items()}, out_dir / PEER_FILE,
                   metadata=metadata)
     write_json(out_dir / PEER_META, {"peer": peer, **meta})
     write_json(out_dir / LOADER_FILE, {"loader": f"{__name__}:load_peer_model", "files": [PEER_FILE]})
@@ -298,6 +380,8 @@ def load_peer_model(net: nn.Module, model_dir, device=None) -> nn.Module:
     model_dir = Path(model_dir)
     meta = read_json(model_dir / PEER_META)
     device = device if device is not None else next(net.parameters()).device
+    if meta.get("activations", "none") != "none" or "Int8DynamicActivation" in meta.get("config", ""):
+        probe_int8_kernel(meta["peer"], device)  # refuse before scoring a row with a broken integer kernel
     tensors = load_file(model_dir / PEER_FILE, device=str(device))
     if meta["peer"] == "quanto":
         quanto = _import("quanto")
@@ -340,6 +424,7 @@ def quantize(backbone, calib, setting, cfg: PeersConfig, ctx: MethodContext) -> 
     from ..quant.surgery import LayerQuant, QuantSpec
 
     peer = ctx.variant["peer"]
+    probe = probe_int8_kernel(peer, ctx.device) if setting.act_quantized else None
     t0 = time.time()
     peer_bb, details = run_peer(peer, backbone, calib, setting, cfg, ctx.device)
     seconds = time.time() - t0
@@ -350,6 +435,8 @@ def quantize(backbone, calib, setting, cfg: PeersConfig, ctx: MethodContext) -> 
         params = dict(emulation.net.named_parameters())
         for k, v in deq.items():
             params[k].copy_(v.to(params[k].device))
+    if probe is not None:
+        details = {**details, "int_mm_probe_calls": probe["calls"]}
     info = {**cov, "peer": peer, "peer_package": PEERS[peer].package,
             "peer_version": version(PEERS[peer].package), **details,
             "peer_seconds": seconds - details.get("setup_seconds", 0.0)}
