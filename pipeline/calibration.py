@@ -97,12 +97,12 @@ def collect_calibration(backbone, cfg, diffusion, sampling) -> CalibrationSet:
 
 
 def save_calibration(calib: CalibrationSet, out_dir: str | Path) -> dict:
-    from safetensors.torch import save_file
+    from pipeline.io import save_safetensors
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "calib.safetensors"
-    save_file({"x": calib.x.contiguous(), "t": calib.t.contiguous(), "labels": calib.labels.contiguous(),
+    save_safetensors({"x": calib.x.contiguous(), "t": calib.t.contiguous(), "labels": calib.labels.contiguous(),
                "step_index": calib.step_index.contiguous()}, str(path))
     manifest = dict(calib.manifest)
     manifest.update({"n_inputs": len(calib), "sha256": file_hash(path), "sample_shape": list(calib.x.shape[1:])})

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.config import PrepareConfig
-from pipeline.io import read_json, write_json
+from pipeline.io import read_json, save_safetensors, write_json
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -139,7 +139,7 @@ def save_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, x, y in (("train", train_x, train_y), ("reference", ref_x, ref_y)):
-        save_file(
+        save_safetensors(
             {"images": x.detach().float().contiguous().cpu(), "labels": y.detach().long().contiguous().cpu()},
             str(out / f"{name}.safetensors"),
         )

@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import torch
 
-from .io import data_hash, tree_hash
+from .io import TIMING_SUFFIX, data_hash, split_timings, tree_hash, untracked
 
 log = logging.getLogger("pipeline")
 
@@ -75,9 +75,9 @@ def code_hash(root: Path) -> str:
 def entry_key(entry: ModelEntry, context: dict[str, Any]) -> str:
     parts = {"fp": tree_hash(entry.fp_dir), "context": context}
     if entry.quant_dir is not None:
-        # the model files only: info.json holds timings, which differ between identical results
+        # the model files only: not info.json (the job's metadata) nor the side files (timings)
         parts["quant"] = [tree_hash(p) for p in sorted(Path(entry.quant_dir).glob("*"))
-                          if p.is_file() and p.name != "info.json"]
+                          if p.is_file() and p.name != "info.json" and not untracked(p)]
     return data_hash(parts)[:24]
 
 
@@ -89,9 +89,9 @@ def entry_fields(entry: ModelEntry) -> dict[str, Any]:
                            "setting": entry.setting, "seed": entry.seed}
     info_file = Path(entry.quant_dir or "") / "info.json"
     if entry.quant_dir is not None and info_file.exists():
-        from .io import read_json
+        from .runner import read_job_info
 
-        info = read_json(info_file)
+        info = read_job_info(entry.quant_dir)
         out["method_seconds"] = float(info.get("method_seconds", 0.0))
         peak = info.get("peak_memory_mb", (info.get("info") or {}).get("peak_memory_mb"))  # runner, all families
         out["method_peak_mb"] = float(peak) if isinstance(peak, (int, float)) else None
@@ -377,10 +377,10 @@ def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, da
     import shutil
 
     import mlflow
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from .config import to_dict
-    from .io import atomic_dir, read_json, write_json
+    from .io import atomic_dir, read_json, save_safetensors, write_json
     from .tracking import stage_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -411,8 +411,10 @@ def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, da
             def store(i, e, key, row, images, arrays):
                 row["key"] = key
                 save_grid(images[: cfg.grid_size * cfg.grid_size], tmp / "cache" / f"{key}.png", nrow=cfg.grid_size)
-                save_file(arrays, str(tmp / "cache" / f"{key}.safetensors"))
-                write_json(tmp / "cache" / f"{key}.json", row)
+                save_safetensors(arrays, str(tmp / "cache" / f"{key}.safetensors"))
+                clean, timing = split_timings(row)  # the clock readings go to an untracked side file
+                write_json(tmp / "cache" / f"{key}.json", clean)
+                write_json(tmp / "cache" / f"{key}{TIMING_SUFFIX}", timing)
                 tags = {"stage": "evaluate", "backbone": e.backbone, "family": e.family, "variant": e.variant,
                         "setting": e.setting, "seed": e.seed, "eval_key": key}
                 with mlflow.start_run(run_name=f"evaluate@{e.label}", nested=True, tags=tags):
@@ -432,9 +434,12 @@ def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, da
                 if e.quant_dir is not None and e.backbone not in fp_arrays:
                     raise ValueError(f"{e.label}: no FP model of backbone {e.backbone!r} to pair its images with")
                 if _cached(old_cache, key):
-                    row = {**read_json(old_cache / f"{key}.json"), **entry_fields(e)}
-                    for ext in (".json", ".png", ".safetensors"):
-                        shutil.copy(old_cache / f"{key}{ext}", tmp / "cache" / f"{key}{ext}")
+                    timing_file = old_cache / f"{key}{TIMING_SUFFIX}"
+                    timing = read_json(timing_file) if timing_file.exists() else {}
+                    row = {**read_json(old_cache / f"{key}.json"), **timing, **entry_fields(e)}
+                    for ext in (".json", ".png", ".safetensors", TIMING_SUFFIX):
+                        if (old_cache / f"{key}{ext}").exists():
+                            shutil.copy(old_cache / f"{key}{ext}", tmp / "cache" / f"{key}{ext}")
                     log.info("[%d/%d] %s: cached (FID %.3f, acc %.3f)", i, len(entries), e.label, row["fid"],
                              row["accuracy"])
                     by_index[i] = row
@@ -473,11 +478,13 @@ def evaluate_all(cfg, diffusion, sampling, tracking, entries, failed, tables, da
             else:
                 ev = get_evaluator()
                 write_json(tmp / "cache" / f"reference-{ref_key}.json", {"real": ev.real_floor()})
-                save_file({"features": ev.reference_features.contiguous()},
+                save_safetensors({"features": ev.reference_features.contiguous()},
                           str(tmp / "cache" / f"reference-{ref_key}.safetensors"))
             shutil.copy(tmp / "cache" / f"reference-{ref_key}.safetensors", tmp / "reference.safetensors")
             real = read_json(tmp / "cache" / f"reference-{ref_key}.json")["real"]
-            write_json(tmp / "results.json", {"rows": rows, "failed": failed, "tables": tables,
+            split = [split_timings(r) for r in rows]
+            write_json(tmp / f"results{TIMING_SUFFIX}", {"rows": [t for _, t in split]})  # same order as rows
+            write_json(tmp / "results.json", {"rows": [c for c, _ in split], "failed": failed, "tables": tables,
                                               "noise_floor": {"seed": floor, "real": real},
                                               "protocol": {"n_samples": cfg.n_samples, "seed": cfg.seed,
                                                            "fid_reference": cfg.fid.reference,

@@ -1,8 +1,14 @@
-"""Atomic outputs and content hashes.
+"""Atomic outputs, byte-deterministic files and content hashes.
 
 Every stage writes into a temporary sibling path and renames it into place at the end, so a killed
 stage never leaves a half-written output and the previous output survives until the new one is
 complete.
+
+Tracked outputs are byte-deterministic, so that two clean runs write the same ``dvc.lock``: JSON with
+sorted keys, safetensors with a sorted header (:func:`save_safetensors`), and nothing measured by a clock
+inside them. Wall-clock figures (seconds, peak memory) go to side files named ``*.timing.json``
+(:data:`UNTRACKED_PATTERNS`), which ``.dvcignore`` keeps out of every output's hash and :func:`tree_hash`
+keeps out of every cache key; :func:`split_timings` separates them from a result's fields.
 """
 from __future__ import annotations
 
@@ -88,13 +94,69 @@ def file_hash(path: str | Path, algo: str = "sha256") -> str:
     return h.hexdigest()
 
 
+# side files that DVC does not hash (.dvcignore lists the same patterns) and cache keys skip: wall-clock
+# figures, and the search's study journal and score cache (they hold timestamps / append order)
+UNTRACKED_PATTERNS = ("*.timing.json", "*.journal", "*.scores.jsonl")
+TIMING_SUFFIX = ".timing.json"
+
+
+def untracked(path: str | Path) -> bool:
+    """Whether ``path`` is a side file that no output hash or cache key includes."""
+    import fnmatch
+
+    return any(fnmatch.fnmatch(Path(path).name, pat) for pat in UNTRACKED_PATTERNS)
+
+
+def is_timing_key(key: str) -> bool:
+    """A field measured by a clock or a memory probe: ``*seconds``, ``sec_per_image``, ``*peak*``."""
+    return key.endswith("seconds") or key == "sec_per_image" or "peak" in key
+
+
+def split_timings(d: dict) -> tuple[dict, dict]:
+    """``(d without its wall-clock fields, those fields)``, recursively through nested dicts: a nested dict's
+    timings keep its key (``{"info": {"peer_seconds": 1, "n": 2}}`` -> ``({"info": {"n": 2}}, {"info":
+    {"peer_seconds": 1}})``)."""
+    clean, timing = {}, {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            c, t = split_timings(v)
+            clean[k] = c
+            if t:
+                timing[k] = t
+        elif is_timing_key(k):
+            timing[k] = v
+        else:
+            clean[k] = v
+    return clean, timing
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` with a byte-deterministic header: safetensors writes its metadata
+    from a hash map (key order varies between runs); the header is re-written as JSON with sorted keys
+    (offsets are relative to the data section, which is unchanged). Written atomically."""
+    import struct
+
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data section to 8 bytes
+    with atomic_file(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)))
+        fh.write(text)
+        fh.write(blob[8 + n:])
+
+
 def tree_hash(path: str | Path) -> str:
-    """Hash of a file or of every file below a directory (names and contents)."""
+    """Hash of a file or of every file below a directory (names and contents), side files
+    (:func:`untracked`) excluded."""
     path = Path(path)
     if path.is_file():
         return file_hash(path)
     h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and not untracked(q)):
         h.update(str(p.relative_to(path)).encode())
         h.update(file_hash(p).encode())
     return h.hexdigest()

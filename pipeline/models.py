@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.config import BackboneModel
+from pipeline.io import save_safetensors
 
 KINDS = ("unet", "dit", "pixart")
 CLASS_FOR_KIND = {"unet": "UNet2DModel", "dit": "DiTTransformer2DModel", "pixart": "PixArtTransformer2DModel"}
@@ -224,7 +225,7 @@ def save_backbone(backbone: DiffusionBackbone, out_dir: str | Path) -> None:
     }
     if backbone.caption_table is not None:
         meta["caption_length"] = backbone.caption_length
-        save_file(
+        save_safetensors(
             {"caption_table": backbone.caption_table.weight.detach().float().contiguous().cpu()},
             str(out / "conditioning.safetensors"),
         )

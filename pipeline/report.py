@@ -15,9 +15,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pandas as pd
 
+# results.md / results.csv columns: results only. Wall-clock columns (TIMING_COLUMNS) differ between identical
+# reruns, so they go to reports/timings.json, which no DVC output hashes (two clean runs: the same dvc.lock)
 COLUMNS = ["backbone", "family", "variant", "setting", "n_seeds", "fid", "fid_ratio", "psnr", "ssim", "feat_dist",
-           "accuracy", "clip_score", "hps", "bitops_g", "model_mb", "sec_per_image", "method_seconds",
-           "method_peak_mb", "coverage"]
+           "accuracy", "clip_score", "hps", "bitops_g", "model_mb", "coverage"]
 ROW_KEYS = ["backbone", "family", "variant", "setting"]
 # metrics with a bootstrap interval: FID from the features, the paired metrics from per-sample arrays
 CI_METRICS = ("fid", "psnr", "ssim", "feat_dist")
@@ -207,8 +208,8 @@ def row_label(r) -> str:
     return r["variant"] if r["variant"] == r["family"] or r["family"] == "fp" else f"{r['family']}:{r['variant']}"
 
 
-# wall-clock columns: they differ between identical reruns, so they stay out of summary.json (which two
-# runs of the same params and seeds reproduce byte for byte) and go to timings.json
+# wall-clock columns: they differ between identical reruns, so they stay out of summary.json, results.md and
+# results.csv (which two runs of the same params and seeds reproduce byte for byte) and go to timings.json
 TIMING_COLUMNS = ("sec_per_image", "method_seconds", "method_peak_mb")  # peak memory of the method (MB)
 METRIC_COLUMNS = ("n_seeds", "fid", "fid_lo", "fid_hi", "fid_sd", "fid_ratio", "fid_ratio_lo", "fid_ratio_hi",
                   "psnr", "psnr_lo", "psnr_hi", "ssim", "ssim_lo", "ssim_hi", "feat_dist", "feat_dist_lo",
@@ -289,6 +290,8 @@ def table_columns(table: dict) -> list[str]:
     the paired metrics next to ``fid_ratio``."""
     cols = ["n_seeds", "fid"]
     for c in table["columns"]:
+        if c in TIMING_COLUMNS:  # per model in reports/timings.json, not in the reproducible tables
+            continue
         if c not in cols:
             cols.append(c)
         if c == "fid_ratio":
@@ -387,12 +390,12 @@ def markdown_report(df: pd.DataFrame, notes: list[str] | None = None, tables: li
              "FID of the FP model of the same backbone. `psnr` (dB), `ssim` and `feat_dist` compare each image "
              "with the FP model's image from the same noise (`pipeline/metrics/paired.py`). BitOPs are summed over "
              "all sampling steps (G = 1e9). Sample grids: `reports/plots/samples_<backbone>.png`. "
-             "`method_seconds` is the wall time of the method itself (calibration / reconstruction / QAT), "
-             "`method_peak_mb` its peak memory, measured by the runner for every family (CUDA max allocated, or the "
-             "process's peak RSS on CPU), "
-             "`model_mb` the size on disk, `coverage` the share of Linear/Conv weight parameters a family "
-             "reports as stored quantized (where it measures it, e.g. the peer tools); timings per model are in "
-             "`reports/timings.json`.", ""]
+             "`model_mb` is the size on disk, `coverage` the share of Linear/Conv weight parameters a family "
+             "reports as stored quantized (where it measures it, e.g. the peer tools). Wall-clock figures are kept "
+             "out of this file so that reruns reproduce it byte for byte: per model in `reports/timings.json` "
+             "(`method_seconds`: wall time of the method itself, calibration / reconstruction / QAT; "
+             "`method_peak_mb`: its peak memory, CUDA max allocated or the process's peak RSS on CPU; "
+             "`sec_per_image`: sampling time in the evaluation).", ""]
     if failed:
         parts += ["## Failed jobs", "", "| backbone | family | variant | setting | seed | error |", "|---|---|---|---|---|---|"]
         parts += [f"| {f['backbone']} | {f['family']} | {f['variant']} | {f['setting']} | {f.get('seed', 0)} | "

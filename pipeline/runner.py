@@ -5,7 +5,8 @@ backbone) is its own MLflow run and writes one model folder in the single output
 
     data/quantized/<family>/<setting>/<variant>/<backbone>/seed<s>/
         packed.safetensors, quant_spec.json   the core's real low-bit format (what evaluate loads)
-        info.json                             job metadata, timings, the method's numbers, cache key
+        info.json                             job metadata, the method's numbers, cache key (no clock readings)
+        job.timing.json                       wall-clock seconds and peak memory (untracked side file)
         init/                                 (fine-tuned families) the first phase's student checkpoint
 
 and the family folder gets a ``manifest.json`` listing every job with its status: the one place
@@ -39,7 +40,7 @@ from typing import Any, Optional
 
 from .config import BitSetting, DiffusionConfig, ModelConfig, QuantizeConfig, SamplingConfig, TrackingConfig, \
     load_section, read_params, to_dict
-from .io import atomic_dir, data_hash, read_json, tree_hash, write_json
+from .io import atomic_dir, data_hash, read_json, split_timings, tree_hash, write_json
 
 log = logging.getLogger("pipeline")
 MANIFEST = "manifest.json"
@@ -155,6 +156,23 @@ class PeakMemory:
 
             self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return None
+
+
+JOB_TIMING = "job.timing.json"  # a job's wall-clock seconds and peak memory, beside its info.json
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_job_info(folder: Path) -> dict:
+    """A job folder's ``info.json`` with its timings (``job.timing.json``, when present) merged back in."""
+    info = read_json(Path(folder) / "info.json")
+    timing = Path(folder) / JOB_TIMING
+    return _merge(info, read_json(timing)) if timing.exists() else info
 
 
 def _numbers(d: dict) -> dict:
@@ -320,9 +338,11 @@ class FamilyRunner:
                     else self._calibrated(job, dest, run_, device))
             info.update(family=fam.name, variant=job.variant, method=job.variant, setting=setting.name,
                         backbone=job.backbone, seed=job.seed, wbits=setting.wbits, abits=setting.abits, key=key)
-            write_json(dest / "info.json", info)  # written last: its key marks the folder complete
             run_.log_metrics({**_numbers(info), **_numbers(info.get("info", {})),
                               **_numbers(info.get("finetune", {}))})
+            info, timing = split_timings(info)  # clock readings out of the tracked (DVC-hashed) file
+            write_json(dest / JOB_TIMING, timing)
+            write_json(dest / "info.json", info)  # written last: its key marks the folder complete
             run_.log_artifact(dest / "quant_spec.json")
         return False
 
@@ -355,7 +375,7 @@ class FamilyRunner:
         init_dir = dest / "init"
         if _reusable(old / "init", key1):
             shutil.copytree(old / "init", init_dir)
-            init = read_json(init_dir / "info.json")
+            init = read_job_info(init_dir)
             log.info("%s: first phase unchanged, reused", job.label)
         else:
             result, seconds, mem = self._first_phase(job, run_, device, dest)
@@ -363,7 +383,9 @@ class FamilyRunner:
             init = {"key": key1, "init_seconds": seconds, "info": result.info,
                     "peak_memory_mb": mem.peak_mb, "peak_memory_kind": mem.kind,
                     "calibration": self.calibration(job.backbone).manifest.get("sha256")}
-            write_json(init_dir / "info.json", init)
+            clean, timing = split_timings(init)
+            write_json(init_dir / JOB_TIMING, timing)
+            write_json(init_dir / "info.json", clean)
             del result
         teacher = models.load_backbone(self.fp_root / job.backbone, device=device)
         student = models.load_backbone(self.fp_root / job.backbone, device=device)

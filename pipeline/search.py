@@ -10,14 +10,20 @@ study (the stage ``search@<backbone>`` calls :func:`run_search`):
   closest Optuna counterpart. Round 0 holds the uniform widths at the groups' default timesteps (the
   official initial population starts from the uniform 6-bit candidate).
 - **Determinism**: trials are asked in rounds of ``search.batch_size`` from a sampler seeded by
-  (``search.seed``, round), and told in trial order, so the study is the same for any ``n_workers``
-  and after a restart; ``n_workers`` processes (spawned, one thread each) only score a round's
-  candidates in parallel. Only this process writes the storage and MLflow (no lock contention).
-- **Storage and resume**: the study lives in an Optuna ``JournalStorage`` file in the stage's
-  persistent output, named by a key of everything its trials depend on (options, FP model,
-  calibration, code); a killed search resumes: completed trials are kept, trials left running are
-  marked failed and re-asked with the same parameters, and the run continues to ``n_trials``.
-  Changing ``search.n_trials`` extends (or cuts short) the same study.
+  (``search.seed``, first trial number of the round), and told in trial order, so the study is the same
+  for any ``n_workers``; ``n_workers`` processes (spawned, one thread each) only score a round's
+  candidates in parallel. Only this process writes the study, the score cache and MLflow.
+- **Resume = replay**: every execution rebuilds the study from the start in memory, asking the same
+  rounds with the same seeds; a candidate's score is a pure function of the candidate and the study's
+  key, so it is looked up in a persistent score cache (``study-<key>.scores.jsonl``, one JSON line per
+  scored candidate, appended as each result arrives) and computed only when missing. A search killed at
+  any point (between rounds, mid-round with workers busy, during the held-out re-scoring) therefore
+  resumes into exactly the study of an uninterrupted run, and a larger ``search.n_trials`` gives exactly
+  the study run with that count from the start (the last round of the shorter run was asked with the
+  same seed; its missing trials are asked now). The key covers everything a score depends on (options,
+  FP model, calibration, code); a changed key drops the old cache. The finished study is also exported
+  to an Optuna journal (``study-<key>.journal``, for ``optuna-dashboard``); both files are side files
+  that DVC does not hash (``.dvcignore``), because they hold timestamps and append order.
 - **Tracking**: one MLflow parent run per stage execution, every trial a nested child run (Optuna's
   MLflow callback alone would leave them flat).
 - **Held-out check**: the search sample's best values are optimistically biased (they were selected on
@@ -28,6 +34,7 @@ study (the stage ``search@<backbone>`` calls :func:`run_search`):
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +90,9 @@ class Scorer:
 
     def score(self, cand, which: str = "search") -> np.ndarray:
         """Per-sample proxy (pixel MSE to the FP images of the same noise at the full schedule)."""
+        self._calls = getattr(self, "_calls", {})
+        self._calls[which] = self._calls.get(which, 0) + 1
+        _fault(f"{'score' if which == 'search' else which}{self._calls[which]}")
         ref = self.reference(which)
         self.supernet.apply(cand)
         n, seed = self.sample_of(which)
@@ -141,22 +151,89 @@ def make_sampler(cfg, seed: int):
                                          constraints_func=_constraint)
 
 
-def open_study(path: Path, name: str, cfg):
-    """Create or load the study in the journal file ``path``; trials a killed run left RUNNING are
-    marked FAIL and re-queued with their parameters (so none is lost). Returns (study, n_requeued)."""
+class ScoreCache:
+    """Per-sample proxy scores of candidates, persisted as JSON lines (``{"which", "cand", "scores"}``).
+
+    Lines are appended and flushed one by one as results arrive, so a kill loses at most the line being
+    written; a torn last line is ignored on load. Floats are written with ``repr`` (JSON), which
+    round-trips float64 exactly, so a cached score equals the computed one bit for bit."""
+
+    def __init__(self, path: Path, holdout: str = "") -> None:
+        import json
+
+        self.path, self.holdout = Path(path), holdout
+        self._data: dict[str, list] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    self._data[self._key(rec["which"], rec["cand"])] = rec["scores"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a kill
+        self.hits = 0
+
+    @staticmethod
+    def _key(which: str, cand: dict) -> str:
+        import json
+
+        return json.dumps([which, cand], sort_keys=True)
+
+    def get(self, which: str, cand) -> Any:
+        v = self._data.get(self._key(which, cand.to_dict()))
+        if v is not None:
+            self.hits += 1
+            return np.asarray(v, dtype=np.float64)
+        return None
+
+    def put(self, which: str, cand, scores) -> None:
+        import json
+        import os
+
+        scores = [float(x) for x in np.asarray(scores, dtype=np.float64)]
+        self._data[self._key(which, cand.to_dict())] = scores
+        line = json.dumps({"which": which, "cand": cand.to_dict(), "scores": scores}, sort_keys=True)
+        with open(self.path, "a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def new_study(name: str, cfg):
+    """A fresh in-memory study (the replay builds it from the start on every execution)."""
+    import optuna
+
+    return optuna.create_study(study_name=name, storage=optuna.storages.InMemoryStorage(),
+                               directions=["minimize", "minimize"], sampler=make_sampler(cfg, cfg.seed))
+
+
+def export_journal(study, path: Path) -> None:
+    """Copy the finished study into an Optuna journal file at ``path`` (atomically), for optuna-dashboard."""
+    import os
+
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
-    from optuna.trial import TrialState
 
-    storage = JournalStorage(JournalFileBackend(str(path)))
-    study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"],
-                                sampler=make_sampler(cfg, cfg.seed), load_if_exists=True)
-    stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-    for t in stale:
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
-    return study, len(stale)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
+                      to_storage=JournalStorage(JournalFileBackend(str(tmp))))
+    os.replace(tmp, path)
+
+
+def _fault(point: str) -> None:
+    """Test hook: ``PIPELINE_SEARCH_FAULT=<point>`` SIGKILLs the search's main process (whose pid the stage
+    puts in ``PIPELINE_SEARCH_PID``) when the search reaches ``point``: ``round<r>`` (after round r is
+    told), ``score<n>`` (a worker about to score its n-th search candidate, other workers busy) or
+    ``holdout<n>`` (the same in the held-out re-scoring). A real kill, used by the resume tests."""
+    import os
+    import signal
+
+    if os.environ.get("PIPELINE_SEARCH_FAULT") == point and os.environ.get("PIPELINE_SEARCH_PID"):
+        os.kill(int(os.environ["PIPELINE_SEARCH_PID"]), signal.SIGKILL)
 
 
 def n_complete(study) -> int:
@@ -197,11 +274,10 @@ def run_search(backbone: str, cfg, diffusion, sampling, tracking, fp_dir, calib_
     import torch
 
     from .config import to_dict
-    from .io import data_hash, tree_hash, write_json
-    from .methods.tmpq import group_default_timesteps, timestep_groups
+    from .io import data_hash, tree_hash
+    from .methods.tmpq import timestep_groups
     from .runner import code_hash
     from .sampling import timestep_values
-    from .tracking import stage_run
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,11 +288,32 @@ def run_search(backbone: str, cfg, diffusion, sampling, tracking, fp_dir, calib_
     space["proxy"] = {k: v for k, v in to_dict(cfg.proxy).items() if not k.startswith("holdout")}
     key = data_hash({"space": space, "backbone": backbone, "fp": tree_hash(fp_dir), "calib": tree_hash(calib_dir),
                      "diffusion": to_dict(diffusion), "sampling": to_dict(sampling), "code": code_hash()})[:16]
-    journal = out / f"study-{key}.journal"
-    for old in out.glob("study-*.journal"):
-        if old != journal:
-            log.info("search: options, inputs or code changed; dropping the old study %s", old.name)
+    journal, cache_file = out / f"study-{key}.journal", out / f"study-{key}.scores.jsonl"
+    for old in list(out.glob("study-*.journal")) + list(out.glob("study-*.scores.jsonl")):
+        if old not in (journal, cache_file):
+            log.info("search: options, inputs or code changed; dropping the old study file %s", old.name)
             old.unlink()
+    (out / "run.json").unlink(missing_ok=True)  # written by earlier versions (timings now in run.timing.json)
+
+    # one intra-op thread, as every worker: with n_workers = 1 this process scores, and a second thread
+    # changes the proxy in the 7th digit (the study must not depend on n_workers or the core count)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_search(backbone, cfg, diffusion, sampling, tracking, fp_dir, calib_dir, out, device, progress,
+                           full, groups, key, journal, cache_file)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_search(backbone, cfg, diffusion, sampling, tracking, fp_dir, calib_dir, out, device, progress, full, groups,
+                key, journal, cache_file) -> dict:
+    import torch
+
+    from .config import to_dict
+    from .io import TIMING_SUFFIX, write_json
+    from .methods.tmpq import group_default_timesteps
+    from .tracking import stage_run
 
     torch.manual_seed(cfg.seed)
     local = Scorer(fp_dir, calib_dir, cfg, diffusion, sampling, device)
@@ -229,57 +326,65 @@ def run_search(backbone: str, cfg, diffusion, sampling, tracking, fp_dir, calib_
                          f"{cfg.n_groups} steps, {cheapest / 1e9:.3f} GBitOPs) exceeds the budget {budget / 1e9:.3f} "
                          "GBitOPs; raise search.budget_bitops / budget_bits or add lower widths")
     dists = distributions(sn, groups, cfg)
-    study, requeued = open_study(journal, f"tmpq-{backbone}-{key}", cfg)
-    if not study.trials:
-        for b in sorted(set(cfg.w_bits) & set(cfg.a_bits)):  # round 0: uniform widths at the default steps
-            study.enqueue_trial(encode(sn.uniform(b, b, group_default_timesteps(groups)), groups),
-                                user_attrs={"seeded": f"uniform W{b}A{b}"})
-    start = n_complete(study)
-    if start or requeued:
-        log.info("search: resuming study %s: %d complete trials, %d re-queued", journal.name, start, requeued)
+    cache = ScoreCache(cache_file, holdout=f"{cfg.proxy.holdout_samples}@{cfg.proxy.holdout_seed}")
+    study = new_study(f"tmpq-{backbone}-{key}", cfg)
+    for b in sorted(set(cfg.w_bits) & set(cfg.a_bits)):  # round 0: uniform widths at the default steps
+        study.enqueue_trial(encode(sn.uniform(b, b, group_default_timesteps(groups)), groups),
+                            user_attrs={"seeded": f"uniform W{b}A{b}"})
+    if len(cache):
+        log.info("search: %d cached scores of study %s: replaying it, scoring only what is missing",
+                 len(cache), key)
     kwargs = dict(fp_dir=str(fp_dir), calib_dir=str(calib_dir), cfg=cfg, diffusion=diffusion, sampling=sampling,
                   device=device)
     params = {"search": to_dict(cfg), "sampling": to_dict(sampling), "diffusion": to_dict(diffusion)}
     tags = {"backbone": backbone, "method": "tmpq-search", "sampler": cfg.sampler, "study": study.study_name}
     t0 = time.time()
+    os.environ["PIPELINE_SEARCH_PID"] = str(os.getpid())  # for the resume tests' fault hook (_fault)
     with stage_run("search", params=params, tags=tags, experiment=tracking.experiment, uri=tracking.uri,
                    run_name=f"search@{backbone}", log_file=Path("data") / "logs" / f"search@{backbone}.log",
                    inputs=[fp_dir, calib_dir]) as run_:
         with WorkerPool(cfg.n_workers, Scorer, kwargs=kwargs, local=lambda: local) as pool:
-            _optimise(study, dists, sn, groups, cost, budget, pool, cfg, run_, progress)
-            doc = _summarise(study, sn, groups, cost, budget, full, pool, cfg, key)
+            _optimise(study, dists, sn, groups, cost, budget, pool, cache, cfg, run_, progress)
+            doc = _summarise(study, sn, groups, cost, budget, full, pool, cache, cfg, key)
         doc["backbone"] = backbone
         write_json(out / FRONT_FILE, doc)  # results only: a rerun that changes nothing rewrites the same bytes
-        run_info = {"seconds": time.time() - t0, "resumed_from": start, "requeued": requeued,
-                    "n_workers": cfg.n_workers}
-        write_json(out / "run.json", run_info)
+        export_journal(study, journal)
+        run_info = {"seconds": time.time() - t0, "cached_scores": cache.hits, "n_workers": cfg.n_workers}
+        write_json(out / f"run{TIMING_SUFFIX}", run_info)  # an untracked side file: it holds the wall clock
         doc.update(run_info)
         _write_tables(doc, out)
         _plot(doc, out / "front.png")
         run_.log_metrics({"n_trials": doc["n_trials"], "front_size": len(doc["front"]), "budget_g": budget / 1e9,
-                          "search_seconds": doc["seconds"]})
+                          "search_seconds": doc["seconds"], "cached_scores": cache.hits})
         for f in (FRONT_FILE, "front.md", "front.png", "trials.csv"):
             run_.log_artifact(out / f)
     return doc
 
 
-def _score(pool: WorkerPool, cands: list, which: str) -> list:
-    """Per-sample proxy of every candidate (Scorer.score), in order."""
-    return pool.map("score", [(c, which) for c in cands])
+def _score(pool: WorkerPool, cache: ScoreCache, cands: list, which: str) -> list:
+    """Per-sample proxy of every candidate (Scorer.score), in order: from the cache where present, the rest
+    scored by the pool and appended to the cache as each result arrives."""
+    tag = which if which == "search" else f"{which}:{cache.holdout}"  # the study key leaves holdout_* out
+    out = [cache.get(tag, c) for c in cands]
+    missing = [i for i, v in enumerate(out) if v is None]
+    for i, scores in zip(missing, pool.imap("score", [(cands[i], which) for i in missing])):
+        cache.put(tag, cands[i], scores)
+        out[i] = np.asarray(scores, dtype=np.float64)
+    return out
 
 
-def _optimise(study, dists, sn, groups, cost, budget, pool, cfg, run_, progress) -> None:
+def _optimise(study, dists, sn, groups, cost, budget, pool, cache, cfg, run_, progress) -> None:
     import mlflow
 
-    total = cfg.n_trials
+    total, rnd = cfg.n_trials, 0
     while n_complete(study) < total:
         done = n_complete(study)
         k = min(cfg.batch_size, total - done)
         study.sampler = make_sampler(cfg, cfg.seed * 1_000_003 + len(study.trials))
         trials = [study.ask(dists) for _ in range(k)]
         cands = [decode(t.params, sn, groups) for t in trials]
-        t0 = time.time()
-        scores = _score(pool, cands, "search")
+        t0, hits = time.time(), cache.hits
+        scores = _score(pool, cache, cands, "search")
         for trial, cand, s in zip(trials, cands, scores):
             c = cost.bitops(cand)
             trial.set_user_attr("constraint", c - budget)
@@ -296,10 +401,13 @@ def _optimise(study, dists, sn, groups, cost, budget, pool, cfg, run_, progress)
                 mlflow.log_metrics({"proxy_mse": value, "bitops_g": c / 1e9, "feasible": float(c <= budget)})
                 mlflow.log_dict(cand.to_dict(), "candidate.json")
         if progress:
-            log.info("search: %d/%d trials (%.1f s/round)", n_complete(study), total, time.time() - t0)
+            log.info("search: %d/%d trials (%.1f s/round, %d of %d from the score cache)", n_complete(study), total,
+                     time.time() - t0, cache.hits - hits, k)
+        _fault(f"round{rnd}")
+        rnd += 1
 
 
-def _summarise(study, sn, groups, cost, budget, full, pool, cfg, key) -> dict:
+def _summarise(study, sn, groups, cost, budget, full, pool, cache, cfg, key) -> dict:
     from optuna.trial import TrialState
 
     from .methods.tmpq import group_default_timesteps
@@ -318,8 +426,10 @@ def _summarise(study, sn, groups, cost, budget, full, pool, cfg, key) -> dict:
             refs.append({"label": f"uniform W{b}A{b} @ {len(ts)} steps", "bits": b, "schedule": label,
                          "bitops": cost.bitops(cand), "candidate": cand.to_dict()})
             ref_cands.append(cand)
-    search_scores = _score(pool, ref_cands, "search")
-    holdout = _score(pool, [cands[p["trial"]] for p in front] + ref_cands, "holdout")
+    search_scores = _score(pool, cache, ref_cands, "search")
+    log.info("search: re-scoring the front (%d points) and %d uniform references on held-out noise",
+             len(front), len(ref_cands))
+    holdout = _score(pool, cache, [cands[p["trial"]] for p in front] + ref_cands, "holdout")
     for p, h in zip(front + refs, holdout):
         p["holdout_mean"] = float(np.mean(h))
         p["holdout_ci"] = list(bootstrap_ci(h, seed=cfg.seed))

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """report: one table over all evaluations -> reports/summary.json (DVC metrics, keyed by
 backbone/family/variant/setting: means over method seeds with bootstrap intervals, the verdict of every
-declared paper claim and the noise floor; no timings: those go to reports/timings.json), the comparison
+declared paper claim and the noise floor; no timings: those go to reports/timings.json, which is not a DVC
+output, so two clean runs write the same dvc.lock), the comparison
 tables the families declare, reports/results.md, reports/results.csv (one line per evaluated model),
 reports/claims.json and plots (FID vs weight bits, FID vs BitOPs, claims, sample montages), all logged
 to MLflow."""
@@ -29,6 +30,8 @@ def run(args):
                    inputs=[results], log_file=log_path("report")) as run_:
         res = read_json(results, "evaluation results")
         df = report.results_frame(res["rows"])
+        timing_file = Path(args.eval) / "results.timing.json"  # untracked side file (wall clock)
+        timing_rows = read_json(timing_file)["rows"] if timing_file.exists() else [{} for _ in res["rows"]]
         samples = Path(args.eval) / "samples"
         ref_file = require(f"{args.eval}/reference.safetensors", "reference features (stage evaluate)")
 
@@ -68,7 +71,8 @@ def run(args):
                 summ[f"search/{d['backbone']}"] = {"n_trials": d["n_trials"], "front_size": len(d["front"]),
                                                    "budget_g": d["budget"] / 1e9, "comparisons": d["comparisons"]}
         write_json(out / "summary.json", summ)
-        write_json(out / "timings.json", report.timings(df))
+        write_json(out / "timings.json",
+                   report.timings(report.results_frame([{**r, **t} for r, t in zip(res["rows"], timing_rows)])))
         write_json(out / "claims.json", {"level": cfg.ci_level, "replicates": cfg.bootstrap, "claims": claims})
         with atomic_file(out / "results.md") as fh:
             fh.write(report.markdown_report(agg, tables=res.get("tables"), failed=res.get("failed"), claims=claims,

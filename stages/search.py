@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""search: TMPQ-DM's joint timestep + per-layer bit search (Optuna) on one backbone, resumable; writes the
-Pareto front (front.json / front.md / front.png), every trial (trials.csv) and the study journal to
-``--out`` (see :mod:`pipeline.search`)."""
+"""search: TMPQ-DM's joint timestep + per-layer bit search (Optuna) on one backbone, resumable (the study is
+replayed from a score cache); writes the Pareto front (front.json / front.md / front.png), every trial
+(trials.csv), and the score cache and study journal (side files DVC does not hash) to ``--out`` (see
+:mod:`pipeline.search`)."""
 from _common import main, parser, require
 
 
@@ -28,9 +29,6 @@ def run(args):
     from pipeline.search import run_search
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # one thread, as the workers: with search.n_workers = 1 the stage's own process scores the trials, and a
-    # second intra-op thread changed the held-out MSEs in the 9th digit (e2e: 1 vs 2 workers)
-    torch.set_num_threads(1)
     doc = run_search(args.backbone, cfg, diffusion, sampling, tracking, args.fp, args.calib, args.out, device)
     print(f"search@{args.backbone}: {doc['n_trials']} trials, front of {len(doc['front'])} points, "
           f"{doc['seconds']:.0f} s")

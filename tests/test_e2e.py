@@ -168,6 +168,27 @@ def test_a_second_clean_run_reproduces_summary_exactly(repo, tmp_path):
     rows = {k for k in json.loads(first) if not k.startswith(("claims/", "noise_floor/", "search/"))}
     timed = {k.split("#")[0] for k in json.loads((dst / "reports" / "timings.json").read_text())}
     assert timed == rows
+    # dvc.lock: every output and every dependency hashes the same bytes in both clean runs. The only
+    # difference allowed is the one this test makes on purpose: the n_workers params (and the validate
+    # stamps of their sections, which record them)
+    a, b = (_lock_hashes(d / "dvc.lock") for d in (repo[0], dst))
+    assert a.keys() == b.keys()
+    differ = sorted(k for k in a if a[k] != b[k])
+    assert differ == [k for k in differ if k[1] in _WORKER_STAMPS or k[1] == "params"], differ
+
+
+_WORKER_STAMPS = ("data/params", "data/params/quantize.json", "data/params/search.json", "data/params/eval.json")
+
+
+def _lock_hashes(lock: Path) -> dict:
+    """(stage, path) -> md5 of every dep and out in a dvc.lock, and (stage, "params") -> its params."""
+    out = {}
+    for stage, d in yaml.safe_load(lock.read_text())["stages"].items():
+        for kind in ("deps", "outs"):
+            for e in d.get(kind, []):
+                out[(stage, e["path"])] = e.get("md5")
+        out[(stage, "params")] = json.dumps(d.get("params", {}), sort_keys=True)
+    return out
 
 
 def test_every_stage_is_an_mlflow_run(repo):

@@ -92,3 +92,43 @@ def test_stage_run_logs_params_tags_metrics_and_log(monkeypatch, tmp_path):
         with stage_run("quantize", params={}, experiment="t") as run2:
             raise RuntimeError("boom")
     assert client.get_run(run2.run_id).info.status == "FAILED"
+
+
+def test_save_safetensors_writes_the_same_bytes_whatever_the_metadata_order(tmp_path):
+    """safetensors writes metadata from a hash map (key order varies between processes); our writer sorts the
+    header, so the file is byte-deterministic, and safetensors itself reads it back unchanged."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from pipeline.io import save_safetensors
+
+    tensors = {"b.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.tensor([1, 2], dtype=torch.int8),
+               "c": torch.zeros(3, dtype=torch.float16)}
+    metas = [{"format": "x", "format_version": "2", "z": "1"}, {"z": "1", "format_version": "2", "format": "x"}]
+    for i, meta in enumerate(metas):
+        save_safetensors(dict(reversed(list(tensors.items()))) if i else tensors, tmp_path / f"{i}.safetensors", meta)
+    assert (tmp_path / "0.safetensors").read_bytes() == (tmp_path / "1.safetensors").read_bytes()
+    back = load_file(str(tmp_path / "0.safetensors"))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+    with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as f:
+        assert f.metadata() == metas[0]
+    n = int.from_bytes((tmp_path / "0.safetensors").read_bytes()[:8], "little")
+    assert n % 8 == 0
+
+
+def test_split_timings_moves_clock_fields_out_recursively_and_tree_hash_ignores_side_files(tmp_path):
+    from pipeline.io import split_timings, tree_hash
+
+    clean, timing = split_timings({"key": "k", "method_seconds": 1.5, "peak_memory_mb": 3, "sec_per_image": 0.1,
+                                   "info": {"peer_seconds": 2, "coverage": 1.0, "n": {"recon_seconds": 4}}})
+    assert clean == {"key": "k", "info": {"coverage": 1.0, "n": {}}}
+    assert timing == {"method_seconds": 1.5, "peak_memory_mb": 3, "sec_per_image": 0.1,
+                      "info": {"peer_seconds": 2, "n": {"recon_seconds": 4}}}
+    (tmp_path / "info.json").write_text("{}")
+    before = tree_hash(tmp_path)
+    (tmp_path / "job.timing.json").write_text('{"method_seconds": 9}')
+    (tmp_path / "study-1.journal").write_text("x")
+    assert tree_hash(tmp_path) == before
+    (tmp_path / "other.json").write_text("{}")
+    assert tree_hash(tmp_path) != before

@@ -10,6 +10,7 @@ import yaml
 
 from pipeline.config import BackboneModel, CalibrateConfig, DiffusionConfig, SamplingConfig, UNetArch
 from pipeline.io import read_json
+from pipeline.runner import read_job_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,9 +82,14 @@ def test_plan_order_layout_and_manifest(inputs, monkeypatch):
     assert (inputs / "out" / "W4A8" / "toy_rtn" / "unet" / "seed0" / "packed.safetensors").exists()
     assert not (inputs / "out" / "W4A8" / "toy_fragile" / "unet" / "seed0" / "info.json").exists()
     # the runner measures every family's peak memory (here the toy family, which measures nothing itself)
-    info = read_json(inputs / "out" / "W4A8" / "toy_rtn" / "unet" / "seed0" / "info.json")
+    job = inputs / "out" / "W4A8" / "toy_rtn" / "unet" / "seed0"
+    info = read_job_info(job)
     assert info["peak_memory_mb"] > 0 and info["peak_memory_kind"] == "cpu_peak_rss"
     assert "peak_memory_mb" not in info["info"]
+    # clock readings live in the untracked side file, never in the DVC-hashed info.json
+    tracked = read_json(job / "info.json")
+    assert not {"peak_memory_mb", "method_seconds", "quantize_seconds"} & set(tracked)
+    assert read_json(job / "job.timing.json")["method_seconds"] == info["method_seconds"] > 0
     assert manifest["tables"][0]["settings"] == ["W8A8", "W4A8"]
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.family = 'toy'")
     by_variant = {(r["tags.variant"], r["tags.setting"]): r["status"] for _, r in runs.iterrows()}
@@ -161,12 +167,12 @@ def test_finetune_phase_reuses_its_first_phase(inputs, monkeypatch):
     path.write_text(yaml.safe_dump(p))
     assert FamilyRunner("ftoy", path, inputs / "fp", inputs / "calib", out).run() == []
     assert calls == {"quantize": 1, "finetune": 2}  # only the fine-tune phase re-ran
-    info = read_json(out / "W8A8" / "ftoy" / "unet" / "seed0" / "info.json")
+    info = read_job_info(out / "W8A8" / "ftoy" / "unet" / "seed0")
     assert info["finetune"] == {"steps": 2} and info["method_seconds"] >= info["init_seconds"]
     # peak memory of both phases (the reused first phase's from its init/info.json); the job's is the larger
     assert info["init_peak_memory_mb"] > 0 and info["finetune_peak_memory_mb"] > 0
     assert info["peak_memory_mb"] == max(info["init_peak_memory_mb"], info["finetune_peak_memory_mb"])
-    assert read_json(out / "W8A8" / "ftoy" / "unet" / "seed0" / "init" / "info.json")["peak_memory_mb"] > 0
+    assert read_job_info(out / "W8A8" / "ftoy" / "unet" / "seed0" / "init")["peak_memory_mb"] > 0
 
 
 def test_peak_memory_on_cuda_is_max_allocated_with_reset(monkeypatch):

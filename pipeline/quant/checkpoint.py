@@ -30,7 +30,7 @@ def save_student(net: nn.Module, spec, out_dir: Union[str, Path], meta: Optional
     """Write ``student.safetensors`` (the full state dict of the wrapped ``net``) and ``student.json`` (spec,
     timesteps, per-layer structure, ``meta``) into ``out_dir`` (created; not atomic — callers wrap it).
     ``net`` is the model :func:`pipeline.quant.surgery.quantize_model` wrapped with ``spec``."""
-    from safetensors.torch import save_file
+    from pipeline.io import save_safetensors
 
     from .primitives import weight_quantizer_desc
     from .surgery import QuantSpec, model_timesteps, quant_layers
@@ -56,7 +56,7 @@ def save_student(net: nn.Module, spec, out_dir: Union[str, Path], meta: Optional
     json.dumps(structure)  # fail before writing when meta is not JSON
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / CHECKPOINT_FILE))
+    save_safetensors(tensors, str(out / CHECKPOINT_FILE))
     (out / STRUCTURE_FILE).write_text(json.dumps(structure, indent=2, sort_keys=True) + "\n")
 
 

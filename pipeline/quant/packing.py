@@ -237,7 +237,7 @@ def save_quantized(model: nn.Module, spec: QuantSpec, out_dir: Union[str, Path],
                    extra_meta: Optional[dict] = None) -> dict:
     """Write ``packed.safetensors`` + ``quant_spec.json`` into ``out_dir`` (atomically). Returns the byte
     summary {"packed_bytes", "theoretical_bytes", "fp_bytes"}."""
-    from safetensors.torch import save_file
+    from pipeline.io import save_safetensors
 
     from pipeline.io import atomic_dir, write_json
 
@@ -280,7 +280,7 @@ def save_quantized(model: nn.Module, spec: QuantSpec, out_dir: Union[str, Path],
             "layers": layers_meta, "attention": attn_meta, "extra": extra_meta or {}, "bytes": summary}
     json.dumps(meta)  # fail before touching the output when extra_meta is not JSON
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / PACKED_FILE), metadata={"format": "pipeline.quant.packing",
+        save_safetensors(tensors, str(tmp / PACKED_FILE), metadata={"format": "pipeline.quant.packing",
                                                               "format_version": str(FORMAT_VERSION)})
         write_json(tmp / SPEC_FILE, meta)
     return summary

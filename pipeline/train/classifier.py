@@ -148,14 +148,17 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 def save_classifier(model: DigitClassifier, out_dir: str | Path) -> None:
     """``classifier.safetensors`` (weights) + ``classifier.json`` (architecture and train info)."""
-    from safetensors.torch import save_file
+    from pipeline.io import save_safetensors
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / CLASSIFIER_WEIGHTS))
-    meta = {"config": model.config, "train_info": model.train_info}
+    save_safetensors(state, str(out_dir / CLASSIFIER_WEIGHTS))
+    from pipeline.io import TIMING_SUFFIX, split_timings
+
+    meta, timing = split_timings({"config": model.config, "train_info": model.train_info})  # wall clock aside
     (out_dir / CLASSIFIER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (out_dir / f"{Path(CLASSIFIER_CONFIG).stem}{TIMING_SUFFIX}").write_text(json.dumps(timing, sort_keys=True) + "\n")
 
 
 def load_classifier(path: str | Path, device: Optional[torch.device | str] = None) -> DigitClassifier:

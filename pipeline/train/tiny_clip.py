@@ -286,6 +286,9 @@ def save_clip(model, tokenizer, processor, out_dir: str | Path) -> None:
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
-    info = dict(getattr(model, "train_info", {}) or {})
+    from pipeline.io import TIMING_SUFFIX, split_timings
+
+    info, timing = split_timings(dict(getattr(model, "train_info", {}) or {}))  # wall clock: a side file
     info["caption_template"] = caption_text("{class_name}")
     (out_dir / CLIP_META).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    (out_dir / f"{Path(CLIP_META).stem}{TIMING_SUFFIX}").write_text(json.dumps(timing, sort_keys=True) + "\n")

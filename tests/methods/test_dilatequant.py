@@ -375,7 +375,9 @@ def test_runner_runs_the_family_logs_bkd_to_mlflow_and_keeps_peak_memory(tmp_pat
     assert [t["backbone"] for t in manifest["tables"]] == ["unet"]  # the DiT table is left out: no DiT in this run
     job = tmp_path / "out" / "W4A8" / "dilatequant" / "unet" / "seed0"
     assert (job / "packed.safetensors").exists()
-    info = read_json(job / "info.json")
+    from pipeline.runner import read_job_info
+
+    info = read_job_info(job)
     assert info["method_seconds"] > 0 and info["peak_memory_mb"] > 0 and info["info"]["bkd_units"] >= 2
     runs = mlflow.search_runs(experiment_names=[p["tracking"]["experiment"]], output_format="list")
     keys = {k for r in runs for k in r.data.metrics}

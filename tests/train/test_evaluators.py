@@ -55,7 +55,8 @@ def test_classifier_save_load_round_trip(classifier, digits, tmp_path):
     back = C.load_classifier(tmp_path / "clf")
     xr = digits[2][:20]
     assert torch.equal(back(xr), classifier(xr))
-    assert back.train_info == classifier.train_info
+    # the wall clock goes to classifier.timing.json, a side file no DVC output hashes
+    assert back.train_info == {k: v for k, v in classifier.train_info.items() if k != "train_seconds"}
     with pytest.raises(FileNotFoundError, match="classifier"):
         C.load_classifier(tmp_path / "nothing")
 
