@@ -72,6 +72,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError
+from ..io import split_timings
 from . import Family, MethodContext, QuantResult, Table, Variant, register_family
 
 PEER_FILE = "peer.safetensors"
@@ -443,8 +444,8 @@ def quantize(backbone, calib, setting, cfg: PeersConfig, ctx: MethodContext) -> 
     if ctx.run is not None:
         ctx.run.set_tags({"peer_package": info["peer_package"], "peer_version": info["peer_version"]})
     if ctx.workdir is not None:
-        info["peer_bytes"] = save_peer(peer_bb.net, peer, Path(ctx.workdir),
-                                       {k: v for k, v in info.items() if k != "peer"})
+        meta, _ = split_timings({k: v for k, v in info.items() if k != "peer"})  # no clock in a model file
+        info["peer_bytes"] = save_peer(peer_bb.net, peer, Path(ctx.workdir), meta)
     # the core's view: no layer quantized by our quantizers (the weights already hold the peer's values)
     spec = QuantSpec(default=LayerQuant(w_bits=None), rules=[])
     return QuantResult(emulation, spec, info)
