@@ -303,7 +303,7 @@ class UNetArch:
 
 @dataclass
 class DiTArch:
-    num_layers: int = 6
+    num_layers: int = 4
     num_attention_heads: int = 4
     attention_head_dim: int = 32
     patch_size: int = 2
@@ -311,7 +311,7 @@ class DiTArch:
 
 @dataclass
 class PixArtArch:
-    num_layers: int = 6
+    num_layers: int = 4
     num_attention_heads: int = 4
     attention_head_dim: int = 32
     patch_size: int = 2
@@ -334,7 +334,7 @@ class BackboneModel:
 class ModelConfig:
     """``model``: which backbones the pipeline runs and how each is built or loaded."""
 
-    backbones: list[str] = field(default_factory=lambda: ["unet", "dit"])
+    backbones: list[str] = field(default_factory=lambda: ["unet", "dit", "pixart"])
     unet: BackboneModel = field(default_factory=BackboneModel)
     dit: BackboneModel = field(default_factory=BackboneModel)
     pixart: BackboneModel = field(default_factory=BackboneModel)
@@ -363,9 +363,9 @@ class TrainRun:
 class TrainFPConfig:
     """``train_fp``: Lightning training of each embedded FP backbone."""
 
-    unet: TrainRun = field(default_factory=TrainRun)
-    dit: TrainRun = field(default_factory=TrainRun)
-    pixart: TrainRun = field(default_factory=TrainRun)
+    unet: TrainRun = field(default_factory=lambda: TrainRun(steps=1000))
+    dit: TrainRun = field(default_factory=lambda: TrainRun(steps=2400))
+    pixart: TrainRun = field(default_factory=lambda: TrainRun(steps=2400))
 
 
 @dataclass
@@ -373,7 +373,7 @@ class TrainEvaluatorsConfig:
     """``train_evaluators``: the digit classifier (FID features, conditional accuracy) and tiny CLIP."""
 
     classifier_steps: int = 1500
-    clip_steps: int = 1500
+    clip_steps: int = 1000
     batch_size: int = 128
     lr: float = 2.0e-3
     seed: int = 0
@@ -567,8 +567,8 @@ class SearchConfig:
     budget_bitops: Optional[float] = None  # ... unless given here (GBitOPs per image)
     sampler: str = choice("nsga2", "tpe", default="nsga2")
     population_size: int = 16
-    n_trials: int = 48
-    batch_size: int = 2  # trials asked per round (independent of n_workers: same study for any n_workers)
+    n_trials: int = 96
+    batch_size: int = 4  # trials asked per round (independent of n_workers: same study for any n_workers)
     n_workers: int = 2  # processes that score a round's trials
     weight_init: str = choice("minmax", "mse", default="minmax")
     act_init: str = choice("minmax", "mse", default="minmax")

@@ -65,13 +65,6 @@ class ModelEntry:
         return base if self.quant_dir is None else f"{base}__seed{self.seed}"
 
 
-def code_hash(root: Path) -> str:
-    """Hash of the library's Python sources: a code change invalidates cached evaluations."""
-    from .runner import code_hash as _code_hash
-
-    return _code_hash(Path(root) / "pipeline")
-
-
 def entry_key(entry: ModelEntry, context: dict[str, Any]) -> str:
     parts = {"fp": tree_hash(entry.fp_dir), "context": context}
     if entry.quant_dir is not None:
@@ -102,13 +95,16 @@ def entry_fields(entry: ModelEntry) -> dict[str, Any]:
 
 def evaluation_context(cfg, diffusion, sampling, data_dir: Path, evaluators_dir: Path) -> dict[str, Any]:
     """Everything besides the model files that decides an evaluation's result (part of every entry key):
-    the protocol params, the evaluators, the reference data and the library code."""
+    the protocol params, the evaluators, the reference data and the code an evaluation can run (this module's
+    import closure, :func:`pipeline.codedeps.code_key`: not the report, the search or a family's module --
+    a quantized model's own code is in its ``info.json`` key, part of the model folder's hash)."""
+    from .codedeps import code_key
     from .config import to_dict
 
     protocol = {k: v for k, v in to_dict(cfg).items() if k != "n_workers"}  # n_workers changes no result
     return {"eval": protocol, "sampling": to_dict(sampling), "diffusion": to_dict(diffusion),
             "evaluators": tree_hash(evaluators_dir), "data": tree_hash(data_dir),
-            "code": code_hash(Path(__file__).resolve().parents[1])}
+            "code": code_key(__file__)}
 
 
 LOADER_FILE = "loader.json"  # a model folder's own loader: {"loader": "pipeline.<module>:<fn>", "files": [...]}

@@ -28,7 +28,6 @@ finished job and recomputes only the failed one.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import threading
@@ -89,14 +88,18 @@ def seeded_config(cfg, seed: int):
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def code_hash(root: Optional[Path] = None) -> str:
-    """Hash of the library's Python sources (``pipeline/**/*.py``; bytecode caches excluded)."""
-    root = Path(root) if root is not None else Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*.py")):
-        h.update(str(p.relative_to(root)).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+def job_code_key(family) -> str:
+    """The code part of a job's cache key: the sources that the family's own module(s) (its phases'
+    modules) and this runner can execute (:func:`pipeline.codedeps.code_key`). Another family's module, the
+    report, the evaluation or the search leave it unchanged; the quantization core, the family's module or
+    the runner change it."""
+    import sys
+
+    from .codedeps import code_key
+
+    mods = {sys.modules[fn.__module__].__file__ for fn in (family.quantize, family.finetune, family.check_setting,
+                                                         family.extra_inputs) if fn is not None}
+    return code_key(*sorted(mods), __file__)
 
 
 class PeakMemory:
@@ -225,6 +228,7 @@ class FamilyRunner:
                     raise FileNotFoundError(f"{what} not found at {path}; run `dvc repro` first")
         self._calib: dict[str, Any] = {}
         self._hashes: dict[str, str] = {}
+        self.code = job_code_key(self.family)
 
     # ------------------------------------------------------------------------------------------
     def keys(self, job: Job) -> tuple[str, str]:
@@ -239,7 +243,7 @@ class FamilyRunner:
         ft = options.pop(ft_field) if ft_field else None
         base = {"family": job.family, "variant": job.variant, "switches": self.family.variant(job.variant).switches,
                 "setting": job.setting.name, "backbone": b, "seed": job.seed, "options": options, "inputs": self._hashes[b],
-                "diffusion": to_dict(self.diffusion), "sampling": to_dict(self.sampling), "code": code_hash()}
+                "diffusion": to_dict(self.diffusion), "sampling": to_dict(self.sampling), "code": self.code}
         key1 = data_hash(base)[:24]
         return key1, (data_hash([key1, ft])[:24] if ft_field else key1)
 

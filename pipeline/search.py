@@ -268,26 +268,36 @@ def pareto_front(points: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # the stage
 # ------------------------------------------------------------------------------------------------
+def study_key(backbone: str, cfg, diffusion, sampling, fp_dir, calib_dir) -> str:
+    """The study's identity (its journal and score cache are named by it): the search space and proxy options
+    (not ``n_trials``, ``n_workers`` or the held-out re-scoring, which extend or re-score the same study), the
+    FP model and calibration set, the schedule and the code the search can run (this module's import closure,
+    :func:`pipeline.codedeps.code_key`: the report or another family's module leave the study alone)."""
+    from .codedeps import code_key
+    from .config import to_dict
+    from .io import data_hash, tree_hash
+
+    space = {k: v for k, v in to_dict(cfg).items() if k not in ("n_trials", "n_workers", "backbones")}
+    space.pop("proxy")
+    space["proxy"] = {k: v for k, v in to_dict(cfg.proxy).items() if not k.startswith("holdout")}
+    return data_hash({"space": space, "backbone": backbone, "fp": tree_hash(fp_dir), "calib": tree_hash(calib_dir),
+                      "diffusion": to_dict(diffusion), "sampling": to_dict(sampling),
+                      "code": code_key(__file__)})[:16]
+
+
 def run_search(backbone: str, cfg, diffusion, sampling, tracking, fp_dir, calib_dir, out: Path,
                device: str = "cpu", progress: bool = True) -> dict:
     """Run (or resume) the study of ``backbone`` into ``out``; returns the front document."""
     import torch
 
-    from .config import to_dict
-    from .io import data_hash, tree_hash
     from .methods.tmpq import timestep_groups
-    from .runner import code_hash
     from .sampling import timestep_values
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     full = timestep_values(diffusion, sampling)
     groups = timestep_groups(diffusion.num_train_timesteps, cfg.n_groups)
-    space = {k: v for k, v in to_dict(cfg).items() if k not in ("n_trials", "n_workers", "backbones")}
-    space.pop("proxy")
-    space["proxy"] = {k: v for k, v in to_dict(cfg.proxy).items() if not k.startswith("holdout")}
-    key = data_hash({"space": space, "backbone": backbone, "fp": tree_hash(fp_dir), "calib": tree_hash(calib_dir),
-                     "diffusion": to_dict(diffusion), "sampling": to_dict(sampling), "code": code_hash()})[:16]
+    key = study_key(backbone, cfg, diffusion, sampling, fp_dir, calib_dir)
     journal, cache_file = out / f"study-{key}.journal", out / f"study-{key}.scores.jsonl"
     for old in list(out.glob("study-*.journal")) + list(out.glob("study-*.scores.jsonl")):
         if old not in (journal, cache_file):
@@ -470,8 +480,8 @@ def _summarise(study, sn, groups, cost, budget, full, pool, cache, cfg, key) -> 
 def _write_tables(doc: dict, out: Path) -> None:
     import pandas as pd
 
+    from .fronts import front_markdown
     from .io import atomic_file
-    from .report import front_markdown
 
     with atomic_file(out / "front.md") as fh:
         fh.write(front_markdown(doc))

@@ -141,7 +141,7 @@ class MPQConfig:
     act_calib_batches: int = 4
     act_mse_samples: int = 1024
     seed: int = 0
-    qat: QATConfig = field(default_factory=QATConfig)
+    qat: QATConfig = field(default_factory=lambda: QATConfig(epochs=8, check_samples=0))
 
     def validate(self, p: str) -> None:
         if self.lora_rank < 0:

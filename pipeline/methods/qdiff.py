@@ -108,7 +108,7 @@ class QDiffConfig:
     act_mse_samples: int = 1024
     keep_first_last_bits: int = 8
     calib_batches: int = 4
-    split_weights: bool = True
+    split_weights: bool = False
     recon: ReconConfig = field(default_factory=lambda: ReconConfig(iters=20, batch_size=32))
     act_recon: BlockDistillConfig = field(default_factory=_default_act_recon)
     seed: int = 0
