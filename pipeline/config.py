@@ -273,6 +273,10 @@ class DiffusionConfig:
 
     def validate(self, p: str) -> None:
         _check_positive(self, p, "num_train_timesteps")
+        if not 0.0 < self.beta_start < 1.0:
+            raise ConfigError(f"{p}.beta_start: must be in (0, 1), got {self.beta_start}")
+        if not self.beta_start < self.beta_end < 1.0:
+            raise ConfigError(f"{p}.beta_end: must be in (beta_start = {self.beta_start}, 1), got {self.beta_end}")
 
 
 @dataclass
@@ -297,6 +301,13 @@ class UNetArch:
     norm_num_groups: int = 8
 
     def validate(self, p: str) -> None:
+        if not self.block_out_channels:
+            raise ConfigError(f"{p}.block_out_channels: list at least one block width")
+        _check_positive(self, p, "layers_per_block", "norm_num_groups")
+        for i, c in enumerate(self.block_out_channels):
+            if c <= 0 or c % self.norm_num_groups:
+                raise ConfigError(f"{p}.block_out_channels[{i}]: must be a positive multiple of norm_num_groups "
+                                  f"({self.norm_num_groups}), got {c}")
         if len(self.block_out_channels) != len(self.attention_levels):
             raise ConfigError(f"{p}.attention_levels: needs one entry per block_out_channels entry")
 
@@ -308,6 +319,9 @@ class DiTArch:
     attention_head_dim: int = 32
     patch_size: int = 2
 
+    def validate(self, p: str) -> None:
+        _check_positive(self, p, "num_layers", "num_attention_heads", "attention_head_dim", "patch_size")
+
 
 @dataclass
 class PixArtArch:
@@ -317,6 +331,10 @@ class PixArtArch:
     patch_size: int = 2
     caption_channels: int = 32
     caption_length: int = 4
+
+    def validate(self, p: str) -> None:
+        _check_positive(self, p, "num_layers", "num_attention_heads", "attention_head_dim", "patch_size",
+                        "caption_channels", "caption_length")
 
 
 @dataclass
@@ -355,6 +373,9 @@ class TrainRun:
 
     def validate(self, p: str) -> None:
         _check_positive(self, p, "steps", "batch_size", "lr")
+        for key in ("warmup_steps", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{p}.{key}: must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"{p}.ema_decay: must be in [0, 1), got {self.ema_decay}")
 

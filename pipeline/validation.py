@@ -91,6 +91,7 @@ def _validate(raw: dict) -> dict[str, Any]:
         if fams.index(f) != i:
             raise ConfigError(f"{FAMILIES_KEY}[{i}]: {f!r} is listed twice")
     out[FAMILIES_KEY] = list(fams)
+    _check_patches(out["model"], out["prepare"]["image_size"])
     model_backbones = out["model"]["backbones"]
     for f in fams:
         _, matrix, options = load_family(f, raw, model_backbones)
@@ -101,6 +102,17 @@ def _validate(raw: dict) -> dict[str, Any]:
             hint = (f"; family {key!r} is not listed in '{FAMILIES_KEY}'" if key in registered else "")
             raise ConfigError(f"{key}: unknown section (allowed: {', '.join(sorted(known))}){hint}")
     return out
+
+
+def _check_patches(model: dict, image_size: int) -> None:
+    """A transformer backbone trained here cuts the image into patches: its patch size must divide
+    ``prepare.image_size`` (a loaded checkpoint, ``source``, brings its own)."""
+    for b in model["backbones"]:
+        if b in ("dit", "pixart") and model[b]["source"] is None:
+            patch = model[b][b]["patch_size"]
+            if image_size % patch:
+                raise ConfigError(f"model.{b}.{b}.patch_size: {patch} does not divide prepare.image_size "
+                                  f"({image_size})")
 
 
 def stamps(normalised: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,14 @@ def test_default_params_are_valid_and_normalised():
     (lambda p: p["eval"].update(n_samples=-1), r"eval\.n_samples: must be > 0"),
     (lambda p: p["model"].update(backbones=["unet"]), r"naive\.backbones\[1\]: backbone 'dit' is not in model"),
     (lambda p: p["fp4dit"].update(settings=["W2A8"]), r"fp4dit\.settings\[0\]: W2A8 is not supported"),
+    # the review's gaps (issue 23): each passed validate and failed later, or never
+    (lambda p: p["diffusion"].update(beta_end=-1), r"diffusion\.beta_end: must be in \(beta_start"),
+    (lambda p: p["train_fp"]["dit"].update(warmup_steps=-1), r"train_fp\.dit\.warmup_steps: must be >= 0"),
+    (lambda p: p["model"]["dit"]["dit"].update(attention_head_dim=-1), r"model\.dit\.dit\.attention_head_dim: must be > 0"),
+    (lambda p: p["model"]["pixart"]["pixart"].update(patch_size=-1), r"model\.pixart\.pixart\.patch_size: must be > 0"),
+    (lambda p: p["model"]["dit"]["dit"].update(patch_size=3), r"model\.dit\.dit\.patch_size: 3 does not divide prepare"),
+    (lambda p: p["model"]["unet"]["unet"].update(block_out_channels=[32, 60]),
+     r"model\.unet\.unet\.block_out_channels\[1\]: must be a positive multiple of norm_num_groups"),
 ])
 def test_bad_value_anywhere_is_named(tmp_path, edit, match):
     p = _params()
