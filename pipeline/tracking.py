@@ -137,14 +137,23 @@ def _is_number(v: Any) -> bool:
     return f == f and abs(f) != float("inf")
 
 
+# MLflow 3's UI opens an experiment by its kind: model development lands on the runs table (untagged, it can
+# open the GenAI traces overview, empty here)
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(experiment: str = "diffusion-quant", uri: str = "sqlite:///mlflow.db") -> None:
     """Point MLflow at ``uri``, creating the store (its schema) and ``experiment`` when missing. Call it in
     one process before worker processes log to the same store: two processes creating it race."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(uri))
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=artifact_location())
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        mlflow.create_experiment(experiment, artifact_location=artifact_location(), tags=EXPERIMENT_TAGS)
+    elif any(exp.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):  # a store made by an earlier version
+        for k, v in EXPERIMENT_TAGS.items():
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, k, v)
     mlflow.set_experiment(experiment)
 
 

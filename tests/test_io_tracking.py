@@ -92,6 +92,13 @@ def test_stage_run_logs_params_tags_metrics_and_log(monkeypatch, tmp_path):
         with stage_run("quantize", params={}, experiment="t") as run2:
             raise RuntimeError("boom")
     assert client.get_run(run2.run_id).info.status == "FAILED"
+    # the dashboard opens the experiment on its runs table (MLflow 3 experiment kind), also for an old store
+    exp = client.get_experiment_by_name("t")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    client.delete_experiment_tag(exp.experiment_id, "mlflow.experimentKind")
+    with stage_run("quantize", params={}, experiment="t"):
+        pass
+    assert client.get_experiment_by_name("t").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_save_safetensors_writes_the_same_bytes_whatever_the_metadata_order(tmp_path):
