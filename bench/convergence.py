@@ -91,7 +91,7 @@ def main() -> None:
     backbone = "unet" if args.part == "qat" else "dit"
     fam = get_family("mpq" if args.part == "qat" else "fp4dit")
     cfg = from_dict(fam.config_cls, {k: v for k, v in params[fam.name].items() if k not in MATRIX_KEYS}, fam.name)
-    variant = fam.variant("mpqdm2" if args.part == "qat" else "fp4dit")
+    cfg = fam.config_for("mpqdm2" if args.part == "qat" else "fp4dit", cfg)
     settings = args.settings or (["W2A4", "W4A4"] if args.part == "qat" else ["W4A6"])
     fp, calib = fp_and_calib(backbone, args.data_root, args.cache, args.train_steps)
     fp.eval()
@@ -103,11 +103,11 @@ def main() -> None:
         if args.part == "qat":
             init = copy.deepcopy(fp)
             torch.manual_seed(0)
-            fam.quantize(init, calib, setting, cfg, MethodContext(variant=variant.switches, backbone_name=backbone))
+            fam.quantize(init, calib, setting, cfg, MethodContext(backbone_name=backbone))
         for i, b in enumerate(args.budgets):
             last = i == len(args.budgets) - 1
             with mlflow.start_run(run_name=f"{args.part}/{s}/{b}") as run:
-                ctx = MethodContext(variant=variant.switches, diffusion=diff, sampling=samp, backbone_name=backbone)
+                ctx = MethodContext(diffusion=diff, sampling=samp, backbone_name=backbone)
                 t0 = time.time()
                 if args.part == "qat":
                     from pipeline.train.qat import run_qat
@@ -116,7 +116,7 @@ def main() -> None:
                     qcfg.epochs, qcfg.curve_every, qcfg.curve_samples = b, (samp.steps if last else 0), args.heldout
                     student = copy.deepcopy(init)
                     logger = MLFlowLogger(run_id=run.info.run_id, tracking_uri=args.uri)
-                    summ = run_qat(student, fp, diff, samp, qcfg, relation=variant.switches["relation"],
+                    summ = run_qat(student, fp, diff, samp, qcfg, relation=cfg.relation,
                                    logger=logger, progress=False)
                     curve = summ.get("curve")
                 else:

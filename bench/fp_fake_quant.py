@@ -40,7 +40,7 @@ def main() -> None:
         bb = (models.load_backbone(fp_dir) if fp_dir.exists()
               else models.build_backbone("dit", model_cfg.dit, 8, 1, 10, seed=0))
         bb.eval()
-        quantize_model(bb.net, fp4dit_spec(setting, FP4DiTConfig(), variant))
+        quantize_model(bb.net, fp4dit_spec(setting, FP4DiTConfig(**variant)))
         quant_state(bb.net, weight=True, act=True)
         return bb
 

@@ -41,8 +41,8 @@ def mixed_spec(setting, cfg, wgrid: str, aformat: str):
     from pipeline.quant.surgery import LayerQuant, QuantSpec
 
     base = {"act_mode": "token", "adaround": False}
-    ws = fp4dit_spec(setting, cfg, {**base, **CROSS_GRIDS[wgrid]})
-    as_ = fp4dit_spec(setting, cfg, {**base, **CROSS_GRIDS[ACT_FORMATS[aformat]]})
+    ws = fp4dit_spec(setting, dataclasses.replace(cfg, **base, **CROSS_GRIDS[wgrid]))
+    as_ = fp4dit_spec(setting, dataclasses.replace(cfg, **base, **CROSS_GRIDS[ACT_FORMATS[aformat]]))
     weight_fields = {f.name for f in dataclasses.fields(LayerQuant) if f.name.startswith("w_") or f.name == "group_size"}
     fields = {f.name: getattr(ws.default if f.name in weight_fields else as_.default, f.name)
               for f in dataclasses.fields(LayerQuant)}

@@ -15,6 +15,7 @@ Uses data/fp/unet and data/calib/unet from ``make repro``:
     OMP_NUM_THREADS=1 python bench/mpq_components.py --settings W2A4 W4A4 --seeds 0 1 2
 """
 import argparse
+import dataclasses
 import copy
 import sys
 import time
@@ -72,11 +73,11 @@ def main() -> None:
         for name, switches in cells.items():
             inits, finals, secs = [], [], []
             for seed in args.seeds:
-                cfg = seeded_config(base_cfg, seed)
+                cfg = seeded_config(dataclasses.replace(base_cfg, **switches), seed)
                 t0 = time.time()
                 torch.manual_seed(0)
                 student = copy.deepcopy(fp)
-                ctx = MethodContext(variant=dict(switches), diffusion=diff, sampling=samp, backbone_name="unet")
+                ctx = MethodContext(diffusion=diff, sampling=samp, backbone_name="unet")
                 res = fam.quantize(student, calib, setting, cfg, ctx)
                 student = res.backbone
                 inits.append(distillation_error(student, fp, diff, samp, n=args.heldout, seed=args.seed))

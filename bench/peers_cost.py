@@ -63,7 +63,7 @@ def main() -> None:
             for s in args.settings.split(","):
                 setting = parse_setting(s)
                 try:
-                    fam.check_setting(setting, cfg, {"peer": peer})
+                    fam.check_setting(setting, fam.config_for(peer, cfg))
                 except ValueError as exc:
                     print(f"{kind} {peer:8s} {s:6s} refused: {exc}")
                     continue

@@ -69,8 +69,7 @@ def main() -> None:
         print(f"{kind} {s:5s} naive          rel_err {rel(res.backbone):.4f}", flush=True)
         for v in args.variants.split(","):
             t0 = time.time()
-            res = qdiff.quantize(copy.deepcopy(fp), calib, setting, qcfg,
-                                 MethodContext(variant=qdiff.variant(v).switches))
+            res = qdiff.quantize(copy.deepcopy(fp), calib, setting, qdiff.config_for(v, qcfg), MethodContext())
             sec = time.time() - t0
             total += sec
             i = res.info

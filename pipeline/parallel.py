@@ -65,8 +65,11 @@ class WorkerPool:
         return list(self.imap(method, items))
 
     def close(self, terminate: bool = False) -> None:
+        """Stop the workers. Always by ``Pool.terminate``: every result the caller wanted has been read by
+        then, and ``Pool.close`` + ``join`` can wait forever when a task's result never arrives (seen once
+        in the tests: two exited workers never reaped). ``terminate`` is kept for the callers' intent."""
         if self.pool is not None:
-            self.pool.terminate() if terminate else self.pool.close()
+            self.pool.terminate()
             self.pool.join()
             self.pool = None
 

@@ -566,3 +566,85 @@ def plot_claims(claims: list, path: Path, level: float = 0.95) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage's work
+# ------------------------------------------------------------------------------------------------
+def write_reports(results: Path, eval_dir: Path, search_dir: Path, out: Path, cfg, run_) -> None:
+    """Everything the report stage writes, from the evaluate stage's outputs (``results`` =
+    ``<eval_dir>/results.json``) and the search fronts: plots (made in a scratch folder, then swapped in),
+    ``summary.json``, ``timings.json``, ``claims.json``, ``results.md`` and ``results.csv`` in ``out``, each
+    written atomically and logged to the MLflow run ``run_``."""
+    import logging
+    import shutil
+
+    from .io import atomic_file, read_json, write_json
+
+    log = logging.getLogger("pipeline")
+    eval_dir, search_dir, out = Path(eval_dir), Path(search_dir), Path(out)
+    res = read_json(results, "evaluation results")
+    df = results_frame(res["rows"])
+    timing_file = eval_dir / "results.timing.json"  # untracked side file (wall clock)
+    timing_rows = read_json(timing_file)["rows"] if timing_file.exists() else [{} for _ in res["rows"]]
+    samples = eval_dir / "samples"
+    ref_file = eval_dir / "reference.safetensors"
+    if not ref_file.exists():
+        raise FileNotFoundError(f"reference features (stage evaluate) not found at {ref_file}; run `dvc repro` first")
+
+    from safetensors.numpy import load_file
+
+    def load_arrays(slug):
+        f = samples / f"{slug}.safetensors"
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found (stage evaluate writes one per model); rerun `dvc repro`")
+        return load_file(str(f))
+
+    log.info("report: bootstrap (%d replicates) over %d models", cfg.bootstrap, len(df))
+    agg, stats = aggregate(df, load_arrays, load_file(str(ref_file))["features"], cfg.bootstrap,
+                                  cfg.ci_level, cfg.seed)
+    claims = evaluate_claims(agg, stats, res.get("tables"))
+    floor = res.get("noise_floor")
+    # plots first (into a scratch folder), then the metric files, each replaced atomically
+    scratch = out / ".plots-tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    plot_fid_vs_wbits(agg, scratch / "fid_vs_wbits.png")
+    plot_fid_vs_bitops(agg, scratch / "fid_vs_bitops.png")
+    plot_claims(claims, scratch / "claims.png", cfg.ci_level)
+    for b in sorted(agg["backbone"].unique()):
+        sample_montage(agg, eval_dir / "grids", b, scratch / f"samples_{b}.png")
+    searches = []
+    for f in sorted(search_dir.glob("*/front.json")) if search_dir.exists() else []:
+        searches.append(read_json(f, "search front"))
+        if (f.parent / "front.png").exists():
+            shutil.copyfile(f.parent / "front.png", scratch / f"search_{f.parent.name}.png")
+    plots = out / "plots"
+    if plots.exists():
+        shutil.rmtree(plots)
+    scratch.rename(plots)
+    summ = summary(agg, claims, floor)
+    if searches:
+        for d in searches:  # the search's own held-out check, next to the rows of the full protocol
+            summ[f"search/{d['backbone']}"] = {"n_trials": d["n_trials"], "front_size": len(d["front"]),
+                                               "budget_g": d["budget"] / 1e9, "comparisons": d["comparisons"]}
+    write_json(out / "summary.json", summ)
+    write_json(out / "timings.json",
+               timings(results_frame([{**r, **t} for r, t in zip(res["rows"], timing_rows)])))
+    write_json(out / "claims.json", {"level": cfg.ci_level, "replicates": cfg.bootstrap, "claims": claims})
+    with atomic_file(out / "results.md") as fh:
+        fh.write(markdown_report(agg, tables=res.get("tables"), failed=res.get("failed"), claims=claims,
+                                        floor=floor, protocol=res.get("protocol"), level=cfg.ci_level,
+                                        searches=searches))
+    with atomic_file(out / "results.csv") as fh:
+        df[[c for c in COLUMNS + ["seed", "wbits", "abits", "macs_m", "model_bytes"] if c in df]].to_csv(
+            fh, index=False)
+    for f in [out / "summary.json", out / "timings.json", out / "claims.json", out / "results.md",
+              out / "results.csv"]:
+        run_.log_artifact(f)
+    run_.log_artifact(plots, "plots")
+    held = {}
+    for c in claims:
+        for v in (c.get("metrics") or {}).values():
+            held[v["verdict"]] = held.get(v["verdict"], 0) + 1
+    run_.log_metrics({f"claims_{k.replace(' ', '_')}": float(v) for k, v in held.items()})
+    log.info("report: %d rows, %d claims (%s)\n%s", len(agg), len(claims), held, markdown_table(agg))

@@ -12,9 +12,10 @@ backbone) is its own MLflow run and writes one model folder in the single output
 and the family folder gets a ``manifest.json`` listing every job with its status: the one place
 ``evaluate`` and ``report`` learn which models exist (and which comparison tables the family wants).
 
-Caching and reruns. A job's key hashes everything its result depends on: family, variant switches,
-setting, backbone, the family's options (for the first phase without the fine-tune sub-config), the
-diffusion / sampling params, the FP model, the calibration file and the library's source code. A job whose
+Caching and reruns. A job's key hashes everything its result depends on: family, variant,
+setting, backbone, the variant's config (for the first phase without the fine-tune sub-config), the
+diffusion / sampling params, the FP model, the calibration file and the code the job can run
+(:func:`job_code_key`: the family's module and the runner, with what they import). A job whose
 previous output (kept, the DVC output is ``persist: true``) has the same key is reused, not recomputed;
 a fine-tuned job whose first-phase key is unchanged reuses its ``init/`` and only fine-tunes. So a sweep
 that adds one setting computes only that setting, and changing ``<family>.<finetune_field>`` never
@@ -228,6 +229,7 @@ class FamilyRunner:
                     raise FileNotFoundError(f"{what} not found at {path}; run `dvc repro` first")
         self._calib: dict[str, Any] = {}
         self._hashes: dict[str, str] = {}
+        self._configs: dict[str, Any] = {}
         self.code = job_code_key(self.family)
 
     # ------------------------------------------------------------------------------------------
@@ -238,14 +240,20 @@ class FamilyRunner:
             extra = self.family.extra_inputs(self.cfg, b) if self.family.extra_inputs else []
             self._hashes[b] = data_hash([tree_hash(self.fp_root / b), tree_hash(self.calib_root / b),
                                          *(tree_hash(p) for p in extra)])
-        options = to_dict(seeded_config(self.cfg, job.seed))
+        options = to_dict(self.job_config(job))
         ft_field = self.family.finetune_field
         ft = options.pop(ft_field) if ft_field else None
-        base = {"family": job.family, "variant": job.variant, "switches": self.family.variant(job.variant).switches,
-                "setting": job.setting.name, "backbone": b, "seed": job.seed, "options": options, "inputs": self._hashes[b],
+        base = {"family": job.family, "variant": job.variant, "setting": job.setting.name, "backbone": b, "seed": job.seed, "options": options, "inputs": self._hashes[b],
                 "diffusion": to_dict(self.diffusion), "sampling": to_dict(self.sampling), "code": self.code}
         key1 = data_hash(base)[:24]
         return key1, (data_hash([key1, ft])[:24] if ft_field else key1)
+
+    def job_config(self, job: Job):
+        """The config job ``job`` runs: its variant's (:meth:`Family.config_for`), seeds offset by the
+        method seed."""
+        if job.variant not in self._configs:
+            self._configs[job.variant] = self.family.config_for(job.variant, self.cfg)
+        return seeded_config(self._configs[job.variant], job.seed)
 
     def calibration(self, backbone: str):
         from .calibration import load_calibration
@@ -258,8 +266,7 @@ class FamilyRunner:
         from .methods import MethodContext
 
         return MethodContext(device=device, run=run, diffusion=self.diffusion, sampling=self.sampling,
-                             backbone_name=job.backbone, variant=dict(self.family.variant(job.variant).switches),
-                             workdir=workdir)
+                             backbone_name=job.backbone, workdir=workdir)
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -330,8 +337,8 @@ class FamilyRunner:
         fam, setting = self.family, job.setting
         tags = {"family": fam.name, "variant": job.variant, "method": job.variant, "setting": setting.name,
                 "backbone": job.backbone, "wbits": setting.wbits, "abits": setting.abits, "seed": job.seed}
-        params = {**tags, "config": to_dict(seeded_config(self.cfg, job.seed)),
-                  "switches": fam.variant(job.variant).switches}
+        params = {**tags, "config": to_dict(self.job_config(job)),
+                  "overrides": fam.variant(job.variant).overrides}
         log_file = (Path("data") / "logs" /
                     f"quantize@{job.family}-{job.variant}-{setting.name}@{job.backbone}-seed{job.seed}.log")
         with stage_run("quantize", params=params, tags=tags, experiment=self.tracking.experiment,
@@ -355,7 +362,7 @@ class FamilyRunner:
 
         from . import models
 
-        cfg = seeded_config(self.cfg, job.seed)
+        cfg = self.job_config(job)
         torch.manual_seed(getattr(cfg, "seed", job.seed))
         backbone = models.load_backbone(self.fp_root / job.backbone, device=device)
         log.info("%s: %s", job.label, self.family.variant(job.variant).description)
@@ -396,7 +403,7 @@ class FamilyRunner:
         _, spec, _ = load_student(student.net, init_dir)
         t0 = time.time()
         with PeakMemory(device) as mem:
-            ft = self.family.finetune(student, teacher, job.setting, seeded_config(self.cfg, job.seed),
+            ft = self.family.finetune(student, teacher, job.setting, self.job_config(job),
                                       self.context(job, run_, dest, device))
         seconds = time.time() - t0
         _save_packed(student.net, spec, dest, {"family": job.family, "variant": job.variant})

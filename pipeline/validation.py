@@ -55,7 +55,7 @@ def load_family(name: str, params: dict, model_backbones: list[str] | None = Non
         for i, s in enumerate(matrix.bit_settings):
             for v in matrix.variants:
                 try:
-                    family.check_setting(s, options, family.variant(v).switches)
+                    family.check_setting(s, family.config_for(v, options))
                 except ValueError as exc:
                     raise ConfigError(f"{name}.settings[{i}]: {s.name} is not supported by variant {v!r}: "
                                       f"{exc}") from None

@@ -94,12 +94,11 @@ def test_calibration_and_methods_are_bit_identical(tiny_backbone):
 
     def run(family, variant, options, setting):
         fam = get_family(family)
-        cfg = from_dict(fam.config_cls, options, family)
+        cfg = fam.config_for(variant, from_dict(fam.config_cls, options, family))
         student = copy.deepcopy(fp)
         torch.manual_seed(0)  # what the runner does before every job
         res = fam.quantize(student, c1, parse_setting(setting), cfg,
-                           MethodContext(device="cpu", variant=fam.variant(variant).switches, diffusion=diff,
-                                         sampling=samp))
+                           MethodContext(device="cpu", diffusion=diff, sampling=samp))
         return res.backbone
 
     for family, variant, options, setting in [
@@ -117,13 +116,12 @@ def test_qat_is_bit_identical(tiny_calibrated, relation):
 
     fp, calib = tiny_calibrated["unet"]
     diff, samp = DiffusionConfig(), SamplingConfig(steps=3)
-    v = get_family("mpq").variant("mpqdm2")
+    cfg = get_family("mpq").config_for("mpqdm2", MPQConfig(lora_rank=2, calib_inputs=8, act_calib_batches=1))
 
     def once():
         student = copy.deepcopy(fp)
         torch.manual_seed(0)
-        quantize(student, calib, parse_setting("W2A4"), MPQConfig(lora_rank=2, calib_inputs=8, act_calib_batches=1),
-                 MethodContext(variant=v.switches))
+        quantize(student, calib, parse_setting("W2A4"), cfg, MethodContext())
         # W2: binary b−1 groups; memory: the timestep buckets carry over from the first trajectory to the second
         run_qat(student, fp, diff, samp, QATConfig(epochs=2, batch_size=2, check_samples=0), relation=relation,
                 progress=False)

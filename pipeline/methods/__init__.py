@@ -7,13 +7,14 @@ A *family* is one module of this package that declares, in one :class:`Family` o
 - ``config_cls``: the dataclass of its options (the section's keys besides ``variants``, ``settings`` and
   ``backbones``; nested dataclasses for sub-configs);
 - ``variants``: its rows in the results table (the method and its ablations), each a name, a
-  description and fixed ``switches`` that the method reads from ``ctx.variant``;
+  description and ``overrides``: values of fields of ``config_cls`` (a variant is its family's config with
+  those fields set: :meth:`Family.config_for`; the method reads only its config);
 - its phases: ``quantize(backbone, calib, setting, cfg, ctx) -> QuantResult`` (calibration-based PTQ,
   or the initialisation of a fine-tuned method) and, optionally,
   ``finetune(student, teacher, setting, cfg, ctx) -> dict`` (e.g. QAT). ``finetune_field`` names the
   sub-config only the fine-tune phase reads, so changing it never redoes the first phase;
 - ``backbones`` it supports, ``tables``: the comparison tables of the report it wants, and optionally
-  ``check_setting(setting, cfg, switches)``, raising ValueError for a bit setting it cannot run (so the
+  ``check_setting(setting, cfg)`` (``cfg``: a variant's config), raising ValueError for a bit setting it cannot run (so the
   refusal comes from the ``validate`` stage, before any compute), and ``extra_inputs(cfg, backbone)``:
   other files a job reads (e.g. a search's result), hashed into the job's cache key.
 
@@ -42,23 +43,25 @@ class QuantResult:
 class MethodContext:
     """What a method may use besides its inputs: the device, the MLflow run of the job (``run.run_id``,
     ``run.uri`` for a Lightning logger), the sampling / diffusion configs (methods that train along
-    trajectories), the backbone's name, the variant's switches and a scratch folder for extra outputs
-    (files written there are kept next to the model)."""
+    trajectories), the backbone's name and a scratch folder for extra outputs (files written there are kept
+    next to the model). What a variant changes is in its config (:meth:`Family.config_for`)."""
 
     device: Any = "cpu"
     run: Any = None
     diffusion: Any = None
     sampling: Any = None
     backbone_name: str = ""
-    variant: dict = field(default_factory=dict)
     workdir: Any = None
 
 
 @dataclass(frozen=True)
 class Variant:
+    """A row of the family: ``overrides`` sets fields of the family's config (a nested sub-config by a
+    mapping of its fields); the rest comes from the params section (or the dataclass defaults)."""
+
     name: str
     description: str
-    switches: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ class Family:
     finetune: Optional[Callable[..., dict]] = None
     finetune_field: Optional[str] = None
     tables: tuple = ()
-    check_setting: Optional[Callable[..., None]] = None  # (setting, cfg, switches); ValueError = unsupported
+    check_setting: Optional[Callable[..., None]] = None  # (setting, variant cfg); ValueError = unsupported
     # (cfg, backbone) -> paths besides the FP model and calibration set a job reads (hashed into its cache key)
     extra_inputs: Optional[Callable[..., list]] = None
 
@@ -124,8 +127,26 @@ class Family:
     def variant_names(self) -> list[str]:
         return [v.name for v in self.variants]
 
+    def config_for(self, variant: str, cfg: Any = None, **overrides: Any) -> Any:
+        """The config a row runs: ``cfg`` (the params section's options; default: the dataclass defaults)
+        with the variant's overrides, then ``overrides``, set; validated like the params section (a wrong
+        type or value names the key)."""
+        from ..config import from_dict, to_dict
+
+        base = to_dict(cfg) if cfg is not None else to_dict(self.config_cls())
+        merged = _merge(_merge(base, self.variant(variant).overrides), overrides)
+        return from_dict(self.config_cls, merged, f"{self.name}[{variant}]")
+
 
 _REGISTRY: dict[str, Family] = {}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` set; a mapping value updates a mapping (a sub-config) key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def register_family(family: Family) -> Family:
@@ -139,6 +160,11 @@ def register_family(family: Family) -> Family:
         raise ValueError(f"family {family.name!r}: variants must be non-empty and unique, got {names}")
     if (family.finetune is None) != (family.finetune_field is None):
         raise ValueError(f"family {family.name!r}: finetune and finetune_field go together")
+    for v in family.variants:  # every variant is a valid config (unknown field, wrong type or value: named)
+        try:
+            family.config_for(v.name)
+        except ValueError as exc:
+            raise ValueError(f"family {family.name!r}, variant {v.name!r}: {exc}") from None
     _REGISTRY[family.name] = family
     return family
 

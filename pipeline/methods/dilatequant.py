@@ -124,6 +124,10 @@ class DilateQuantConfig:
         iterations, batch 32, Adam). full_qat_iters: steps of the whole-network row ``full_qat`` (null =
         ``bkd.iters``); it uses ``bkd``'s batch size and learning rates.
     seed: calibration batches (the method seed offsets it and ``bkd.seed``).
+    wd / tpq / training: the method's parts, which the ablation rows switch off (:data:`VARIANTS`): weight
+        dilation, the temporal parallel quantizer (per-timestep activation parameters), and the training after
+        calibration (``bkd`` = block-wise distillation, ``full`` = the same quantizer trained as one
+        whole-network unit, ``none``).
     """
 
     weight_init: str = choice("minmax", "mse", default="minmax")
@@ -137,6 +141,9 @@ class DilateQuantConfig:
     bkd: BlockDistillConfig = field(default_factory=BlockDistillConfig)
     full_qat_iters: Optional[int] = None
     seed: int = 0
+    wd: bool = True
+    tpq: bool = True
+    training: str = choice("bkd", "full", "none", default="bkd")
 
     def validate(self, p: str) -> None:
         if self.keep_first_last_bits not in (0, *WEIGHT_BITS):
@@ -160,8 +167,7 @@ class DilateQuantConfig:
         self.bkd.validate(f"{p}.bkd")
 
 
-VARIANT_DEFAULTS = {"wd": True, "tpq": True, "training": "bkd"}
-TRAININGS = ("bkd", "full", "none")
+# each row: the headline method with some of its parts switched (config fields wd, tpq, training)
 VARIANTS = {
     "dilatequant": {"wd": True, "tpq": True, "training": "bkd"},
     "dilatequant_no_wd": {"wd": False, "tpq": True, "training": "bkd"},
@@ -174,20 +180,6 @@ _DESCRIPTIONS = {
     "dilatequant_no_tpq": "DilateQuant without TPQ (one activation step / zero point for all timesteps)",
     "full_qat": "whole-network QAT (LSQ-style, same quantizer and calibration data) instead of BKD",
 }
-
-
-def check_variant(variant: Optional[dict]) -> dict:
-    """Fill and validate the switches (wd, tpq, training)."""
-    v = {**VARIANT_DEFAULTS, **(variant or {})}
-    unknown = sorted(set(v) - set(VARIANT_DEFAULTS))
-    if unknown:
-        raise ValueError(f"variant: unknown key(s) {unknown}; allowed: {sorted(VARIANT_DEFAULTS)}")
-    for key in ("wd", "tpq"):
-        if not isinstance(v[key], bool):
-            raise ValueError(f"variant.{key}: must be true/false, got {v[key]!r}")
-    if v["training"] not in TRAININGS:
-        raise ValueError(f"variant.training: must be one of {list(TRAININGS)}, got {v['training']!r}")
-    return v
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,11 +325,12 @@ def _dilation_summary(factors: dict) -> dict:
 
 
 def quantize(backbone, calib, setting, cfg: DilateQuantConfig, ctx: MethodContext) -> QuantResult:
-    """DilateQuant (or its ablation / full-QAT row, from ``ctx.variant``); see the module doc."""
+    """DilateQuant (or its ablation / full-QAT row: ``cfg.wd``, ``cfg.tpq``, ``cfg.training``); see the module
+    doc."""
     from ..quant.surgery import activation_quantizers, calibrate_activations, quant_layers, quant_state, quantize_model
     from ..train.recon import distill_model
 
-    v = check_variant(ctx.variant)
+    v = {"wd": cfg.wd, "tpq": cfg.tpq, "training": cfg.training}
     device = ctx.device
     t0 = time.time()
     backbone.eval()
@@ -402,10 +395,9 @@ def _training_summary(res: dict, key: str) -> dict:
             **{f"{key}_{k}_params": n for k, n in counts.items()}}
 
 
-def check_setting(setting, cfg: DilateQuantConfig, switches: dict) -> None:
+def check_setting(setting, cfg: DilateQuantConfig) -> None:
     """Refuse a setting the integer quantizers cannot run, before any compute."""
-    check_variant(switches)
-    dilatequant_spec(setting, cfg, tpq=check_variant(switches)["tpq"])
+    dilatequant_spec(setting, cfg, tpq=cfg.tpq)
 
 
 def _table(backbone: str) -> Table:

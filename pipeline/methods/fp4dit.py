@@ -67,7 +67,7 @@ from typing import Optional
 
 from pipeline.models import attach_caption_embeddings  # noqa: F401  (re-exported)
 
-from ..config import ConfigError
+from ..config import ConfigError, choice
 from ..train.configs import ReconConfig
 from . import Claim, Family, MethodContext, QuantResult, Table, Variant, register_family
 
@@ -118,6 +118,11 @@ class FP4DiTConfig:
     (:class:`pipeline.train.configs.ReconConfig`; the paper's setting is ``recon.iters: 2500``,
     ``recon.batch_size: 16``; ``recon.max_inputs`` caps the calibration inputs used, null = all;
     ``recon.seed`` the batch order). ``static_act_init``: absmax ("minmax") or MSE for the static cells.
+
+    The cell of the cross (what a variant sets, :data:`CROSS_VARIANTS`): ``grid`` (weight grid: "fp" =
+    FP4DiT's ExMy formats, "int" = integer), ``w_symmetric`` (INT weights symmetric), ``act_mode`` ("token" =
+    online per-token activations, "static" = calibrated per-tensor), ``adaround`` (block AdaRound, else round
+    to nearest), ``ffn1`` (the FFN-1 format rule, FP grid only).
     """
 
     weight_format: str = "E2M1"
@@ -130,6 +135,11 @@ class FP4DiTConfig:
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     recon: ReconConfig = field(default_factory=lambda: ReconConfig(iters=80, batch_size=16))
     static_act_init: str = "minmax"
+    grid: str = choice("fp", "int", default="fp")
+    w_symmetric: bool = False
+    act_mode: str = choice("token", "static", default="token")
+    adaround: bool = True
+    ffn1: bool = True
 
     def validate(self, p: str) -> None:
         parse_format(self.weight_format, f"{p}.weight_format")
@@ -152,11 +162,6 @@ class FP4DiTConfig:
             if not pat:
                 raise ConfigError(f"{p}.exclude[{i}]: empty pattern")
 
-
-# switches of a variant: weight grid ("fp" = FP4DiT's ExMy formats, "int" = integer), INT weight symmetry,
-# activation mode ("token" = online per-token, "static" = calibrated per-tensor), rounding (AdaRound or
-# nearest), FFN-1 format rule (FP grid only)
-VARIANT_DEFAULTS = {"grid": "fp", "w_symmetric": False, "act_mode": "token", "adaround": True, "ffn1": True}
 
 # the crossed design: weight grid x activations x rounding, same bits / group size / exclusions everywhere
 CROSS_GRIDS = {"fp": {"grid": "fp"}, "int-asym": {"grid": "int", "w_symmetric": False},
@@ -189,7 +194,7 @@ def _cross_variants() -> list:
 
 CROSS_VARIANTS = tuple(_cross_variants())
 CROSS_NAMES = tuple(v.name for v in CROSS_VARIANTS)
-# names used before the cross (same switches; kept so existing experiment commands keep working)
+# names used before the cross (same overrides; kept so existing experiment commands keep working)
 LEGACY_ALIASES = {"fp4dit_no_adaround": "fp_tok_nearest", "fp4dit_static_act": "fp_static_ada",
                   "int_adaround": "int-asym_tok_ada", "int_no_adaround": "int-asym_tok_nearest"}
 
@@ -229,31 +234,27 @@ def softmax_split(p_bits: int, act_man_bits: int) -> tuple[int, int]:
     return e, act_man_bits
 
 
-def fp4dit_spec(setting, cfg: FP4DiTConfig, variant: Optional[dict] = None):
-    """The :class:`pipeline.quant.surgery.QuantSpec` of FP4DiT (or a cell of the cross) at ``setting``.
+def fp4dit_spec(setting, cfg: FP4DiTConfig):
+    """The :class:`pipeline.quant.surgery.QuantSpec` of FP4DiT (or the cell of the cross ``cfg`` sets) at
+    ``setting``.
     Every cell: group-``group_size`` weights, the same exclusions, activations and Q/K/V at the setting's
     bits in the grid's number format (FP ExMy or symmetric INT), P at ``softmax_bits`` (see
     :class:`FP4DiTConfig`)."""
     from ..quant.primitives import FP_WEIGHT_FORMATS, INT_BITS
     from ..quant.surgery import LayerQuant, QuantSpec
 
-    v = {**VARIANT_DEFAULTS, **(variant or {})}
-    if v["grid"] not in ("fp", "int"):
-        raise ValueError(f"variant grid must be 'fp' or 'int', got {v['grid']!r}")
-    if v["act_mode"] not in ("token", "static"):
-        raise ValueError(f"variant act_mode must be 'token' or 'static', got {v['act_mode']!r}")
     act = setting.act_quantized
     a_fp = dict(a_format="fp", a_exp_bits=None, a_man_bits=None)
-    if act and v["grid"] == "fp":
+    if act and cfg.grid == "fp":
         e, m = act_split(setting, cfg)
         a_fp.update(a_exp_bits=e, a_man_bits=m)
-    a_mode = v["act_mode"] if act else "none"
-    a_init = cfg.static_act_init if act and v["act_mode"] == "static" else "minmax"
+    a_mode = cfg.act_mode if act else "none"
+    a_init = cfg.static_act_init if act and cfg.act_mode == "static" else "minmax"
     common = dict(w_bits=setting.wbits, w_granularity="group", group_size=cfg.group_size,
                   a_bits=setting.abits if act else None, a_mode=a_mode,
                   attn_bits=setting.abits if act else None, a_init=a_init)
     p_bits = setting.abits if cfg.softmax_bits is None else cfg.softmax_bits
-    if act and v["grid"] == "int":
+    if act and cfg.grid == "int":
         if p_bits > max(INT_BITS):
             common["attn_p_format"] = "none"  # INT16 P on [0, 1]: step <= 1.5e-5 of the row max, kept FP
         elif p_bits != setting.abits:
@@ -262,21 +263,21 @@ def fp4dit_spec(setting, cfg: FP4DiTConfig, variant: Optional[dict] = None):
         pe, pm = softmax_split(p_bits, a_fp["a_man_bits"])
         common.update(attn_p_bits=p_bits, attn_p_exp_bits=pe, attn_p_man_bits=pm)
     rules: list = []
-    if v["grid"] == "fp":
+    if cfg.grid == "fp":
         if setting.wbits not in FP_WEIGHT_FORMATS:
             raise ValueError(f"setting {setting.name}: FP weights need {min(FP_WEIGHT_FORMATS)}..."
                              f"{max(FP_WEIGHT_FORMATS)} bits, got {setting.wbits}")
         we, wm = (format_at_width(cfg.weight_format, setting.wbits, "weight_format")
                   or FP_WEIGHT_FORMATS[setting.wbits])
         default = LayerQuant(w_format="fp", w_exp_bits=we, w_man_bits=wm, w_init="minmax", **common, **a_fp)
-        overrides = [(cfg.ffn1_pattern, cfg.ffn1_format, "ffn1_format")] if v["ffn1"] else []
+        overrides = [(cfg.ffn1_pattern, cfg.ffn1_format, "ffn1_format")] if cfg.ffn1 else []
         overrides += [(pat, fmt, f"weight_format_rules.{pat}") for pat, fmt in cfg.weight_format_rules.items()]
         for pat, fmt, key in overrides:
             chosen = format_at_width(fmt, setting.wbits, key)
             if chosen is not None:
                 rules.append((pat, {"w_exp_bits": chosen[0], "w_man_bits": chosen[1]}))
     else:
-        default = LayerQuant(w_format="int", w_symmetric=bool(v["w_symmetric"]), w_init="minmax",
+        default = LayerQuant(w_format="int", w_symmetric=cfg.w_symmetric, w_init="minmax",
                              a_format="int", a_symmetric=True, **common)
     rules += [(pat, {"skip": True}) for pat in cfg.exclude]
     return QuantSpec(default=default, rules=rules)
@@ -304,21 +305,20 @@ def _calibration_inputs(calib, device, cfg: FP4DiTConfig):
 
 
 def quantize(backbone, calib, setting, cfg: FP4DiTConfig, ctx: MethodContext) -> QuantResult:
-    """FP4DiT (or one of its ablation / INT variants, from ``ctx.variant``)."""
+    """FP4DiT (or another cell of the cross: ``cfg.grid``, ``cfg.act_mode``, ``cfg.adaround``, ...)."""
     from ..quant.surgery import calibrate_activations, quant_attention, quant_layers, quant_state, quantize_model
     from ..train.recon import reconstruct_model
 
     if backbone.kind not in ("dit", "pixart"):
         raise ValueError(f"backbone.kind: FP4DiT quantizes transformer backbones ('dit', 'pixart'), "
                          f"got {backbone.kind!r}")
-    v = {**VARIANT_DEFAULTS, **(ctx.variant or {})}
     t0 = time.time()
     device = ctx.device
     backbone.eval()
-    fp_backbone = copy.deepcopy(backbone) if v["adaround"] else None
+    fp_backbone = copy.deepcopy(backbone) if cfg.adaround else None
 
     # 1-2. spec: FP (or INT) group weights, E3M0 FFN-1, online per-token activations, exclusions
-    spec = fp4dit_spec(setting, cfg, v)
+    spec = fp4dit_spec(setting, cfg)
     quantize_model(backbone.net, spec, timesteps=calib.timesteps)
     quant_state(backbone.net, weight=True, act=False)
     info: dict = {"n_quant_layers": sum(1 for _ in quant_layers(backbone.net)),
@@ -332,7 +332,7 @@ def quantize(backbone, calib, setting, cfg: FP4DiTConfig, ctx: MethodContext) ->
     inputs = _calibration_inputs(calib, device, cfg)
 
     # 3. block-wise scale-aware AdaRound (weights only, activations off; official first phase)
-    if v["adaround"]:
+    if cfg.adaround:
         rec = reconstruct_model(backbone, fp_backbone, inputs, cfg.recon, root="net", run=ctx.run)
         errs = list(rec["units"].values())
         info.update(recon_seconds=rec["seconds"], recon_units=rec["n_units"], recon_inputs=rec["n_inputs"],
@@ -341,7 +341,7 @@ def quantize(backbone, calib, setting, cfg: FP4DiTConfig, ctx: MethodContext) ->
         del fp_backbone
 
     # 4. activations: online per-token quantizers need nothing; the static variant calibrates here
-    if setting.act_quantized and v["act_mode"] == "static":
+    if setting.act_quantized and cfg.act_mode == "static":
         quant_state(backbone.net, weight=True, act=True)  # quantizers observe (and pass FP values) while calibrating
 
         def run():
@@ -355,9 +355,9 @@ def quantize(backbone, calib, setting, cfg: FP4DiTConfig, ctx: MethodContext) ->
     return QuantResult(backbone, spec, info)
 
 
-def check_setting(setting, cfg: FP4DiTConfig, switches: dict) -> None:
+def check_setting(setting, cfg: FP4DiTConfig) -> None:
     """Refuse (ValueError) a bit setting this variant has no format for, before any compute."""
-    fp4dit_spec(setting, cfg, switches)
+    fp4dit_spec(setting, cfg)
 
 
 def _cross_table(act: str, title: str, claims: tuple = (), backbone: str = "dit") -> Table:
@@ -388,7 +388,7 @@ register_family(Family(
     variants=CROSS_VARIANTS + (
         Variant("fp4dit_ffn_e2m1", "FP4DiT with E2M1 in the first FFN linear instead of E3M0", {"ffn1": False}),
     ) + tuple(Variant(old, f"alias of {new} (name before the cross)", dict(next(
-        v.switches for v in CROSS_VARIANTS if v.name == new))) for old, new in LEGACY_ALIASES.items()),
+        v.overrides for v in CROSS_VARIANTS if v.name == new))) for old, new in LEGACY_ALIASES.items()),
     tables=tuple(t for b, name in (("dit", "DiT"), ("pixart", "PixArt, text-conditioned")) for t in (
         _cross_table("tok", f"FP4DiT cross, online per-token activations ({name})", claims=_CLAIMS, backbone=b),
         _cross_table("static", f"FP4DiT cross, static per-tensor activations ({name})", backbone=b))),

@@ -127,6 +127,10 @@ class MPQConfig:
     seed: which calibration inputs are drawn (and LoRA A's Kaiming init).
     qat: the fine-tune phase (:class:`pipeline.train.configs.QATConfig`); changing it never redoes the
         calibration-based first phase.
+    salient / lora_init / relation: the method's parts, which the rows set (:data:`VARIANTS`; defaults = MPQ-DM
+        v1): the salient-channel treatment of OMQ ("extra_bit" = b±1-bit groups, "residual" = MPQ-DMv2's binary
+        residual, "none" = no OMQ: one b-bit quantizer, no pre-scale), the LoRA init ("zero" or "svd") and the
+        QAT relation loss ("trd", "memory" or "none").
     """
 
     lora_rank: int = 8
@@ -142,6 +146,9 @@ class MPQConfig:
     act_mse_samples: int = 1024
     seed: int = 0
     qat: QATConfig = field(default_factory=lambda: QATConfig(epochs=8, check_samples=0))
+    salient: str = choice(*OMQ_MODES, default="extra_bit")
+    lora_init: str = choice(*LORA_INITS, default="zero")
+    relation: str = choice(*RELATIONS, default="trd")
 
     def validate(self, p: str) -> None:
         if self.lora_rank < 0:
@@ -176,18 +183,6 @@ VARIANTS = {
     # minus TRD; zero-init LoRA. The reference row every MPQ-DM / MPQ-DMv2 gain is measured against.
     "efficientdm": {"salient": "none", "lora_init": "zero", "relation": "none"},
 }
-
-
-def check_variant(variant: dict) -> dict:
-    """Fill and validate the variant switches (salient, lora_init, relation)."""
-    v = {**V1, **(variant or {})}
-    for key, allowed in (("salient", OMQ_MODES), ("lora_init", LORA_INITS), ("relation", RELATIONS)):
-        if v[key] not in allowed:
-            raise ValueError(f"variant.{key}: must be one of {list(allowed)}, got {v[key]!r}")
-    unknown = sorted(set(v) - {"salient", "lora_init", "relation"})
-    if unknown:
-        raise ValueError(f"variant: unknown key(s) {unknown}; allowed: ['salient', 'lora_init', 'relation']")
-    return v
 
 
 # ------------------------------------------------------------------------------------------------
@@ -497,7 +492,7 @@ def quantized_so_far_pass(backbone, layers: dict, calib, n_inputs: int, device, 
 def _quantize(backbone, calib, setting, cfg: MPQConfig, ctx: MethodContext) -> QuantResult:
     from ..quant.surgery import calibrate_activations, quant_layers, quant_state, quantize_model
 
-    variant = check_variant(ctx.variant)
+    variant = {"salient": cfg.salient, "lora_init": cfg.lora_init, "relation": cfg.relation}
     net = backbone.net
     spec = mpq_spec(setting, cfg)
     # surgery with min-max weight ranges (cheap): the b-bit layers are re-quantized by OMQ below and the
@@ -582,7 +577,7 @@ def finetune(student, teacher, setting, cfg: MPQConfig, ctx: MethodContext) -> d
     from ..train.qat import distillation_error, run_qat
 
     qcfg = cfg.qat
-    relation = check_variant(ctx.variant)["relation"]
+    relation = cfg.relation
     n_check = qcfg.check_samples
     before = distillation_error(student, teacher, ctx.diffusion, ctx.sampling, n=n_check) if n_check else None
     logger = None

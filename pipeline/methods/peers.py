@@ -61,6 +61,7 @@ of an environment pays it, in a warm-up on a tiny layer before the peer runs: ``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import math
 import time
@@ -71,7 +72,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError
+from ..config import ConfigError, choice
 from ..io import split_timings
 from . import Family, MethodContext, QuantResult, Table, Variant, register_family
 
@@ -112,12 +113,14 @@ class PeersConfig:
     calib_batches: quanto A8 calibration: batches of ``calib_batch_size`` inputs (null = all, in file order).
     calib_batch_size: inputs per calibration batch.
     seed: which calibration batches are drawn when ``calib_batches`` is set (the method seed offsets it).
+    peer: the tool (:data:`PEERS`); each row sets it.
     """
 
     torchao_group_size: int = 32
     calib_batches: Optional[int] = None
     calib_batch_size: int = 64
     seed: int = 0
+    peer: str = choice(*PEERS, default="quanto")
 
     def validate(self, p: str) -> None:
         if self.torchao_group_size < 1:
@@ -128,8 +131,8 @@ class PeersConfig:
             raise ConfigError(f"{p}.calib_batch_size: must be >= 1, got {self.calib_batch_size}")
 
 
-def check_setting(setting, cfg: PeersConfig, switches: dict) -> None:
-    peer = PEERS[switches["peer"]]
+def check_setting(setting, cfg: PeersConfig) -> None:
+    peer = PEERS[cfg.peer]
     if setting.abits in _FP_ACT:
         allowed = peer.weight_only_bits
     elif setting.abits == 8:
@@ -412,7 +415,7 @@ def load_peer_model(net: nn.Module, model_dir, device=None) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 def run_peer(peer: str, backbone, calib, setting, cfg: PeersConfig, device="cpu"):
     """``(peer-quantized deep copy of backbone, details)``; ``backbone`` itself is left unchanged."""
-    check_setting(setting, cfg, {"peer": peer})
+    check_setting(setting, dataclasses.replace(cfg, peer=peer))
     peer_bb = copy.deepcopy(backbone).eval()
     return peer_bb, _RUN[peer](peer_bb, calib, setting, cfg, device)
 
@@ -424,7 +427,7 @@ def quantize(backbone, calib, setting, cfg: PeersConfig, ctx: MethodContext) -> 
 
     from ..quant.surgery import LayerQuant, QuantSpec
 
-    peer = ctx.variant["peer"]
+    peer = cfg.peer
     probe = probe_int8_kernel(peer, ctx.device) if setting.act_quantized else None
     t0 = time.time()
     peer_bb, details = run_peer(peer, backbone, calib, setting, cfg, ctx.device)

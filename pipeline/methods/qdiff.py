@@ -101,6 +101,8 @@ class QDiffConfig:
         ``weight_lr`` = ``weight_quant_lr`` = 0: only activation quantizers learn; official 5 000 iterations,
         batch 32, lr 4e-4; ``iters: 0`` = no phase 2).
     seed: calibration batches (the method seed offsets it, ``recon.seed`` and ``act_recon.seed``).
+    split / act_learn: the method's parts the rows set (:data:`VARIANTS`): shortcut splitting of the up-block
+        skip concatenations, and phase 2 (learned activation steps; off = the initial static steps stay).
     """
 
     weight_init: str = choice("minmax", "mse", default="minmax")
@@ -112,6 +114,8 @@ class QDiffConfig:
     recon: ReconConfig = field(default_factory=lambda: ReconConfig(iters=20, batch_size=32))
     act_recon: BlockDistillConfig = field(default_factory=_default_act_recon)
     seed: int = 0
+    split: bool = True
+    act_learn: bool = True
 
     def validate(self, p: str) -> None:
         if self.keep_first_last_bits not in (0, *WEIGHT_BITS):
@@ -137,7 +141,7 @@ class QDiffConfig:
                               f"(use act_recon.iters: 0 to skip phase 2), got {self.act_recon.act_quant_lr!r}")
 
 
-VARIANT_DEFAULTS = {"split": True, "act_learn": True, "act_init": None}
+# each row: config overrides (brecq_w also sets the activation init: min-max static steps)
 VARIANTS = {
     "qdiff": {"split": True, "act_learn": True},
     "qdiff_no_split": {"split": False, "act_learn": True},
@@ -148,19 +152,6 @@ _DESCRIPTIONS = {
     "qdiff_no_split": "Q-Diffusion without shortcut splitting (one quantizer over the concatenated skip input)",
     "brecq_w": "BRECQ AdaRound weights only, min-max static activations (no activation learning, no split)",
 }
-
-
-def check_variant(variant: Optional[dict]) -> dict:
-    v = {**VARIANT_DEFAULTS, **(variant or {})}
-    unknown = sorted(set(v) - set(VARIANT_DEFAULTS))
-    if unknown:
-        raise ValueError(f"variant: unknown key(s) {unknown}; allowed: {sorted(VARIANT_DEFAULTS)}")
-    for key in ("split", "act_learn"):
-        if not isinstance(v[key], bool):
-            raise ValueError(f"variant.{key}: must be true/false, got {v[key]!r}")
-    if v["act_init"] not in (None, "minmax", "mse"):
-        raise ValueError(f"variant.act_init: must be null, 'minmax' or 'mse', got {v['act_init']!r}")
-    return v
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,28 +219,27 @@ def apply_shortcut_split(net, splits: dict) -> int:
 # ------------------------------------------------------------------------------------------------
 # the method
 # ------------------------------------------------------------------------------------------------
-def qdiff_spec(setting, cfg: QDiffConfig, variant: Optional[dict] = None, split_rules: Optional[list] = None):
+def qdiff_spec(setting, cfg: QDiffConfig, split_rules: Optional[list] = None):
     """W<b> asymmetric per-channel INT, A<b> static per-tensor asymmetric INT (learnable with phase 2) on
     layer inputs and attention operands, first/last/embedding layers at 8 bits, plus the weight-split rules."""
     from ..quant.surgery import LayerQuant, QuantSpec, default_rules
 
-    v = check_variant(variant)
     abits = setting.abits if setting.act_quantized else None
     default = LayerQuant(w_bits=setting.wbits, w_format="int", w_granularity="channel", w_symmetric=False,
                          w_init=cfg.weight_init, a_bits=abits, a_format="int", a_mode="static" if abits else "none",
-                         a_symmetric=False, a_init=v["act_init"] or cfg.act_init,
-                         a_learnable=bool(v["act_learn"]) and abits is not None, attn_bits=abits)
+                         a_symmetric=False, a_init=cfg.act_init,
+                         a_learnable=cfg.act_learn and abits is not None, attn_bits=abits)
     rules = default_rules(cfg.keep_first_last_bits or None) + list(split_rules or [])
     return QuantSpec(default=default, rules=rules)
 
 
 def quantize(backbone, calib, setting, cfg: QDiffConfig, ctx: MethodContext) -> QuantResult:
-    """Q-Diffusion (or an ablation, from ``ctx.variant``); see the module doc."""
+    """Q-Diffusion (or an ablation: ``cfg.split``, ``cfg.act_learn``); see the module doc."""
     from ..quant.act import StaticActQuantizer
     from ..quant.surgery import calibrate_activations, quant_attention, quant_layers, quant_state, quantize_model
     from ..train.recon import distill_model, reconstruct_model
 
-    v = check_variant(ctx.variant)
+    v = {"split": cfg.split, "act_learn": cfg.act_learn, "act_init": cfg.act_init}
     device = ctx.device
     t0 = time.time()
     backbone.eval()
@@ -258,7 +248,7 @@ def quantize(backbone, calib, setting, cfg: QDiffConfig, ctx: MethodContext) -> 
     splits = shortcut_splits(net) if v["split"] else {}
     split_rules = split_weight_rules(net, splits) if splits and cfg.split_weights else []
     # 1. surgery (+ the weight split through group ranges)
-    spec = qdiff_spec(setting, cfg, v, split_rules)
+    spec = qdiff_spec(setting, cfg, split_rules)
     quantize_model(net, spec, timesteps=calib.timesteps)
     info: dict = {"variant": v, "n_quant_layers": sum(1 for _ in quant_layers(net)),
                   "n_quant_attention": sum(1 for _ in quant_attention(net))}
@@ -300,9 +290,9 @@ def quantize(backbone, calib, setting, cfg: QDiffConfig, ctx: MethodContext) -> 
     return QuantResult(backbone, spec, info)
 
 
-def check_setting(setting, cfg: QDiffConfig, switches: dict) -> None:
+def check_setting(setting, cfg: QDiffConfig) -> None:
     """Refuse a setting the integer quantizers cannot run, before any compute."""
-    qdiff_spec(setting, cfg, switches)
+    qdiff_spec(setting, cfg)
 
 
 def _table(backbone: str) -> Table:

@@ -272,10 +272,13 @@ class TMPQConfig:
     seed: calibration draw of the activation ranges (the method seed offsets it; the search used
     ``search.seed``): the exported configuration is rebuilt and recalibrated per method seed, so the CI
     covers the calibration draw, not the search.
+    searched: the row's configuration: the best searched point within the uniform setting's BitOPs (true) or
+    the uniform setting itself on the super-network's quantizers (false).
     """
 
     search_dir: str = "data/search"
     seed: int = 0
+    searched: bool = True
 
     def validate(self, p: str) -> None:
         if not self.search_dir:
@@ -316,7 +319,7 @@ def quantize(backbone, calib, setting, cfg: TMPQConfig, ctx: MethodContext) -> Q
     opts = {"weight_init": sc["weight_init"], "act_init": sc["act_init"], "keep_bits": sc["keep_first_last_bits"]}
 
     full = timestep_values(ctx.diffusion, ctx.sampling)
-    if ctx.variant.get("searched"):
+    if cfg.searched:
         budget = front["uniform_cost_per_step"][setting.name] * len(full) if setting.name in \
             front["uniform_cost_per_step"] else None
         if budget is None:
@@ -340,7 +343,7 @@ def quantize(backbone, calib, setting, cfg: TMPQConfig, ctx: MethodContext) -> Q
     return QuantResult(backbone, spec, info)
 
 
-def check_setting(setting, cfg: TMPQConfig, switches: dict) -> None:
+def check_setting(setting, cfg: TMPQConfig) -> None:
     if not setting.act_quantized:
         raise ValueError("TMPQ-DM quantizes activations: use W<b>A<b> with b < 16")
 

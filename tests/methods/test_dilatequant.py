@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.config import ConfigError, from_dict, parse_setting
 from pipeline.methods import MethodContext, get_family
-from pipeline.methods.dilatequant import (DilateQuantConfig, apply_weight_dilation, check_variant, dilatequant_spec,
+from pipeline.methods.dilatequant import (DilateQuantConfig, apply_weight_dilation, dilatequant_spec,
                                           dilation_factors, saturated_channels)
 from pipeline.quant.act import StaticActQuantizer, TimestepActQuantizer
 from pipeline.quant.layers import QuantConv2d, QuantLinear
@@ -30,8 +30,7 @@ def options(**kw):
 
 def run_variant(name, backbone, calib, setting=W4A4, **kw):
     fam = get_family("dilatequant")
-    ctx = MethodContext(device="cpu", variant=fam.variant(name).switches)
-    return fam.quantize(backbone, calib, setting, options(**kw), ctx)
+    return fam.quantize(backbone, calib, setting, fam.config_for(name, options(**kw)), MethodContext(device="cpu"))
 
 
 def _weights(shape, seed):
@@ -233,19 +232,20 @@ def test_bkd_lowers_block_output_mse_and_caches_each_inputs_timestep(tiny_backbo
 def test_variants_tables_and_switches_are_registered():
     fam = get_family("dilatequant")
     assert fam.variant_names == ["dilatequant", "dilatequant_no_wd", "dilatequant_no_tpq", "full_qat"]
-    assert fam.variant("dilatequant_no_wd").switches == {"wd": False, "tpq": True, "training": "bkd"}
-    assert fam.variant("dilatequant_no_tpq").switches["tpq"] is False
-    assert fam.variant("full_qat").switches["training"] == "full"
+    assert fam.variant("dilatequant_no_wd").overrides == {"wd": False, "tpq": True, "training": "bkd"}
+    assert fam.config_for("dilatequant_no_tpq").tpq is False
+    assert fam.config_for("full_qat", options(calib_batches=2)).training == "full"
+    assert fam.config_for("full_qat", options(calib_batches=2)).calib_batches == 2  # the section's options stay
     assert set(fam.backbones) == {"unet", "dit"} and {t.backbone for t in fam.tables} == {"unet", "dit"}
     claims = {(c.better, c.worse) for c in fam.tables[0].claims}
     assert ("dilatequant/dilatequant", "dilatequant/dilatequant_no_wd") in claims
     assert ("dilatequant/dilatequant", "naive/naive") in claims
-    with pytest.raises(ValueError, match="variant.training"):
-        check_variant({"training": "lora"})
-    with pytest.raises(ValueError, match="unknown key"):
-        check_variant({"dilate": True})
+    with pytest.raises(ValueError, match=r"dilatequant\[full_qat\]\.training: 'lora' is not allowed"):
+        fam.config_for("full_qat", training="lora")
+    with pytest.raises(ValueError, match=r"dilatequant\[dilatequant\]\.dilate: unknown key"):
+        fam.config_for("dilatequant", dilate=True)
     for s in (W4A4, W6A6, W4A8):
-        fam.check_setting(s, options(), fam.variant("dilatequant").switches)
+        fam.check_setting(s, fam.config_for("dilatequant", options()))
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])

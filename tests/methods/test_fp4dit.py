@@ -38,8 +38,8 @@ def options(**kw):
 
 def run_method(name, backbone, setting=W4A6, calib=None, **kw):
     fam = get_family("fp4dit")
-    ctx = MethodContext(device="cpu", variant=fam.variant(name).switches)
-    return fam.quantize(backbone, calib or tiny_calib(), setting, options(**kw), ctx)
+    return fam.quantize(backbone, calib or tiny_calib(), setting, fam.config_for(name, options(**kw)),
+                        MethodContext(device="cpu"))
 
 
 def _grid_check(layer):
@@ -102,7 +102,7 @@ def test_e3m0_only_for_the_first_ffn_linear_and_exclusions_stay_fp(tiny_backbone
         assert quantized in names, quantized
     # the FFN ablation and a PixArt-Σ style default format
     bb2 = tiny_backbone("dit", **ARCH)
-    quantize_model(bb2.net, fp4dit_spec(W4A6, options(), {"ffn1": False}))
+    quantize_model(bb2.net, fp4dit_spec(W4A6, options(ffn1=False)))
     assert {(l.weight_quantizers[0].exp_bits, l.weight_quantizers[0].man_bits) for _, l in quant_layers(bb2.net)} \
         == {(2, 1)}
     bb3 = tiny_backbone("pixart", **ARCH)
@@ -150,7 +150,7 @@ def test_activation_formats_softmax_bits_and_int_variant_spec(tiny_backbone):
         assert proc.p_quantizer.bits == 16 and not proc.p_quantizer.signed
         assert proc.q_quantizer.bits == 6
     # INT baseline: same group size, INT weights, INT per-token activations
-    spec_int = fp4dit_spec(W4A6, options(), {"grid": "int"})
+    spec_int = fp4dit_spec(W4A6, options(grid="int"))
     d = spec_int.default
     assert (d.w_format, d.w_granularity, d.group_size, d.a_format, d.a_mode) == ("int", "group", 128, "int", "token")
     assert spec_int.rules == [r for r in spec6.rules if r[1] == {"skip": True}]
@@ -169,7 +169,7 @@ def test_fp_kept_share_and_softmax_split_follow_the_official_code():
     for s, split in (("W4A4", (15, 1)), ("W4A6", (13, 3)), ("W4A8", (12, 4))):
         assert fp4dit_spec(parse_setting(s), options()).default.p_split() == split
     assert fp4dit_spec(W4A6, options(softmax_bits=None)).default.p_split() == (3, 3)  # sign bit -> exponent
-    assert fp4dit_spec(W4A6, options(), {"grid": "int"}).default.p_format == "none"
+    assert fp4dit_spec(W4A6, options(grid="int")).default.p_format == "none"
 
 
 def test_online_token_scale_comes_from_each_token(tiny_backbone):
@@ -288,7 +288,7 @@ def test_registry_and_unsupported_backbone():
 
     assert len(CROSS_NAMES) == 12 and CROSS_NAMES[0] == "fp4dit"
     assert fam.variant_names[:12] == list(CROSS_NAMES)
-    assert fam.variant("int_adaround").switches == fam.variant("int-asym_tok_ada").switches
+    assert fam.variant("int_adaround").overrides == fam.variant("int-asym_tok_ada").overrides
     from pipeline import models
 
     unet = models.build_backbone("unet", BackboneModel(), 8, 1, 10)
@@ -336,7 +336,7 @@ def test_sampling_with_the_fp_inference_fast_path_is_bit_identical(tiny_backbone
     from pipeline.sampling import eval_labels, initial_noise, sample
 
     bb = tiny_backbone("dit", **ARCH)
-    quantize_model(bb.net, fp4dit_spec(setting, FP4DiTConfig(), {}))
+    quantize_model(bb.net, fp4dit_spec(setting, FP4DiTConfig()))
     quant_state(bb.net, weight=True, act=True)
     noise, labels = initial_noise(6, (1, 8, 8), 3), eval_labels(6, 10)
     diff, samp = DiffusionConfig(), SamplingConfig(steps=4)

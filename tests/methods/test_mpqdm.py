@@ -293,15 +293,16 @@ def test_variants_are_registered_with_their_switches():
     assert fam.variant_names == ["mpqdm", "mpqdm2", "mpqdm2_no_residual", "mpqdm2_no_lora_init", "mpqdm2_no_memory",
                                  "efficientdm"]
     assert fam.config_cls is mpqdm.MPQConfig and fam.finetune is not None and fam.finetune_field == "qat"
-    sw = {v.name: v.switches for v in fam.variants}
+    sw = {v.name: v.overrides for v in fam.variants}
     assert sw["mpqdm"] == {"salient": "extra_bit", "lora_init": "zero", "relation": "trd"}
     assert sw["mpqdm2"] == {"salient": "residual", "lora_init": "svd", "relation": "memory"}
     assert sw["mpqdm2_no_residual"]["salient"] == "extra_bit"
     assert sw["mpqdm2_no_lora_init"]["lora_init"] == "zero"
     assert sw["mpqdm2_no_memory"]["relation"] == "trd"
     assert sw["efficientdm"] == {"salient": "none", "lora_init": "zero", "relation": "none"}
-    with pytest.raises(ValueError, match="variant.salient"):
-        mpqdm.check_variant({"salient": "bogus"})
+    with pytest.raises(ConfigError, match=r"mpq\[mpqdm2\]\.salient: 'bogus' is not allowed"):
+        fam.config_for("mpqdm2", salient="bogus")
+    assert fam.config_for("mpqdm2_no_memory").relation == "trd" and fam.config_for("mpqdm2").lora_init == "svd"
     with pytest.raises(ConfigError, match=r"mpq\.omq_fractions\[1\]"):
         from_dict(mpqdm.MPQConfig, {"omq_fractions": [0.0, 0.7]}, "mpq")
     with pytest.raises(ConfigError, match=r"mpq\.lora_rnak: unknown key"):
@@ -311,13 +312,12 @@ def test_variants_are_registered_with_their_switches():
 
 
 def _init(fp, calib, name, setting=BitSetting(3, 4), **overrides):
-    v = get_family("mpq").variant(name)
     student = copy.deepcopy(fp)
     torch.manual_seed(0)
     # min-max ranges keep the test fast (the MSE search is the core's, tested there)
-    cfg = mpqdm.MPQConfig(**{**dict(lora_rank=4, calib_inputs=8, act_calib_batches=1, act_init="minmax",
-                                    weight_init="minmax"), **overrides})
-    res = mpqdm.quantize(student, calib, setting, cfg, MethodContext(variant=v.switches))
+    cfg = get_family("mpq").config_for(name, **{**dict(lora_rank=4, calib_inputs=8, act_calib_batches=1,
+                                                       act_init="minmax", weight_init="minmax"), **overrides})
+    res = mpqdm.quantize(student, calib, setting, cfg, MethodContext())
     return student, res
 
 

@@ -24,9 +24,9 @@ def _batch(calib):
 
 
 def _quantize(fp, calib, peer, setting, workdir=None, **options):
-    cfg = from_dict(PeersConfig, options, "peers")
+    cfg = from_dict(PeersConfig, {**options, "peer": peer}, "peers")
     return get_family("peers").quantize(fp, calib, parse_setting(setting), cfg,
-                                        MethodContext(device="cpu", variant={"peer": peer}, workdir=workdir))
+                                        MethodContext(device="cpu", workdir=workdir))
 
 
 @pytest.mark.parametrize("peer,setting", [("quanto", "W8A8"), ("torchao", "W8A8"), ("torchao", "W4A32")])

@@ -22,7 +22,7 @@ def _run(fp, calib, variant="qdiff", setting=W4A8, **options):
     fam = get_family("qdiff")
     cfg = from_dict(QDiffConfig, {**FAST, **options}, "qdiff")
     student = copy.deepcopy(fp)
-    return fam.quantize(student, calib, setting, cfg, MethodContext(device="cpu", variant=fam.variant(variant).switches))
+    return fam.quantize(student, calib, setting, fam.config_for(variant, cfg), MethodContext(device="cpu"))
 
 
 def test_reconstruction_lowers_block_error_vs_rtn_on_heldout_inputs(tiny_calibrated):
@@ -32,7 +32,7 @@ def test_reconstruction_lowers_block_error_vs_rtn_on_heldout_inputs(tiny_calibra
     fp, calib = tiny_calibrated["unet"]
     student = copy.deepcopy(fp)
     net = student.net
-    spec = qdiff_spec(W4A8, QDiffConfig(), {"split": False})
+    spec = qdiff_spec(W4A8, QDiffConfig(split=False))
     quantize_model(net, spec, timesteps=calib.timesteps)
     quant_state(net, weight=True, act=False)
     inputs = [calib.x, calib.t, calib.labels]
@@ -102,7 +102,7 @@ def test_shortcut_split_uses_two_activation_quantizers_and_the_real_split_point(
         h.remove()
     assert seen == {n: s for n, s in splits.items() if n.endswith("conv1")}
 
-    res = _run(fp, calib)
+    res = _run(fp, calib, split_weights=True)  # the per-part weight ranges too (off in the default run)
     net = res.backbone.net
     assert res.info["n_split_layers"] == len(splits)
     name = "up_blocks.0.resnets.0.conv1"
@@ -142,8 +142,8 @@ def test_fp_model_unchanged_and_learned_activation_steps(tiny_calibrated):
     fp, calib = tiny_calibrated["unet"]
     before = {k: v.clone() for k, v in fp.state_dict().items()}
     given = copy.deepcopy(fp)
-    res = get_family("qdiff").quantize(given, calib, W4A8, from_dict(QDiffConfig, FAST, "qdiff"),
-                                       MethodContext(variant={"split": True, "act_learn": True}))
+    res = get_family("qdiff").quantize(given, calib, W4A8, from_dict(QDiffConfig, {**FAST, "split": True}, "qdiff"),
+                                       MethodContext())
     assert res.backbone is given  # quantized in place on the copy it was given
     after = fp.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from pipeline.api import quantize
 from pipeline.config import DiffusionConfig, SamplingConfig, SearchConfig, SearchProxyConfig, TrackingConfig, \
     from_dict
 from pipeline.methods.tmpq import (Candidate, CostModel, SuperNet, build_uniform, candidate_spec, choose,
@@ -306,9 +307,14 @@ def test_family_rows_come_from_the_front(saved, tmp_path):
         work = tmp_path / variant
         work.mkdir()
         ctx = MethodContext(device="cpu", diffusion=DiffusionConfig(), sampling=SamplingConfig(steps=4),
-                            backbone_name="unet", variant=dict(fam.variant(variant).switches), workdir=work)
-        res = fam.quantize(copy.deepcopy(fp), calib, budget_setting, TMPQConfig(search_dir=str(tmp_path / "search")),
-                           ctx)
+                            backbone_name="unet", workdir=work)
+        cfg_v = fam.config_for(variant, TMPQConfig(search_dir=str(tmp_path / "search")))
+        res = fam.quantize(copy.deepcopy(fp), calib, budget_setting, cfg_v, ctx)
+        # the Python API runs the same row (no runner): the same model
+        api = quantize(fp, "tmpq", "W8A8", calib, variant=variant, search_dir=str(tmp_path / "search"),
+                                device="cpu", sampling=SamplingConfig(steps=4), workdir=tmp_path / f"api-{variant}")
+        with torch.no_grad():
+            assert torch.equal(api.backbone(x, t, y), res.backbone(x, t, y))
         if variant == "tmpq":
             point = choose(doc, doc["uniform_cost_per_step"]["W8A8"] * 4)
             cand = Candidate.from_dict(point["candidate"])
@@ -320,7 +326,6 @@ def test_family_rows_come_from_the_front(saved, tmp_path):
                 assert torch.equal(res.backbone(x, t, y), sn.backbone(x, t, y))
         else:
             assert not (work / "sampling.json").exists() and res.info["n_steps"] == 4
-    ctx.variant = dict(fam.variant("tmpq").switches)
     with pytest.raises(ValueError, match="did not price"):
         fam.quantize(copy.deepcopy(fp), calib, parse_setting("W6A6"), TMPQConfig(search_dir=str(tmp_path / "search")),
                      ctx)

@@ -181,17 +181,16 @@ def test_qat_config_errors_name_the_key():
 def tiny(tiny_calibrated):
     """{kind: (fp, MPQ-DMv2 W2A4 student)} on the shared tiny models, with their diffusion and sampling config."""
     from pipeline.methods import MethodContext, get_family
-    from pipeline.methods.mpqdm import MPQConfig, quantize
+    from pipeline.methods.mpqdm import quantize
 
     diff, samp = DiffusionConfig(), SamplingConfig(steps=3)
     out = {}
     for kind, (fp, calib) in tiny_calibrated.items():
-        v = get_family("mpq").variant("mpqdm2")
         student = copy.deepcopy(fp)
         torch.manual_seed(0)
-        quantize(student, calib, BitSetting(2, 4), MPQConfig(lora_rank=4, calib_inputs=8, act_calib_batches=1,
-                                                          act_init="minmax", weight_init="minmax"),
-                 MethodContext(variant=v.switches))
+        cfg = get_family("mpq").config_for("mpqdm2", lora_rank=4, calib_inputs=8, act_calib_batches=1,
+                                           act_init="minmax", weight_init="minmax")
+        quantize(student, calib, BitSetting(2, 4), cfg, MethodContext())
         out[kind] = (fp, student)
     return out, diff, samp
 
