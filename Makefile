@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install repro test test-fast ui bench paper
+.PHONY: install repro quick test test-fast ui bench paper
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ repro: install
 	@test -d .git || (git init -q && git add -A && git commit -qm "initial import" || true)
 	@test -d .dvc || (dvc init -q && dvc config core.analytics false)
 	dvc repro
+
+## a first look in minutes: the headline row of each family at one setting, one seed, shorter FP training
+## (presets/quick.args), into the same reports/ and MLflow views; params.yaml is left as it was
+quick: install
+	@test -d .git || (git init -q && git add -A && git commit -qm "initial import" || true)
+	@test -d .dvc || (dvc init -q && dvc config core.analytics false)
+	@cp params.yaml .params.before-quick.yaml; dvc exp run $$(cat presets/quick.args); rc=$$?; \
+	  mv .params.before-quick.yaml params.yaml; exit $$rc
 
 ## the test suite (one process; includes an end-to-end `dvc repro` on a miniature params file)
 test: install
