@@ -49,7 +49,6 @@ def quantize(backbone: Any, family: str, setting: Any, calib: Any, *, variant: O
 
     fam = get_family(family)
     variant = fam.variants[0].name if variant is None else variant
-    fam.variant(variant)  # KeyError naming the family's variants
     setting = setting if isinstance(setting, BitSetting) else parse_setting(setting)
     cfg = seeded_config(fam.config_for(variant, None, **overrides), int(seed))
     if fam.check_setting is not None:

@@ -15,6 +15,7 @@ def run(args):
     cfg = load_section("report", ReportConfig, args.params)
     trk = load_section("tracking", TrackingConfig, args.params)
     results = require(f"{args.eval}/results.json", "evaluation results (stage evaluate)")
+    require(f"{args.eval}/reference.safetensors", "reference features (stage evaluate)")
 
     from pathlib import Path
 
