@@ -197,6 +197,14 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def merge_dicts(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` laid on top, nested mappings merged key by key (neither input is changed)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def read_params(path: str | Path = "params.yaml") -> dict:
     import yaml
 

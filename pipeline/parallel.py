@@ -64,10 +64,10 @@ class WorkerPool:
     def map(self, method: str, items: Iterable[tuple]) -> list:
         return list(self.imap(method, items))
 
-    def close(self, terminate: bool = False) -> None:
+    def close(self) -> None:
         """Stop the workers. Always by ``Pool.terminate``: every result the caller wanted has been read by
         then, and ``Pool.close`` + ``join`` can wait forever when a task's result never arrives (seen once
-        in the tests: two exited workers never reaped). ``terminate`` is kept for the callers' intent."""
+        in the tests: two exited workers never reaped)."""
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
@@ -77,4 +77,4 @@ class WorkerPool:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(terminate=exc_type is not None)
+        self.close()

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import BitSetting, DiffusionConfig, ModelConfig, QuantizeConfig, SamplingConfig, TrackingConfig, \
+from .config import BitSetting, merge_dicts, DiffusionConfig, ModelConfig, QuantizeConfig, SamplingConfig, TrackingConfig, \
     load_section, read_params, to_dict
 from .io import atomic_dir, data_hash, read_json, split_timings, tree_hash, write_json
 
@@ -163,20 +163,14 @@ class PeakMemory:
 
 
 JOB_TIMING = "job.timing.json"  # a job's wall-clock seconds and peak memory, beside its info.json
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+REUSE_TIMING = "reuse.timing.json"  # the jobs of the last execution that were reused, beside the manifest
 
 
 def read_job_info(folder: Path) -> dict:
     """A job folder's ``info.json`` with its timings (``job.timing.json``, when present) merged back in."""
     info = read_json(Path(folder) / "info.json")
     timing = Path(folder) / JOB_TIMING
-    return _merge(info, read_json(timing)) if timing.exists() else info
+    return merge_dicts(info, read_json(timing)) if timing.exists() else info
 
 
 def _numbers(d: dict) -> dict:
@@ -243,7 +237,8 @@ class FamilyRunner:
         options = to_dict(self.job_config(job))
         ft_field = self.family.finetune_field
         ft = options.pop(ft_field) if ft_field else None
-        base = {"family": job.family, "variant": job.variant, "setting": job.setting.name, "backbone": b, "seed": job.seed, "options": options, "inputs": self._hashes[b],
+        base = {"family": job.family, "variant": job.variant, "setting": job.setting.name, "backbone": b,
+                "seed": job.seed, "options": options, "inputs": self._hashes[b],
                 "diffusion": to_dict(self.diffusion), "sampling": to_dict(self.sampling), "code": self.code}
         key1 = data_hash(base)[:24]
         return key1, (data_hash([key1, ft])[:24] if ft_field else key1)
@@ -298,6 +293,9 @@ class FamilyRunner:
                     else:
                         log.error("[%d/%d] %s FAILED: %s", i, len(self.jobs), job.label, entry["error"])
                     entries.append(entry)
+            # which jobs were reused is a fact of this execution, not of the outputs: it goes in a side file
+            # that DVC and the cache keys ignore, so a rerun's manifest is byte-identical to a clean run's
+            write_json(tmp / REUSE_TIMING, {"reused": [e["path"] for e in entries if e.pop("reused", False)]})
             write_json(tmp / MANIFEST, {
                 "version": MANIFEST_VERSION, "family": self.family.name, "description": self.family.description,
                 "settings": list(self.matrix.settings), "variants": list(self.matrix.variants),

@@ -29,7 +29,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from ..config import MATRIX_KEYS  # noqa: E402,F401  (re-exported)
+from ..config import MATRIX_KEYS, merge_dicts  # noqa: E402,F401  (MATRIX_KEYS re-exported)
 
 
 @dataclass
@@ -134,19 +134,11 @@ class Family:
         from ..config import from_dict, to_dict
 
         base = to_dict(cfg) if cfg is not None else to_dict(self.config_cls())
-        merged = _merge(_merge(base, self.variant(variant).overrides), overrides)
+        merged = merge_dicts(merge_dicts(base, self.variant(variant).overrides), overrides)
         return from_dict(self.config_cls, merged, f"{self.name}[{variant}]")
 
 
 _REGISTRY: dict[str, Family] = {}
-
-
-def _merge(base: dict, over: dict) -> dict:
-    """``base`` with ``over`` set; a mapping value updates a mapping (a sub-config) key by key."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def register_family(family: Family) -> Family:
