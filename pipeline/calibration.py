@@ -82,8 +82,8 @@ def collect_calibration(backbone, cfg, diffusion, sampling) -> CalibrationSet:
                            generator=torch.Generator().manual_seed(cfg.seed + 1))
     for i in range(0, cfg.n_samples, cfg.batch_size):
         sample(backbone, noise[i : i + cfg.batch_size].to(device), labels[i : i + cfg.batch_size].to(device),
-               diffusion, sampling, step_hook=record)
-    timesteps = [int(v) for v in timestep_values(diffusion, sampling)]
+               diffusion, sampling, step_hook=record, decode=False)
+    timesteps = [int(v) for v in timestep_values(diffusion, sampling, getattr(backbone, "scheduler_config", None))]
     manifest = {
         "seed": cfg.seed,
         "n_samples": cfg.n_samples,

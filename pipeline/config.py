@@ -291,7 +291,7 @@ class DiffusionConfig:
 class SamplingConfig:
     """``sampling``: the sampler used to draw images (calibration, QAT, evaluation)."""
 
-    scheduler: str = choice("ddim", "ddpm", "dpm", default="ddim")
+    scheduler: str = choice("ddim", "ddpm", "dpm", "own", default="ddim")
     steps: int = 20
     eta: float = 0.0
 
@@ -347,13 +347,22 @@ class PixArtArch:
 
 @dataclass
 class BackboneModel:
-    """One backbone: ``source`` (a local diffusers model directory; null = train the embedded one)
-    and the architecture used when training."""
+    """One backbone: ``source`` (a local diffusers pipeline directory with ``model_index.json``, or a model
+    directory; null = train the embedded one), ``prompts`` (a text file, one prompt per line, that a
+    text-conditioned source is conditioned on), ``guidance_scale`` (classifier-free guidance in every
+    stage that runs the model; 1 = none) and the architecture used when training."""
 
     source: Optional[str] = None
+    prompts: Optional[str] = None
+    guidance_scale: float = 1.0
     unet: UNetArch = field(default_factory=UNetArch)
     dit: DiTArch = field(default_factory=DiTArch)
     pixart: PixArtArch = field(default_factory=PixArtArch)
+
+    def validate(self, p: str) -> None:
+        if not self.guidance_scale >= 1.0 or self.guidance_scale == float("inf"):
+            raise ConfigError(f"{p}.guidance_scale: must be a finite number >= 1 (1 = no guidance), "
+                              f"got {self.guidance_scale!r}")
 
 
 @dataclass
@@ -624,7 +633,8 @@ class SearchConfig:
             raise ConfigError(f"{p}.n_groups: need at least 2 timestep groups, got {self.n_groups}")
         _check_positive(self, p, "population_size", "n_trials", "batch_size", "n_workers", "calib_batches")
         if not self.backbones:
-            raise ConfigError(f"{p}.backbones: list at least one backbone (or drop the search stage)")
+            raise ConfigError(f"{p}.backbones: list at least one backbone (a run without the tmpq family skips the "
+                              f"search: stage search writes only skipped.json)")
 
 
 @dataclass

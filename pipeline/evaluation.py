@@ -230,7 +230,6 @@ class Evaluator:
                  ) -> tuple[dict[str, Any], torch.Tensor, dict[str, torch.Tensor]]:
         """(row, images, per-sample arrays) of one model. ``fp_pair``: the FP model's arrays of the same
         backbone (``images``, ``features``), for the paired metrics (none for the FP model itself)."""
-        from .data import caption
         from .metrics.accuracy import conditional_accuracy
         from .metrics.paired import paired_metrics
         from .quant.cost import bitops, count_macs
@@ -249,12 +248,14 @@ class Evaluator:
         with torch.no_grad():
             macs = count_macs(backbone.net, lambda: backbone(x0, t0_, y0))
         per_image_macs = {k: v / 2 for k, v in macs.items()}
+        captions, by_class = self.captions(backbone, labels)
         row: dict[str, Any] = {
             "backbone": entry.backbone, "family": entry.family, "variant": entry.variant,
             "setting": entry.setting, "seed": entry.seed,
             "fid": self.fid.compute(images),
-            "accuracy": conditional_accuracy(self.classifier, images.to(self.device), labels.to(self.device)),
-            "clip_score": self.clip.compute(images, [caption(self.class_names[int(k)]) for k in labels]),
+            "accuracy": (conditional_accuracy(self.classifier, images.to(self.device), labels.to(self.device))
+                         if by_class else None),
+            "clip_score": self.clip.compute(images, captions) if captions is not None else None,
             "bitops_g": bitops(backbone.net, per_image_macs, n_steps) / 1e9,
             "macs_m": sum(per_image_macs.values()) * n_steps / 1e6,
             "n_steps": n_steps,
@@ -267,12 +268,26 @@ class Evaluator:
             arrays.update({k: v.contiguous() for k, v in paired.items()})
             row.update({k: float(v.double().mean()) for k, v in paired.items()})
         row.update(entry_fields(entry))
-        if self.hps is not None:
-            row["hps"] = self.hps.compute(images, [caption(self.class_names[int(k)]) for k in labels])
+        if self.hps is not None and captions is not None:
+            row["hps"] = self.hps.compute(images, captions)
         else:
             row["hps"] = None
-            row["hps_skipped"] = self.hps_reason
+            row["hps_skipped"] = self.hps_reason or "an unconditional model has no prompt to score against"
         return row, images, arrays
+
+    def captions(self, backbone, labels: torch.Tensor) -> tuple[Optional[list[str]], bool]:
+        """(the text each image is scored against by CLIP / HPSv2, whether its label is a class of the
+        dataset): a text model loaded with a prompt file is scored against the prompt of its label; a model
+        conditioned on the dataset's classes against ``caption(class name)``, and its conditional accuracy is
+        measured; an unconditional model against nothing (its CLIP score, HPSv2 and accuracy stay empty)."""
+        from .data import caption
+
+        prompts = getattr(backbone, "prompts", None)
+        if prompts is not None:
+            return [prompts[int(k)] for k in labels], False
+        if backbone.conditioning != "none" and backbone.num_classes == len(self.class_names):
+            return [caption(self.class_names[int(k)]) for k in labels], True
+        return None, False
 
     def seed_floor(self, entry: ModelEntry, fp_arrays: dict) -> dict[str, float]:
         """The FP model sampled from other noise (``eval.seed + floor_seed_offset``): its FID, the FID

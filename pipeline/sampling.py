@@ -1,10 +1,15 @@
 """ONE sampling loop over diffusers schedulers, shared by calibration, QAT and evaluation.
 
-The forward process (betas) comes from :class:`pipeline.config.DiffusionConfig`, the sampler from
-:class:`pipeline.config.SamplingConfig`. Initial noise is drawn on a CPU generator so every model,
-method and machine starts sample ``i`` from the same ``x_T`` (FP and quantized images are paired).
+For a model the pipeline trains itself, the forward process (betas) comes from
+:class:`pipeline.config.DiffusionConfig` and the sampler from :class:`pipeline.config.SamplingConfig`.
+A model loaded from a diffusers directory brings its own ``scheduler_config`` (betas, prediction type,
+clipping, timestep spacing): ``sampling.scheduler: own`` samples with exactly the scheduler its diffusers
+pipeline uses, and ``ddim`` / ``ddpm`` / ``dpm`` swap the class while keeping the model's settings
+(diffusers' ``from_config``); ``sampling.steps`` and ``sampling.eta`` apply to both. Initial noise is
+drawn on a CPU generator so every model, method and machine starts sample ``i`` from the same ``x_T``
+(FP and quantized images are paired), scaled by the scheduler's ``init_noise_sigma``.
 
-Choices where the configs are silent:
+Choices for the self-trained models where the configs are silent:
 
 * ``timestep_spacing="trailing"`` for every sampler: the first step starts at t = T-1 (pure noise),
   which the "leading" default of DDIM skips (Lin et al. 2024, "Common Diffusion Noise Schedules and
@@ -21,7 +26,8 @@ import torch
 from pipeline.config import DiffusionConfig, SamplingConfig
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
-SCHEDULERS = ("ddim", "ddpm", "dpm")
+SCHEDULERS = ("ddim", "ddpm", "dpm", "own")
+_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm": "DPMSolverMultistepScheduler"}
 
 
 def _betas_kwargs(diffusion: DiffusionConfig) -> dict:
@@ -41,41 +47,64 @@ def make_training_scheduler(diffusion: DiffusionConfig):
     return DDPMScheduler(**_betas_kwargs(diffusion))
 
 
-def make_scheduler(diffusion: DiffusionConfig, sampling: SamplingConfig):
-    """A diffusers scheduler for ``sampling.scheduler`` with ``sampling.steps`` timesteps set."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    kw = _betas_kwargs(diffusion)
-    if sampling.scheduler == "ddim":
-        sched = DDIMScheduler(**kw, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
-    elif sampling.scheduler == "ddpm":
-        sched = DDPMScheduler(**kw, clip_sample=True, timestep_spacing="trailing")
-    elif sampling.scheduler == "dpm":
-        sched = DPMSolverMultistepScheduler(
-            **kw, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
-        )
+def make_scheduler(diffusion: DiffusionConfig, sampling: SamplingConfig, own: Optional[dict] = None):
+    """A diffusers scheduler for ``sampling.scheduler`` with ``sampling.steps`` timesteps set. ``own``: the
+    model directory's ``scheduler_config`` (module docstring); None for the self-trained models."""
+    if own is not None:
+        sched = _own_scheduler(own, sampling)
+        total = int(sched.config.num_train_timesteps)
     else:
-        raise ValueError(
-            f"sampling.scheduler: {sampling.scheduler!r} is not allowed (allowed values: {', '.join(SCHEDULERS)})"
-        )
-    if not 0 < sampling.steps <= diffusion.num_train_timesteps:
-        raise ValueError(
-            f"sampling.steps: must be in 1..{diffusion.num_train_timesteps} (diffusion.num_train_timesteps), "
-            f"got {sampling.steps}"
-        )
+        sched = _embedded_scheduler(diffusion, sampling)
+        total = diffusion.num_train_timesteps
+    if not 0 < sampling.steps <= total:
+        raise ValueError(f"sampling.steps: must be in 1..{total} (the model's num_train_timesteps), "
+                         f"got {sampling.steps}")
     sched.set_timesteps(sampling.steps)
     return sched
 
 
-def check_timesteps(timesteps, diffusion: DiffusionConfig, sampling: SamplingConfig) -> list[int]:
+def _own_scheduler(own: dict, sampling: SamplingConfig):
+    import diffusers
+
+    name = own.get("_class_name") if sampling.scheduler == "own" else _CLASSES.get(sampling.scheduler)
+    if name is None:
+        raise ValueError(f"sampling.scheduler: {sampling.scheduler!r} is not allowed (allowed values: "
+                         f"{', '.join(SCHEDULERS)})")
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"scheduler_config: unknown diffusers scheduler class {name!r}")
+    return cls.from_config(own)
+
+
+def _embedded_scheduler(diffusion: DiffusionConfig, sampling: SamplingConfig):
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    kw = _betas_kwargs(diffusion)
+    if sampling.scheduler == "ddim":
+        return DDIMScheduler(**kw, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
+    if sampling.scheduler == "ddpm":
+        return DDPMScheduler(**kw, clip_sample=True, timestep_spacing="trailing")
+    if sampling.scheduler == "dpm":
+        return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2,
+                                           timestep_spacing="trailing")
+    if sampling.scheduler == "own":
+        raise ValueError("sampling.scheduler: 'own' samples with a model directory's scheduler_config; the "
+                         "self-trained models have none (use ddim, ddpm or dpm)")
+    raise ValueError(
+        f"sampling.scheduler: {sampling.scheduler!r} is not allowed (allowed values: {', '.join(SCHEDULERS)})"
+    )
+
+
+def check_timesteps(timesteps, diffusion: DiffusionConfig, sampling: SamplingConfig,
+                    own: Optional[dict] = None) -> list[int]:
     """A custom timestep subsequence, validated: integers in [0, T), strictly decreasing (noisy end first)."""
     ts = [int(t) for t in timesteps]
     if not ts:
         raise ValueError("timesteps: must hold at least one timestep")
-    bad = [t for t in ts if not 0 <= t < diffusion.num_train_timesteps]
+    total = int(own.get("num_train_timesteps", 1000)) if own is not None else diffusion.num_train_timesteps
+    bad = [t for t in ts if not 0 <= t < total]
     if bad:
-        raise ValueError(f"timesteps: {bad} outside 0..{diffusion.num_train_timesteps - 1} "
-                         "(diffusion.num_train_timesteps)")
+        raise ValueError(f"timesteps: {bad} outside 0..{total - 1} (the model's num_train_timesteps)")
     if any(a <= b for a, b in zip(ts, ts[1:])):
         raise ValueError(f"timesteps: must be strictly decreasing (noisy end first), got {ts}")
     if sampling.scheduler != "ddim":
@@ -111,9 +140,9 @@ class _SubsequenceDDIM:
         return self.sched.step(eps, t, x, **kw)
 
 
-def timestep_values(diffusion: DiffusionConfig, sampling: SamplingConfig) -> list[int]:
-    """The sampler's timesteps, noisy end first."""
-    return [int(t) for t in make_scheduler(diffusion, sampling).timesteps]
+def timestep_values(diffusion: DiffusionConfig, sampling: SamplingConfig, own: Optional[dict] = None) -> list[int]:
+    """The sampler's timesteps, noisy end first (``own``: a model directory's scheduler_config)."""
+    return [int(t) for t in make_scheduler(diffusion, sampling, own).timesteps]
 
 
 def initial_noise(n: int, sample_shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -131,6 +160,20 @@ def eval_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(int(n), dtype=torch.long) % int(num_classes)
 
 
+def _step_kwargs(sched, sampling: SamplingConfig, gen: torch.Generator) -> dict:
+    """``eta`` and the noise generator, for the schedulers whose ``step`` takes them (as diffusers'
+    pipelines decide, by the signature)."""
+    import inspect
+
+    params = inspect.signature(sched.step).parameters
+    kw: dict = {}
+    if "eta" in params:
+        kw["eta"] = sampling.eta
+    if "generator" in params:
+        kw["generator"] = gen
+    return kw
+
+
 def sample(
     backbone: torch.nn.Module,
     noise: torch.Tensor,
@@ -141,6 +184,8 @@ def sample(
     progress: bool = False,
     seed: int = 0,
     timesteps: Optional[Sequence[int]] = None,
+    decode: bool = True,
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``noise`` -> images in [-1, 1] (on the backbone's device).
 
@@ -148,9 +193,12 @@ def sample(
     model call itself runs under ``torch.no_grad()`` (a hook may enable grad for its own work).
     The backbone is put in eval mode for the loop (diffusers' DiT would otherwise drop labels) and
     its previous mode is restored afterwards. ``seed`` drives the extra noise of stochastic samplers
-    (DDPM, DDIM with eta > 0) so their runs are repeatable too. ``timesteps``: run DDIM on this
-    subsequence (strictly decreasing) instead of the ``sampling.steps`` timesteps (TMPQ-DM's reduced
-    schedules); ``step_index`` then counts along it.
+    (DDPM, DDIM with eta > 0) so their runs are repeatable too; ``generator`` (a CPU generator) replaces
+    it, e.g. to continue the stream ``noise`` was drawn from, as a diffusers pipeline does. ``timesteps``:
+    run DDIM on this subsequence (strictly decreasing) instead of the ``sampling.steps`` timesteps
+    (TMPQ-DM's reduced schedules); ``step_index`` then counts along it. The model's own scheduler
+    (``backbone.scheduler_config``) is used when it has one. A latent model's result is decoded by its
+    autoencoder (``decode=False`` returns the final latents instead, unclamped).
     """
     if noise.ndim != 4:
         raise ValueError(f"noise: expected [B, C, H, W], got shape {tuple(noise.shape)}")
@@ -160,17 +208,17 @@ def sample(
         device = next(backbone.parameters()).device
     except StopIteration:
         device = noise.device
-    sched = make_scheduler(diffusion, sampling)
+    own = getattr(backbone, "scheduler_config", None)
+    sched = make_scheduler(diffusion, sampling, own)
     if timesteps is not None:
-        sched = _SubsequenceDDIM(sched, check_timesteps(timesteps, diffusion, sampling))
+        sched = _SubsequenceDDIM(sched, check_timesteps(timesteps, diffusion, sampling, own))
     x = noise.to(device=device, dtype=torch.float32)
+    sigma = float(getattr(sched, "init_noise_sigma", 1.0))
+    if sigma != 1.0:
+        x = x * sigma
     labels = labels.to(device) if labels is not None else None
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    step_kw: dict = {}
-    if sampling.scheduler == "ddim":
-        step_kw = {"eta": sampling.eta, "generator": gen}
-    elif sampling.scheduler == "ddpm":
-        step_kw = {"generator": gen}
+    gen = generator if generator is not None else torch.Generator(device="cpu").manual_seed(int(seed))
+    step_kw = _step_kwargs(sched.sched if isinstance(sched, _SubsequenceDDIM) else sched, sampling, gen)
     timesteps = sched.timesteps
     it = enumerate(timesteps)
     if progress:
@@ -190,4 +238,6 @@ def sample(
                 x = sched.step(eps, t, x, **step_kw).prev_sample
     finally:
         backbone.train(was_training)
-    return x.clamp(-1.0, 1.0)
+    if not decode:
+        return x
+    return backbone.decode(x) if hasattr(backbone, "decode") else x.clamp(-1.0, 1.0)

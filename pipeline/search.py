@@ -295,8 +295,9 @@ def run_search(backbone: str, cfg, diffusion, sampling, tracking, fp_dir, calib_
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    full = timestep_values(diffusion, sampling)
-    groups = timestep_groups(diffusion.num_train_timesteps, cfg.n_groups)
+    own = getattr(backbone, "scheduler_config", None)
+    full = timestep_values(diffusion, sampling, own)
+    groups = timestep_groups(int(own["num_train_timesteps"]) if own else diffusion.num_train_timesteps, cfg.n_groups)
     key = study_key(backbone, cfg, diffusion, sampling, fp_dir, calib_dir)
     journal, cache_file = out / f"study-{key}.journal", out / f"study-{key}.scores.jsonl"
     for old in list(out.glob("study-*.journal")) + list(out.glob("study-*.scores.jsonl")):

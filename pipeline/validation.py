@@ -12,7 +12,7 @@ re-runs only the stages whose own stamps changed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .config import (CalibrateConfig, ConfigError, DiffusionConfig, EvalConfig, ModelConfig, PrepareConfig,
                      QuantizeConfig, ReportConfig, SamplingConfig, SearchConfig, TrackingConfig, TrainEvaluatorsConfig, TrainFPConfig,
@@ -92,15 +92,25 @@ def _validate(raw: dict) -> dict[str, Any]:
             raise ConfigError(f"{FAMILIES_KEY}[{i}]: {f!r} is listed twice")
     out[FAMILIES_KEY] = list(fams)
     _check_patches(out["model"], out["prepare"]["image_size"])
+    _check_sources(out["model"], out["prepare"])
     model_backbones = out["model"]["backbones"]
+    for i, b in enumerate(out["search"]["backbones"]):  # stage search@<b> starts from the FP model of <b>
+        if b not in model_backbones:
+            raise ConfigError(f"search.backbones[{i}]: backbone {b!r} is not in model.backbones "
+                              f"({', '.join(model_backbones)}), so no FP model is trained for it")
     for f in fams:
         _, matrix, options = load_family(f, raw, model_backbones)
         out[f] = {**to_dict(matrix), **to_dict(options)}
-    known = set(SECTIONS) | {FAMILIES_KEY} | set(fams)
+    for i, b in enumerate(out.get("tmpq", {}).get("backbones", [])):  # its rows come from the search's front
+        if b not in out["search"]["backbones"]:
+            raise ConfigError(f"tmpq.backbones[{i}]: {b!r} is not in search.backbones "
+                              f"({', '.join(out['search']['backbones'])}): the tmpq rows need its search")
+    # a registered family's section stays allowed when the family is not listed (a preset that runs fewer
+    # families need not delete sections); it is not validated against the backbones and no stage reads it
+    known = set(SECTIONS) | {FAMILIES_KEY} | set(registered)
     for key in raw:
         if key not in known:
-            hint = (f"; family {key!r} is not listed in '{FAMILIES_KEY}'" if key in registered else "")
-            raise ConfigError(f"{key}: unknown section (allowed: {', '.join(sorted(known))}){hint}")
+            raise ConfigError(f"{key}: unknown section (allowed: {', '.join(sorted(known))})")
     return out
 
 
@@ -113,6 +123,41 @@ def _check_patches(model: dict, image_size: int) -> None:
             if image_size % patch:
                 raise ConfigError(f"model.{b}.{b}.patch_size: {patch} does not divide prepare.image_size "
                                   f"({image_size})")
+
+
+def _check_sources(model: dict, prepare: Optional[dict] = None) -> None:
+    """Each backbone's ``source`` exists and, for a diffusers pipeline directory, holds the pieces its
+    conditioning needs, a denoiser of the backbone's kind, a guidance scale it supports, and makes images of
+    the prepared dataset's size (the evaluators are trained on it; read from its JSON files only: no weights
+    are loaded). An embedded backbone takes guidance only where it has a null condition (the DiT's null
+    class, PixArt's null caption)."""
+    for b in model["backbones"]:
+        cfg = model[b]
+        src = cfg["source"]
+        if src is None:
+            if cfg["guidance_scale"] > 1.0 and b == "unet":
+                raise ConfigError(f"model.{b}.guidance_scale: the embedded UNet has no null class, so no guidance "
+                                  f"(use 1.0)")
+            continue
+        if not Path(src).exists():
+            raise ConfigError(f"model.{b}.source: {src} not found")
+        from .hub import check_pipeline_dir, is_pipeline_dir
+
+        if not is_pipeline_dir(src):
+            continue
+        try:
+            info = check_pipeline_dir(src, cfg["prompts"], cfg["guidance_scale"], prefix=f"model.{b}")
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(str(exc)) from None
+        if info["kind"] != b:
+            raise ConfigError(f"model.{b}.source: {src} holds a {info['denoiser_class']}, a '{info['kind']}' backbone; "
+                              f"set it as model.{info['kind']}.source")
+        c, h, w = info["image_shape"]
+        if prepare is not None and (c, h, w) != (prepare["channels"], prepare["image_size"], prepare["image_size"]):
+            raise ConfigError(f"model.{b}.source: {src} makes {c}x{h}x{w} images, but the prepared dataset (which the "
+                              f"evaluators are trained on and FID compares with) is {prepare['channels']}x"
+                              f"{prepare['image_size']}x{prepare['image_size']}: set prepare.source to the model's "
+                              f"image folder, prepare.image_size: {h}, prepare.channels: {c}")
 
 
 def stamps(normalised: dict[str, Any]) -> dict[str, Any]:

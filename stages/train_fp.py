@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""train_fp: train one class-conditional FP backbone with Lightning (or take a local diffusers
-checkpoint when ``model.<backbone>.source`` is set) and save it with diffusers' save_pretrained."""
+"""train_fp: train one class-conditional FP backbone with Lightning (or take a local diffusers pipeline or
+model directory when ``model.<backbone>.source`` is set: its text encoder runs once per line of
+``model.<backbone>.prompts`` here) and save it with diffusers' save_pretrained."""
 from _common import log_path, main, parser, require
 
 
@@ -19,6 +20,10 @@ def run(args):
     require(args.data, "prepared dataset (stage prepare)")
     if bb_cfg.source:
         require(bb_cfg.source, f"model.{args.backbone}.source")
+        from pipeline.hub import check_pipeline_dir, is_pipeline_dir
+
+        if is_pipeline_dir(bb_cfg.source):  # the pieces, before any weights are read
+            check_pipeline_dir(bb_cfg.source, bb_cfg.prompts, bb_cfg.guidance_scale, prefix=f"model.{args.backbone}")
 
     import logging
     import time
@@ -35,8 +40,10 @@ def run(args):
                    inputs=[args.data], log_file=log_path(name)) as run_:
         t0 = time.time()
         if bb_cfg.source:
+            from pipeline.hub import load_source
+
             log.info("%s: using the local checkpoint %s (no training)", name, bb_cfg.source)
-            backbone = models.load_backbone(bb_cfg.source)
+            backbone = load_source(bb_cfg.source, bb_cfg.prompts, bb_cfg.guidance_scale, prefix=f"model.{args.backbone}")
         else:
             from lightning.pytorch.loggers import MLFlowLogger
 
@@ -51,6 +58,7 @@ def run(args):
             run_.log_metrics({"n_params": n_params})
             logger = MLFlowLogger(run_id=run_.run_id, tracking_uri=tracking_uri(trk.uri))
             backbone = train_backbone(backbone, x, y, diff_cfg, run_cfg, logger=logger)
+            backbone.set_guidance(bb_cfg.guidance_scale)
         with atomic_dir(args.out) as tmp:
             models.save_backbone(backbone, tmp)
         run_.log_metrics({"train_seconds": time.time() - t0})

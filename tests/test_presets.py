@@ -44,3 +44,48 @@ def test_preset_gives_valid_params(preset, tmp_path):
 def test_a_bad_override_is_caught(tmp_path):
     with pytest.raises(AssertionError, match="naive.setings: no key 'setings'"):
         apply_args(yaml.safe_load((ROOT / "params.yaml").read_text()), "-S naive.setings=[W4A8]")
+
+
+# the papers' models: each preset names the snapshot directories a user downloads; here the tiny random pipeline
+# of the same kind stands in for the snapshot (and its image size for the dataset's), so the test checks every
+# key and value of the preset, and that the directory a preset expects is one the pipeline accepts
+MODEL_PRESETS = {"ddpm-cifar10": ("unet", "ddpm"), "ldm4": ("unet", "ldm"), "dit-xl-2-256": ("dit", "dit"),
+                 "pixart-alpha-512": ("pixart", "pixart"), "sd-v1": ("unet", "sd")}
+
+
+@pytest.fixture(scope="module")
+def tiny_pipes(tmp_path_factory):
+    from pipeline import tiny_pipelines
+
+    root = tmp_path_factory.mktemp("pipes")
+    for kind in {k for _, k in MODEL_PRESETS.values()}:
+        tiny_pipelines.save(kind, root / kind)
+    tiny_pipelines.write_prompts(root / "prompts.txt")
+    return root
+
+
+def test_every_model_preset_is_tested():
+    assert {p.stem for p in (ROOT / "presets").glob("*.args")} == set(MODEL_PRESETS) | {"quick", "paper"}
+
+
+@pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
+def test_model_preset_gives_valid_params(preset, tiny_pipes, tmp_path):
+    from pipeline.hub import check_pipeline_dir
+
+    backbone, kind = MODEL_PRESETS[preset]
+    params = apply_args(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                        (ROOT / "presets" / f"{preset}.args").read_text())
+    model = params["model"]
+    assert model["backbones"] == [backbone] and model[backbone]["source"].startswith("models/")
+    model[backbone]["source"] = str(tiny_pipes / kind)
+    if model[backbone]["prompts"] is not None:
+        assert model[backbone]["prompts"].startswith("prompts/")
+        model[backbone]["prompts"] = str(tiny_pipes / "prompts.txt")
+    c, h, _ = check_pipeline_dir(tiny_pipes / kind, model[backbone]["prompts"])["image_shape"]
+    assert params["prepare"]["channels"] == c
+    params["prepare"]["image_size"] = h
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    out = validate_params(path)
+    for fam in out["families"]:
+        assert out[fam]["backbones"] == [backbone], fam

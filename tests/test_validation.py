@@ -59,10 +59,26 @@ def test_bad_value_anywhere_is_named(tmp_path, edit, match):
         validate_params(_write(tmp_path, p))
 
 
-def test_family_not_listed_is_a_clear_error(tmp_path):
+def test_a_family_not_listed_keeps_its_section_unread_and_a_misspelt_one_is_refused(tmp_path):
     p = _params()
     p["families"] = ["naive", "fp4dit"]
-    with pytest.raises(ConfigError, match=r"mpq: unknown section .*not listed in 'families'"):
+    out = validate_params(_write(tmp_path, p))
+    assert out["families"] == ["naive", "fp4dit"] and "mpq" not in out and "tmpq" not in out
+    p["mpqq"] = p.pop("mpq")
+    with pytest.raises(ConfigError, match=r"mpqq: unknown section"):
+        validate_params(_write(tmp_path, p))
+
+
+def test_search_and_tmpq_backbones_are_checked(tmp_path):
+    p = _params()
+    p["search"]["backbones"] = ["pixart", "unet"]
+    p["model"]["backbones"] = ["unet", "dit"]
+    for fam in p["families"]:
+        p[fam]["backbones"] = [b for b in p[fam]["backbones"] if b != "pixart"]
+    with pytest.raises(ConfigError, match=r"search.backbones\[0\]: backbone 'pixart' is not in model.backbones"):
+        validate_params(_write(tmp_path, p))
+    p["search"]["backbones"] = ["dit"]
+    with pytest.raises(ConfigError, match=r"tmpq.backbones\[0\]: 'unet' is not in search.backbones \(dit\)"):
         validate_params(_write(tmp_path, p))
 
 

@@ -318,7 +318,7 @@ def quantize(backbone, calib, setting, cfg: TMPQConfig, ctx: MethodContext) -> Q
 
     opts = {"weight_init": sc["weight_init"], "act_init": sc["act_init"], "keep_bits": sc["keep_first_last_bits"]}
 
-    full = timestep_values(ctx.diffusion, ctx.sampling)
+    full = timestep_values(ctx.diffusion, ctx.sampling, getattr(backbone, "scheduler_config", None))
     if cfg.searched:
         budget = front["uniform_cost_per_step"][setting.name] * len(full) if setting.name in \
             front["uniform_cost_per_step"] else None

@@ -92,6 +92,11 @@ class CachedTeacher(nn.Module):
         self.teacher = teacher
         self.cache = None
 
+    @property
+    def scheduler_config(self):
+        """The teacher's own sampler settings (a model loaded from a diffusers directory), for the loop."""
+        return getattr(self.teacher, "scheduler_config", None)
+
     def forward(self, x, t, labels=None):
         c = self.cache
         if c is not None and c[0].shape == x.shape and torch.equal(c[0], x) and torch.equal(c[1], t):
@@ -255,7 +260,9 @@ class TrajectoryDistillation(L.LightningModule):
             rel = None
             if self.relation is not None:
                 feat_q = self._taps[1].pop()
-                rel = self.relation(t, feat_fp, feat_q)
+                # under guidance the tapped features hold both branches ([x; x], timesteps [t; t])
+                t_feat = t if feat_q.shape[0] == t.shape[0] else t.repeat(feat_q.shape[0] // t.shape[0])
+                rel = self.relation(t_feat, feat_fp, feat_q)
                 if rel is not None:
                     loss = loss + self.relation_weight(feat_q, eps_q) * rel
             opt.zero_grad(set_to_none=True)
@@ -295,7 +302,8 @@ class TrajectoryDistillation(L.LightningModule):
         self.teacher.eval()
         if self.relation is not None:
             self.relation.start_trajectory()  # TRD: new windows; MTRD: the timestep memory is kept
-        sample(self.teacher, noise, labels, self.diffusion_cfg, self.sampling_cfg, step_hook=self.distill_step)
+        sample(self.teacher, noise, labels, self.diffusion_cfg, self.sampling_cfg, step_hook=self.distill_step,
+               decode=False)
         self.teacher.cache = None
         return None
 
@@ -328,7 +336,7 @@ def distillation_error(student, teacher, diffusion, sampling, n: int = 32, seed:
 
     was = student.training
     student.eval()
-    sample(teacher, noise, labels, diffusion, sampling, step_hook=hook)
+    sample(teacher, noise, labels, diffusion, sampling, step_hook=hook, decode=False)
     student.train(was)
     return sum(errs) / len(errs)
 
