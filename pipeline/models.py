@@ -405,10 +405,13 @@ def _read_config(path: Path) -> dict:
 
 def _kind_of(config: dict, path: Path) -> str:
     name = config.get("_class_name")
-    if name not in KIND_FOR_CLASS or name == "UNet2DConditionModel":  # a text UNet needs its pipeline directory
+    if name == "UNet2DConditionModel":
+        raise ValueError(f"path: {path} holds a text-conditioned UNet2DConditionModel: point at its pipeline "
+                         f"directory (model_index.json, with text_encoder/ and tokenizer/), not at the unet/ folder")
+    if name not in CLASS_FOR_KIND.values():
         raise ValueError(
             f"path: {path} holds a {name!r} model; supported diffusers classes (config.json _class_name): "
-            f"{', '.join(KIND_FOR_CLASS)}"
+            f"{', '.join(CLASS_FOR_KIND.values())}, or a pipeline directory (model_index.json)"
         )
     return KIND_FOR_CLASS[name]
 

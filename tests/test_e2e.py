@@ -246,3 +246,85 @@ def test_bad_value_fails_repro_before_any_compute(tmp_path):
     assert r.returncode != 0
     assert "naive.settings[1]: unsupported bit setting 'W99A8'" in r.stdout + r.stderr
     assert not (dst / "data" / "dataset").exists() and not (dst / "data" / "fp").exists()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# real-model sources: tiny random-weight diffusers pipelines of the five kinds (pipeline/tiny_pipelines.py, saved
+# with save_pretrained) in the backbone slots, each through validate -> train_fp (load) -> calibrate -> quantize
+# (naive + a family) -> evaluate -> report, on a prepared dataset of 3x16x16 images (what the pipelines decode to)
+# -------------------------------------------------------------------------------------------------------------
+SOURCE_RUNS = {
+    "text_and_class": {"unet": "sd", "dit": "dit", "pixart": "pixart"},
+    "latent_vq": {"unet": "ldm"},
+    "pixel": {"unet": "ddpm"},
+}
+GUIDED = {"sd": 7.5, "dit": 4.0, "pixart": 4.5}
+FAMILY_FOR = {"sd": "mpq", "dit": "fp4dit", "pixart": "fp4dit", "ldm": "dilatequant", "ddpm": "qdiff"}
+
+
+def _image_folder(root: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, c in enumerate(("red", "blue")):
+        (root / c).mkdir(parents=True)
+        for i in range(24):
+            a = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            a[..., 2 * k] = 255
+            Image.fromarray(a).save(root / c / f"{i}.png")
+
+
+def source_params(params: dict, slots: dict) -> dict:
+    p = miniature(params)
+    p["model"]["backbones"] = list(slots)
+    for slot, kind in slots.items():
+        p["model"][slot].update(source=f"models/{kind}", guidance_scale=GUIDED.get(kind, 1.0),
+                                prompts="models/prompts.txt" if kind in ("sd", "pixart") else None)
+    p["prepare"].update(source="images", image_size=16, channels=3)
+    p["sampling"].update(scheduler="own", steps=4)
+    fams = sorted({FAMILY_FOR[k] for k in slots.values()})
+    p["families"] = ["naive", *fams]
+    p["naive"].update(settings=["W8A8"], seeds=[0], backbones=list(slots))
+    for f in fams:
+        p[f]["backbones"] = [s for s, k in slots.items() if FAMILY_FOR[k] == f]
+        p[f]["settings"] = ["W4A8"]
+    p["mpq"].update(variants=["mpqdm2"])
+    p["fp4dit"].update(variants=["fp4dit"])
+    p["dilatequant"].update(variants=["dilatequant_no_tpq"])
+    p["search"]["backbones"] = [next(iter(slots))]  # skipped: tmpq is not listed
+    p["eval"].update(n_samples=16, batch_size=16, grid_size=2)
+    return p
+
+
+@pytest.mark.parametrize("run", sorted(SOURCE_RUNS))
+def test_pipeline_directories_go_through_every_stage(run, tmp_path):
+    from pipeline import tiny_pipelines
+
+    slots = SOURCE_RUNS[run]
+    dst = tmp_path / "repo"
+    env = make_repo(dst, workers=1)
+    for kind in slots.values():
+        tiny_pipelines.save(kind, dst / "models" / kind)
+    tiny_pipelines.write_prompts(dst / "models" / "prompts.txt")
+    _image_folder(dst / "images")
+    params = source_params(yaml.safe_load((dst / "params.yaml").read_text()), slots)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["dvc", "repro"], dst, env)
+    summary = json.loads((dst / "reports" / "summary.json").read_text())
+    for slot, kind in slots.items():
+        fp = summary[f"{slot}/fp/fp/FP32"]
+        naive = summary[f"{slot}/naive/naive/W8A8"]
+        fam = FAMILY_FOR[kind]
+        variant = params[fam]["variants"][0]
+        row = summary[f"{slot}/{fam}/{variant}/W4A8"]
+        # (FP4DiT keeps the embeddings and the final layer in FP, which dominate a tiny model's BitOPs)
+        assert fp["fid"] >= 0 and naive["psnr"] > 20 and max(row["bitops_g"], naive["bitops_g"]) < fp["bitops_g"]
+        assert "accuracy" not in naive  # labels are prompts, 1000 DiT classes or none: not the dataset's classes
+        assert ("clip_score" in naive) == (kind in ("sd", "pixart"))
+        assert (dst / "reports" / "plots" / f"samples_{slot}.png").stat().st_size > 0
+        meta = json.loads((dst / "data" / "fp" / slot / "backbone.json").read_text())
+        assert meta["class_name"] == {"sd": "UNet2DConditionModel", "dit": "DiTTransformer2DModel",
+                                      "pixart": "PixArtTransformer2DModel"}.get(kind, "UNet2DModel")
+        assert ("autoencoder" in meta) == (kind != "ddpm")
+    assert (dst / "data" / "search" / next(iter(slots)) / "skipped.json").exists()

@@ -268,6 +268,17 @@ def test_bad_pipeline_directories(pipes, tmp_path):
         _load(pipes, "ldm", guidance_scale=2.0)
 
 
+def test_model_folders_still_load_and_a_text_unet_folder_points_to_its_pipeline(pipes):
+    from pipeline.models import load_backbone
+
+    bb = load_backbone(pipes / "ddpm" / "unet")  # a plain model directory (config.json) keeps working
+    assert bb.kind == "unet" and bb.conditioning == "none" and bb.num_classes == 1
+    with torch.no_grad():
+        assert bb(torch.zeros(1, 3, 16, 16), 10).shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="UNet2DConditionModel: point at its pipeline directory"):
+        load_backbone(pipes / "sd" / "unet")
+
+
 def test_validate_refuses_a_source_of_the_wrong_kind_before_compute(pipes):
     from pipeline.config import ConfigError
     from pipeline.validation import _check_sources
