@@ -128,7 +128,9 @@ def test_saved_backbone_round_trips(pipes, kind, tmp_path):
                                                                                 DiffusionConfig(), OWN))
     if bb.conditioning == "text":  # prompts stored once each (plus the null prompt), frozen
         assert back.caption_table.weight.shape[0] == 5 and not back.caption_table.weight.requires_grad
-        assert back.prompts == bb.prompts == list(__import__("pipeline.tiny_pipelines").tiny_pipelines.PROMPTS)
+        from pipeline.tiny_pipelines import PROMPTS
+
+        assert back.prompts == bb.prompts == list(PROMPTS)
 
 
 def test_evaluation_scores_prompts_classes_or_nothing(pipes):
