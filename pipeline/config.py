@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 BACKBONES = ("unet", "dit", "pixart")
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -33,6 +33,14 @@ def choice(*values: Any, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     if default is dataclasses.MISSING:
         return field(metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+def layer_patterns(default: Sequence[str]) -> Any:
+    """A dataclass field holding layer-name patterns (``pipeline.quant.surgery`` syntax: glob, ``re:``,
+    ``@first`` / ``@last``). ``validate`` refuses a pattern that matches no layer of any backbone the family
+    runs on, naming the key; the patterns of ``default`` are exempt (a default list may name the layers of
+    several layouts, e.g. Hunyuan-DiT's or Stable Diffusion's, that a given backbone does not have)."""
+    return field(default_factory=lambda: list(default), metadata={"layer_patterns": tuple(default)})
 
 
 # ----------------------------------------------------------------------------------------------

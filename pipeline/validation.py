@@ -11,10 +11,11 @@ re-runs only the stages whose own stamps changed.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import (CalibrateConfig, ConfigError, DiffusionConfig, EvalConfig, ModelConfig, PrepareConfig,
+from .config import (BackboneModel, CalibrateConfig, ConfigError, DiffusionConfig, EvalConfig, ModelConfig, PrepareConfig,
                      QuantizeConfig, ReportConfig, SamplingConfig, SearchConfig, TrackingConfig, TrainEvaluatorsConfig, TrainFPConfig,
                      from_dict, read_params, split_family_section, to_dict)
 
@@ -101,6 +102,7 @@ def _validate(raw: dict) -> dict[str, Any]:
     for f in fams:
         _, matrix, options = load_family(f, raw, model_backbones)
         out[f] = {**to_dict(matrix), **to_dict(options)}
+    _check_layer_patterns(out, fams)
     for i, b in enumerate(out.get("tmpq", {}).get("backbones", [])):  # its rows come from the search's front
         if b not in out["search"]["backbones"]:
             raise ConfigError(f"tmpq.backbones[{i}]: {b!r} is not in search.backbones "
@@ -123,6 +125,37 @@ def _check_patches(model: dict, image_size: int) -> None:
             if image_size % patch:
                 raise ConfigError(f"model.{b}.{b}.patch_size: {patch} does not divide prepare.image_size "
                                   f"({image_size})")
+
+
+def _check_layer_patterns(out: dict, fams: list[str]) -> None:
+    """Every layer-name pattern a family's params set (fields declared with ``config.layer_patterns``) matches
+    at least one quantizable layer or attention module of one of the backbones the family runs on (built on
+    the meta device from the architecture or the source's JSON: no weights), unless it is one of the field's
+    defaults. Refused here, a pattern with a typo would otherwise exclude nothing and quantization would run."""
+    from .methods import get_family
+    from .models import layer_names
+    from .quant.surgery import matches
+
+    def hits(pat: str, b: str) -> bool:
+        layers, attention = names[b]
+        return any(matches(pat, n, layers[0], layers[-1]) for n in layers) or any(matches(pat, n) for n in attention)
+
+    names: dict = {}
+    for f in fams:
+        fields = [fl for fl in dataclasses.fields(get_family(f).config_cls) if "layer_patterns" in fl.metadata]
+        backbones = out[f].get("backbones", [])
+        for fl in fields:
+            for i, pat in enumerate(out[f][fl.name]):
+                if pat in fl.metadata["layer_patterns"]:
+                    continue
+                for b in backbones:
+                    if b not in names:
+                        names[b] = layer_names(b, from_dict(BackboneModel, out["model"][b], f"model.{b}"),
+                                               out["prepare"]["image_size"])
+                if not any(hits(pat, b) for b in backbones):
+                    example = next((names[b][0][len(names[b][0]) // 2] for b in backbones if names[b][0]), "")
+                    raise ConfigError(f"{f}.{fl.name}[{i}]: {pat!r} matches no layer of the {', '.join(backbones)} "
+                                      f"backbone(s) (layer names look like {example!r})")
 
 
 def _check_sources(model: dict, prepare: Optional[dict] = None) -> None:

@@ -298,3 +298,20 @@ def test_validate_refuses_a_source_of_the_wrong_kind_before_compute(pipes):
     model["unet"].update(source=str(pipes / "nowhere"), guidance_scale=1.0)
     with pytest.raises(ConfigError, match=r"model.unet.source: .*nowhere not found"):
         _check_sources(model)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_names_from_json_alone_equal_the_loaded_denoisers(pipes, kind, tmp_path):
+    """What validation matches layer patterns against (built on the meta device from the JSON files) is what
+    the quantization rules see on the loaded model, for a pipeline directory and for a saved backbone."""
+    from pipeline.config import BackboneModel
+    from pipeline.models import layer_names, save_backbone
+    from pipeline.quant.surgery import attention_modules, quantizable_layers
+
+    bb = _load(pipes, kind)
+    want = ([n for n, _ in quantizable_layers(bb.net)], [n for n, _ in attention_modules(bb.net)])
+    slot = bb.kind
+    src = BackboneModel(source=str(pipes / kind), prompts=str(pipes / "prompts.txt"), guidance_scale=GUIDANCE[kind])
+    assert layer_names(slot, src, 8) == want and want[0]
+    save_backbone(bb, tmp_path / "fp")
+    assert layer_names(slot, BackboneModel(source=str(tmp_path / "fp")), 8) == want

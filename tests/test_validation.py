@@ -59,6 +59,28 @@ def test_bad_value_anywhere_is_named(tmp_path, edit, match):
         validate_params(_write(tmp_path, p))
 
 
+def test_layer_patterns_must_match_a_layer_of_the_familys_backbones(tmp_path):
+    """A pattern with a typo would exclude nothing and quantization would start: refused, naming the key.
+    A pattern that matches on one of the family's backbones passes; the defaults (names of other layouts,
+    e.g. Hunyuan-DiT's time_extra_emb) pass although they match nothing here."""
+    p = _params()
+    p["fp4dit"]["exclude"] = p["fp4dit"]["exclude"] + ["transformer_blocks.0.attn1.to_q", "caption_projection.*"]
+    out = validate_params(_write(tmp_path, p))  # the first on both transformers, the second on PixArt only
+    assert "caption_projection.*" in out["fp4dit"]["exclude"] and "time_extra_emb.*" in out["fp4dit"]["exclude"]
+    p["fp4dit"]["exclude"].append("transformer_block.*.attn1")  # typo: blocks
+    with pytest.raises(ConfigError, match=r"fp4dit\.exclude\[7\]: 'transformer_block\.\*\.attn1' matches no layer "
+                                          r"of the dit, pixart backbone\(s\) \(layer names look like"):
+        validate_params(_write(tmp_path, p))
+    p = _params()
+    p["fp4dit"].update(backbones=["dit"], exclude=["caption_projection.*"])  # PixArt's layer, not run here
+    with pytest.raises(ConfigError, match=r"fp4dit\.exclude\[0\]: 'caption_projection"):
+        validate_params(_write(tmp_path, p))
+    p = _params()
+    p["dilatequant"]["foldable_patterns"] = ["re:down_blocks\\.1\\.attentions\\.0\\.to_.", "@first", "*to_kk"]
+    with pytest.raises(ConfigError, match=r"dilatequant\.foldable_patterns\[2\]: '\*to_kk' matches no layer"):
+        validate_params(_write(tmp_path, p))
+
+
 def test_a_family_not_listed_keeps_its_section_unread_and_a_misspelt_one_is_refused(tmp_path):
     p = _params()
     p["families"] = ["naive", "fp4dit"]

@@ -92,7 +92,7 @@ from typing import Optional
 
 import torch
 
-from ..config import WEIGHT_BITS, ConfigError, choice
+from ..config import WEIGHT_BITS, ConfigError, choice, layer_patterns
 from ..train.configs import BlockDistillConfig
 from . import Claim, Family, MethodContext, QuantResult, Table, Variant, register_family
 
@@ -136,7 +136,7 @@ class DilateQuantConfig:
     keep_first_last_bits: int = 8
     calib_batches: int = 4
     dilation_layers: str = choice("all", "foldable", default="all")
-    foldable_patterns: list[str] = field(default_factory=lambda: list(FOLDABLE_PATTERNS))
+    foldable_patterns: list[str] = layer_patterns(FOLDABLE_PATTERNS)
     max_dilation: Optional[float] = None
     bkd: BlockDistillConfig = field(default_factory=BlockDistillConfig)
     full_qat_iters: Optional[int] = None
@@ -327,8 +327,8 @@ def _dilation_summary(factors: dict) -> dict:
 def quantize(backbone, calib, setting, cfg: DilateQuantConfig, ctx: MethodContext) -> QuantResult:
     """DilateQuant (or its ablation / full-QAT row: ``cfg.wd``, ``cfg.tpq``, ``cfg.training``); see the module
     doc."""
-    from ..quant.surgery import activation_quantizers, calibrate_activations, quant_layers, quant_state, quantize_model
-    from ..train.recon import distill_model
+    from ..quant.surgery import calibrate_on, quant_layers, quant_state, quantize_model
+    from ..train.recon import distill_model, summarize_units
 
     v = {"wd": cfg.wd, "tpq": cfg.tpq, "training": cfg.training}
     device = ctx.device
@@ -346,17 +346,9 @@ def quantize(backbone, calib, setting, cfg: DilateQuantConfig, ctx: MethodContex
         info.update(_dilation_summary(factors))
     # 3. activation calibration (the quantizers see X / s)
     if setting.act_quantized:
-        for _, q in activation_quantizers(net):
-            if hasattr(q, "max_samples"):
-                q.max_samples = cfg.act_mse_samples
-
-        def run():
-            with torch.no_grad():
-                for x, t, y in calib.batches(64, device, shuffle=True, seed=cfg.seed, limit=cfg.calib_batches):
-                    backbone(x, t, y)
-
         with ActivationRangeProbe(net, factors) as probe:
-            calibrate_activations(net, run)
+            calibrate_on(backbone, calib, batches=cfg.calib_batches, seed=cfg.seed, device=device,
+                         mse_samples=cfg.act_mse_samples)
         if factors:
             info["wd_act_range_ratio"] = probe.mean_ratio()
     quant_state(net, weight=True, act=setting.act_quantized)
@@ -365,7 +357,7 @@ def quantize(backbone, calib, setting, cfg: DilateQuantConfig, ctx: MethodContex
     if v["training"] == "bkd" and cfg.bkd.iters > 0:
         res = distill_model(backbone, fp_backbone, inputs, cfg.bkd, root="net", run=ctx.run,
                             act_quant=setting.act_quantized, prefix="bkd")
-        info.update(_training_summary(res, "bkd"))
+        info.update(summarize_units(res, "bkd"))
     elif v["training"] == "full":
         iters = cfg.bkd.iters if cfg.full_qat_iters is None else cfg.full_qat_iters
         if iters > 0:
@@ -374,25 +366,12 @@ def quantize(backbone, calib, setting, cfg: DilateQuantConfig, ctx: MethodContex
             full_cfg = dataclasses.replace(cfg.bkd, iters=iters)
             res = distill_model(backbone, fp_backbone, inputs, full_cfg, root="", block_patterns=("net",),
                                 run=ctx.run, act_quant=setting.act_quantized, prefix="full_qat")
-            info.update(_training_summary(res, "full_qat"))
+            info.update(summarize_units(res, "full_qat"))
     del fp_backbone
     quant_state(net, weight=True, act=setting.act_quantized)
     backbone.eval()
     info["method_inner_seconds"] = time.time() - t0
     return QuantResult(backbone, spec, info)
-
-
-def _training_summary(res: dict, key: str) -> dict:
-    units = list(res["units"].values())
-    before = sum(u["mse_before"] for u in units) / max(1, len(units))
-    after = sum(u["mse_after"] for u in units) / max(1, len(units))
-    counts: dict = {}
-    for u in units:
-        for k, n in u["params"].items():
-            counts[k] = counts.get(k, 0) + n
-    return {f"{key}_seconds": res["seconds"], f"{key}_units": res["n_units"], f"{key}_inputs": res["n_inputs"],
-            f"{key}_mse_before": before, f"{key}_mse_after": after,
-            **{f"{key}_{k}_params": n for k, n in counts.items()}}
 
 
 def check_setting(setting, cfg: DilateQuantConfig) -> None:

@@ -67,7 +67,7 @@ from typing import Optional
 
 from pipeline.models import attach_caption_embeddings  # noqa: F401  (re-exported)
 
-from ..config import ConfigError, choice
+from ..config import ConfigError, choice, layer_patterns
 from ..train.configs import ReconConfig
 from . import Claim, Family, MethodContext, QuantResult, Table, Variant, register_family
 
@@ -132,7 +132,7 @@ class FP4DiTConfig:
     act_format: Optional[str] = None
     softmax_bits: Optional[int] = 16
     group_size: int = 128
-    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    exclude: list[str] = layer_patterns(DEFAULT_EXCLUDE)
     recon: ReconConfig = field(default_factory=lambda: ReconConfig(iters=80, batch_size=16))
     static_act_init: str = "minmax"
     grid: str = choice("fp", "int", default="fp")
@@ -306,8 +306,8 @@ def _calibration_inputs(calib, device, cfg: FP4DiTConfig):
 
 def quantize(backbone, calib, setting, cfg: FP4DiTConfig, ctx: MethodContext) -> QuantResult:
     """FP4DiT (or another cell of the cross: ``cfg.grid``, ``cfg.act_mode``, ``cfg.adaround``, ...)."""
-    from ..quant.surgery import calibrate_activations, quant_attention, quant_layers, quant_state, quantize_model
-    from ..train.recon import reconstruct_model
+    from ..quant.surgery import calibrate_on, quant_attention, quant_layers, quant_state, quantize_model
+    from ..train.recon import reconstruct_model, summarize_units
 
     if backbone.kind not in ("dit", "pixart"):
         raise ValueError(f"backbone.kind: FP4DiT quantizes transformer backbones ('dit', 'pixart'), "
@@ -334,21 +334,13 @@ def quantize(backbone, calib, setting, cfg: FP4DiTConfig, ctx: MethodContext) ->
     # 3. block-wise scale-aware AdaRound (weights only, activations off; official first phase)
     if cfg.adaround:
         rec = reconstruct_model(backbone, fp_backbone, inputs, cfg.recon, root="net", run=ctx.run)
-        errs = list(rec["units"].values())
-        info.update(recon_seconds=rec["seconds"], recon_units=rec["n_units"], recon_inputs=rec["n_inputs"],
-                    recon_error_rtn=sum(e["error_rtn"] for e in errs) / max(1, len(errs)),
-                    recon_error=sum(e["error_recon"] for e in errs) / max(1, len(errs)))
+        info.update(summarize_units(rec, "recon"))
         del fp_backbone
 
     # 4. activations: online per-token quantizers need nothing; the static variant calibrates here
     if setting.act_quantized and cfg.act_mode == "static":
         quant_state(backbone.net, weight=True, act=True)  # quantizers observe (and pass FP values) while calibrating
-
-        def run():
-            for i in range(0, inputs[0].shape[0], 128):
-                backbone(*(t[i:i + 128] for t in inputs))
-
-        calibrate_activations(backbone.net, run)
+        calibrate_on(backbone, calib, batches=None, device=device, batch_size=128)  # every input, in file order
     quant_state(backbone.net, weight=True, act=setting.act_quantized)
     backbone.eval()
     info["calibration_seconds"] = time.time() - t0

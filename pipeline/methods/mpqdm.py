@@ -489,8 +489,58 @@ def quantized_so_far_pass(backbone, layers: dict, calib, n_inputs: int, device, 
     return order
 
 
+@dataclass
+class OMQChoice:
+    """What OMQ chose for one layer: ``k`` salient output channels (``salient_fraction`` = k / C_out), the
+    weight-output MSE of every candidate k (``mse``), the gain over k = 0 (``mse_gain`` = mse[0] / mse[k])
+    and whether the input channels were pre-scaled."""
+    k: int
+    salient_fraction: float
+    mse: dict
+    mse_gain: float
+    prescaled: bool
+
+
+def omq_layer(layer, x: torch.Tensor, bits: int, cfg: MPQConfig) -> OMQChoice:
+    """OMQ on one wrapped layer given the input ``x`` it receives: the input-channel pre-scale (``cfg.prescale``,
+    not for grouped convolutions), the search over ``cfg.omq_fractions`` (:func:`omq_search`), and the winner's
+    group quantizers (and binary residual) installed. ``cfg.salient: none`` runs the same path with the one
+    candidate k = 0 (a plain b-bit quantizer with the configured init, no pre-scale)."""
+    omq = cfg.salient != "none"
+    prescaled = bool(omq and cfg.prescale and getattr(layer, "groups", 1) == 1)
+    if prescaled:
+        layer.set_in_scale(prescale_vector(input_channel_absmax(x, layer.weight.dim() == 4), layer.weight))
+    k, errors, (qs, res) = omq_search(layer, x, bits, cfg.omq_fractions if omq else [0.0],
+                                      cfg.salient if omq else "extra_bit",
+                                      init=cfg.weight_init, candidate_init=cfg.omq_init)
+    layer.set_weight_quantizers(qs, res, calibrate=False)
+    return OMQChoice(k=k, salient_fraction=k / layer.num_out_channels, mse=errors,
+                     mse_gain=errors[0] / max(errors[k], 1e-30), prescaled=prescaled)
+
+
+def apply_omq(backbone, layers: dict, calib, bits: int, cfg: MPQConfig, device) -> dict:
+    """OMQ over ``layers`` ({name: wrapped layer}) of ``backbone``: :func:`omq_layer` on each with its input
+    taken from where ``cfg.omq_inputs`` says (``quantized``: the quantized-so-far network, layer by layer in
+    execution order, :func:`quantized_so_far_pass`; ``fp``: the FP network, :func:`capture_layer_inputs`),
+    over ``cfg.calib_inputs`` calibration inputs drawn with ``cfg.seed``. Returns {name: :class:`OMQChoice`}
+    in processing order; a layer the backbone never calls keeps its plain quantizer and has no entry."""
+    choices: dict = {}
+    if cfg.omq_inputs == "quantized":
+        def process(name, layer, x):
+            choices[name] = omq_layer(layer, x, bits, cfg)
+
+        quantized_so_far_pass(backbone, layers, calib, cfg.calib_inputs, device, process, cfg.seed)
+    else:
+        inputs = capture_layer_inputs(backbone, layers, calib, cfg.calib_inputs, device, cfg.seed)
+        for name, layer in layers.items():
+            if name in inputs:
+                choices[name] = omq_layer(layer, inputs[name], bits, cfg)
+        del inputs
+    return choices
+
+
 def _quantize(backbone, calib, setting, cfg: MPQConfig, ctx: MethodContext) -> QuantResult:
-    from ..quant.surgery import calibrate_activations, quant_layers, quant_state, quantize_model
+    from ..quant.surgery import calibrate_on, quant_layers, quant_state, quantize_model
 
     variant = {"salient": cfg.salient, "lora_init": cfg.lora_init, "relation": cfg.relation}
     net = backbone.net
@@ -506,42 +556,12 @@ def _quantize(backbone, calib, setting, cfg: MPQConfig, ctx: MethodContext) -> Q
             for q in layer.weight_quantizers:
                 q.init = cfg.weight_init
             layer.calibrate_weight()
-    chosen, mse_gain = {}, []
-    omq = variant["salient"] != "none"
-
-    def process(name, layer, x):
-        conv = layer.weight.dim() == 4
-        if omq and cfg.prescale and getattr(layer, "groups", 1) == 1:
-            layer.set_in_scale(prescale_vector(input_channel_absmax(x, conv), layer.weight))
-        k, errors, (qs, res) = omq_search(layer, x, bits, cfg.omq_fractions if omq else [0.0],
-                                          variant["salient"] if omq else "extra_bit",
-                                          init=cfg.weight_init, candidate_init=cfg.omq_init)
-        layer.set_weight_quantizers(qs, res, calibrate=False)
-        chosen[name] = k / layer.num_out_channels
-        mse_gain.append(errors[0] / max(errors[k], 1e-30))
-
-    # layers never called by the backbone (unused) keep their plain quantizer
-    if cfg.omq_inputs == "quantized":
-        quantized_so_far_pass(backbone, targets, calib, cfg.calib_inputs, ctx.device, process, cfg.seed)
-    else:
-        inputs = capture_layer_inputs(backbone, targets, calib, cfg.calib_inputs, ctx.device, cfg.seed)
-        for name, layer in targets.items():
-            if name in inputs:
-                process(name, layer, inputs[name])
-        del inputs
-    if setting.act_quantized:
-        from ..quant.surgery import activation_quantizers
-
-        for _, q in activation_quantizers(net):
-            if hasattr(q, "max_samples"):
-                q.max_samples = cfg.act_mse_samples  # the MSE search cost grows with it
-
-        def run():
-            with torch.no_grad():
-                for x, t, y in calib.batches(64, ctx.device, shuffle=True, seed=cfg.seed, limit=cfg.act_calib_batches):
-                    backbone(x, t, y)
-
-        calibrate_activations(net, run)
+    choices = apply_omq(backbone, targets, calib, bits, cfg, ctx.device)
+    chosen = {n: c.salient_fraction for n, c in choices.items()}
+    mse_gain = [c.mse_gain for c in choices.values()]
+    if setting.act_quantized:  # (the MSE search cost grows with act_mse_samples)
+        calibrate_on(backbone, calib, batches=cfg.act_calib_batches, seed=cfg.seed, device=ctx.device,
+                     mse_samples=cfg.act_mse_samples)
     quant_state(net, weight=True, act=setting.act_quantized)
     ranks = {}
     if cfg.lora_rank > 0:

@@ -15,7 +15,6 @@ Choices where the task is silent (ours):
 """
 from __future__ import annotations
 
-import torch
 
 from dataclasses import dataclass
 
@@ -62,17 +61,12 @@ def naive_spec(setting, cfg: NaivePTQConfig):
 
 def quantize(backbone, calib, setting, cfg: NaivePTQConfig, ctx: MethodContext) -> QuantResult:
     """Min-max round-to-nearest PTQ."""
-    from ..quant.surgery import calibrate_activations, quantize_model, quant_state
+    from ..quant.surgery import calibrate_on, quantize_model, quant_state
 
     spec = naive_spec(setting, cfg)
     layers = quantize_model(backbone.net, spec, timesteps=calib.timesteps)
     if setting.act_quantized:
-        def run():
-            with torch.no_grad():
-                for x, t, y in calib.batches(64, ctx.device, shuffle=True, seed=cfg.seed, limit=cfg.calib_batches):
-                    backbone(x, t, y)
-
-        calibrate_activations(backbone.net, run)
+        calibrate_on(backbone, calib, batches=cfg.calib_batches, seed=cfg.seed, device=ctx.device)
     quant_state(backbone.net, weight=True, act=setting.act_quantized)
     return QuantResult(backbone, spec, {"n_quant_layers": sum(1 for v in layers.values() if v is not None)})
 

@@ -72,7 +72,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 
 from ..config import WEIGHT_BITS, ConfigError, choice
 from ..train.configs import BlockDistillConfig, ReconConfig
@@ -235,9 +234,8 @@ def qdiff_spec(setting, cfg: QDiffConfig, split_rules: Optional[list] = None):
 
 def quantize(backbone, calib, setting, cfg: QDiffConfig, ctx: MethodContext) -> QuantResult:
     """Q-Diffusion (or an ablation: ``cfg.split``, ``cfg.act_learn``); see the module doc."""
-    from ..quant.act import StaticActQuantizer
-    from ..quant.surgery import calibrate_activations, quant_attention, quant_layers, quant_state, quantize_model
-    from ..train.recon import distill_model, reconstruct_model
+    from ..quant.surgery import calibrate_on, quant_attention, quant_layers, quant_state, quantize_model
+    from ..train.recon import distill_model, reconstruct_model, summarize_units
 
     v = {"split": cfg.split, "act_learn": cfg.act_learn, "act_init": cfg.act_init}
     device = ctx.device
@@ -258,31 +256,17 @@ def quantize(backbone, calib, setting, cfg: QDiffConfig, ctx: MethodContext) -> 
     inputs = [calib.x.to(device), calib.t.to(device), calib.labels.to(device)]
     # 2. phase 1: weight-only AdaRound block reconstruction
     rec = reconstruct_model(backbone, fp_backbone, inputs, cfg.recon, root="net", run=ctx.run)
-    errs = list(rec["units"].values())
-    info.update(recon_seconds=rec["seconds"], recon_units=rec["n_units"], recon_inputs=rec["n_inputs"],
-                recon_error_rtn=sum(e["error_rtn"] for e in errs) / max(1, len(errs)),
-                recon_error=sum(e["error_recon"] for e in errs) / max(1, len(errs)))
+    info.update(summarize_units(rec, "recon"))
     if setting.act_quantized:
         # 3. activation init (weights hardened)
-        for m in net.modules():
-            if isinstance(m, StaticActQuantizer):
-                m.max_samples = cfg.act_mse_samples
-
-        def run():
-            with torch.no_grad():
-                for x, t, y in calib.batches(64, device, shuffle=True, seed=cfg.seed, limit=cfg.calib_batches):
-                    backbone(x, t, y)
-
         quant_state(net, weight=True, act=True)  # the quantizers observe (and pass FP values) while calibrating
-        calibrate_activations(net, run)
+        calibrate_on(backbone, calib, batches=cfg.calib_batches, seed=cfg.seed, device=device,
+                     mse_samples=cfg.act_mse_samples)
         # 4. phase 2: learn the activation steps block by block
         if v["act_learn"] and cfg.act_recon.iters > 0:
             res = distill_model(backbone, fp_backbone, inputs, cfg.act_recon, root="net", run=ctx.run,
                                 act_quant=True, prefix="qdiff_act")
-            units = list(res["units"].values())
-            info.update(act_recon_seconds=res["seconds"], act_recon_units=res["n_units"],
-                        act_recon_mse_before=sum(u["mse_before"] for u in units) / max(1, len(units)),
-                        act_recon_mse_after=sum(u["mse_after"] for u in units) / max(1, len(units)))
+            info.update(summarize_units(res, "act_recon"))
     del fp_backbone
     quant_state(net, weight=True, act=setting.act_quantized)
     backbone.eval()

@@ -138,18 +138,10 @@ class Candidate:
 # ------------------------------------------------------------------------------------------------
 def calibrate_fp_ranges(backbone, calib, batches: int, seed: int, device) -> None:
     """Activation ranges observed on the FP network (weights unquantized while observing)."""
-    import torch
-
-    from ..quant.surgery import calibrate_activations, quant_state
+    from ..quant.surgery import calibrate_on, quant_state
 
     quant_state(backbone.net, weight=False, act=True)  # observing quantizers pass FP values through
-
-    def run():
-        with torch.no_grad():
-            for x, t, y in calib.batches(64, device, shuffle=True, seed=seed, limit=batches):
-                backbone(x, t, y)
-
-    calibrate_activations(backbone.net, run)
+    calibrate_on(backbone, calib, batches=batches, seed=seed, device=device)
     quant_state(backbone.net, weight=True, act=True)
 
 

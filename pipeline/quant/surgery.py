@@ -639,3 +639,37 @@ def calibrate_activations(model: nn.Module, run_fn: Callable[[], Any]) -> None:
             except RuntimeError as exc:
                 raise RuntimeError(f"calibrate_activations: {names[id(q)]}: {exc} (was this layer run by "
                                    "run_fn?)") from None
+
+
+def set_mse_samples(model: nn.Module, n: int) -> None:
+    """Cap the values an MSE-initialised activation quantizer keeps (per timestep for the per-timestep
+    ones) at ``n``: every layer-input and attention-operand quantizer, both parts of a split one."""
+    stack = [q for _, q in activation_quantizers(model)]
+    while stack:
+        q = stack.pop()
+        if hasattr(q, "max_samples"):
+            q.max_samples = int(n)
+        if isinstance(q, nn.Module):
+            stack.extend(q.children())
+
+
+def calibrate_on(backbone: nn.Module, calib, *, batches: Optional[int], seed: int = 0, device=None,
+                 batch_size: int = 64, mse_samples: Optional[int] = None) -> None:
+    """Activation calibration of a quantized backbone on a calibration set, the one way every family does it.
+
+    ``batches`` shuffled batches (order drawn from ``seed``) of ``batch_size`` inputs of ``calib`` (a
+    :class:`pipeline.calibration.CalibrationSet`) run through ``backbone(x, t, labels)`` while the static and
+    per-timestep activation quantizers observe (:func:`calibrate_activations`); ``batches=None`` runs every
+    input once, in file order. ``mse_samples`` caps what the MSE-initialised quantizers keep
+    (:func:`set_mse_samples`; None leaves their own cap). Weight and activation switches stay as the caller
+    set them (observing quantizers pass FP values through either way)."""
+    if batches is not None and batches < 1:
+        raise ValueError(f"calibrate_on: batches must be None (all) or >= 1, got {batches}")
+    if mse_samples is not None:
+        set_mse_samples(backbone.net, mse_samples)
+
+    def run():
+        for x, t, y in calib.batches(batch_size, device, shuffle=batches is not None, seed=seed, limit=batches):
+            backbone(x, t, y)
+
+    calibrate_activations(backbone.net, run)

@@ -567,6 +567,25 @@ def reconstruct_model(quant_model: nn.Module, fp_model: nn.Module, inputs: Seque
     return out
 
 
+def summarize_units(res: dict, prefix: str) -> dict:
+    """The one summary of a :func:`reconstruct_model` or :func:`distill_model` result that a family logs:
+    ``<prefix>_seconds``, ``_units``, ``_inputs``, the mean over units of the output error before and after
+    (``_error_rtn`` / ``_error`` for a reconstruction, ``_mse_before`` / ``_mse_after`` for a distillation)
+    and, for a distillation, the trained parameters by kind summed over units (``_<kind>_params``)."""
+    units = list(res["units"].values())
+    out = {f"{prefix}_seconds": res["seconds"], f"{prefix}_units": res["n_units"], f"{prefix}_inputs": res["n_inputs"]}
+    fields = {"error_rtn": "error_rtn", "error": "error_recon"} if "error_rtn" in (units[0] if units else {}) \
+        else {"mse_before": "mse_before", "mse_after": "mse_after"}
+    for name, field in fields.items():
+        out[f"{prefix}_{name}"] = sum(u[field] for u in units) / max(1, len(units))
+    counts: dict = {}
+    for u in units:
+        for kind, n in u.get("params", {}).items():
+            counts[kind] = counts.get(kind, 0) + n
+    out.update({f"{prefix}_{kind}_params": n for kind, n in counts.items()})
+    return out
+
+
 def _quant_layers(root: nn.Module):
     return [(n, m) for n, m in root.named_modules() if isinstance(m, QUANT_LAYER_TYPES)]
 

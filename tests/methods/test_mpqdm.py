@@ -477,3 +477,32 @@ def test_w2_init_is_deterministic(tiny_calibrated):
     b, _ = _init(fp, calib, "mpqdm2", BitSetting(2, 4))
     sa, sb = a.net.state_dict(), b.net.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("salient,inputs", [("residual", "quantized"), ("extra_bit", "fp"), ("none", "fp")])
+def test_apply_omq_returns_the_choices_it_installed(tiny_calibrated, salient, inputs):
+    """OMQ as a function: one choice per layer the network calls, each the lowest-MSE candidate (ties keep the
+    smaller k), its gain over k = 0, and the layer left with that many salient channels and the pre-scale."""
+    from pipeline.quant.surgery import quant_layers, quantize_model
+
+    fp, calib = tiny_calibrated["unet"]
+    student = copy.deepcopy(fp)
+    cfg = get_family("mpq").config_for("mpqdm", salient=salient, omq_inputs=inputs, calib_inputs=8,
+                                       omq_fractions=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    setting = BitSetting(2, 4)
+    resolved = quantize_model(student.net, mpqdm._minmax_spec(mpqdm.mpq_spec(setting, cfg)), timesteps=calib.timesteps)
+    layers = {n: l for n, l in quant_layers(student.net) if resolved.get(n) is not None and resolved[n].w_bits == 2}
+    choices = mpqdm.apply_omq(student, layers, calib, 2, cfg, "cpu")
+    assert set(choices) == set(layers)  # the tiny UNet calls every layer
+    for name, c in choices.items():
+        layer = layers[name]
+        best = min(c.mse.values())
+        assert c.mse[c.k] == best and all(k >= c.k for k, e in c.mse.items() if e == best), name
+        assert c.salient_fraction == c.k / layer.num_out_channels
+        assert c.mse_gain == pytest.approx(c.mse[0] / c.mse[c.k])
+        assert c.prescaled == (layer.in_scale is not None)
+    if salient == "none":
+        assert all(c.k == 0 and set(c.mse) == {0} and not c.prescaled for c in choices.values())
+    else:
+        assert any(c.k > 0 for c in choices.values())  # W2 with fractions up to 0.5: some layer keeps salient groups
+        assert all(c.prescaled for n, c in choices.items() if getattr(layers[n], "groups", 1) == 1)

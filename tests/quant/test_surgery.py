@@ -345,3 +345,39 @@ def test_with_fields_forces_a_field_on_every_layer():
     assert spec.resolve("ab").w_init == "mse"
     with pytest.raises(ValueError, match="unknown field"):
         spec.with_fields(nope=1)
+
+
+@pytest.mark.parametrize("batches", [2, None])
+def test_calibrate_on_equals_an_explicit_observation_loop(tiny_calibrated, batches):
+    """The one activation-calibration helper sets the same ranges as observing the batches it names by hand
+    (shuffled with the seed and capped, or all in file order), and caps the MSE samples of every quantizer,
+    both parts of a split one included."""
+    import copy
+
+    from pipeline.quant.act import SplitActQuantizer, StaticActQuantizer
+    from pipeline.quant.surgery import activation_quantizers, calibrate_on, set_mse_samples
+
+    fp, calib = tiny_calibrated["unet"]
+    spec = QuantSpec(default=LayerQuant(w_bits=4, a_bits=6, a_mode="timestep", a_init="mse"))
+    a, b = copy.deepcopy(fp), copy.deepcopy(fp)
+    for m in (a, b):
+        quantize_model(m.net, spec, timesteps=calib.timesteps)
+    calibrate_on(a, calib, batches=batches, seed=3, batch_size=4, mse_samples=256)
+    set_mse_samples(b.net, 256)
+    shuffled = batches is not None
+    calibrate_activations(b.net, lambda: [b(x, t, y) for x, t, y in calib.batches(4, shuffle=shuffled, seed=3,
+                                                                                    limit=batches)])
+    qa, qb = dict(activation_quantizers(a.net)), dict(activation_quantizers(b.net))
+    assert qa and qa.keys() == qb.keys()
+    for name in qa:
+        assert qa[name].max_samples == 256
+        for (k, va), vb in zip(qa[name].state_dict().items(), qb[name].state_dict().values()):
+            assert torch.equal(va, vb), (name, k)
+    # a split quantizer's two parts are reached too
+    split = SplitActQuantizer(2, StaticActQuantizer(4), StaticActQuantizer(4))
+    layer = next(l for _, l in quant_layers(a.net) if l.act_quantizer is not None)
+    layer.act_quantizer = split
+    set_mse_samples(a.net, 77)
+    assert [p.max_samples for p in split.parts] == [77, 77]
+    with pytest.raises(ValueError, match="batches must be None"):
+        calibrate_on(a, calib, batches=0)

@@ -167,3 +167,18 @@ def test_heldout_curve_per_unit_and_option_off_unchanged(monkeypatch, tmp_path):
     client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri())
     hist = client.get_metric_history(run.run_id, "recon/head/heldout")
     assert sorted(m.step for m in hist) == [0, 5, 10, 12]
+
+
+def test_summarize_units_means_and_parameter_counts():
+    from pipeline.train.recon import summarize_units
+
+    rec = {"seconds": 2.0, "n_units": 2, "n_inputs": 16,
+           "units": {"a": {"error_rtn": 1.0, "error_recon": 0.5}, "b": {"error_rtn": 3.0, "error_recon": 0.25}}}
+    assert summarize_units(rec, "recon") == {"recon_seconds": 2.0, "recon_units": 2, "recon_inputs": 16,
+                                             "recon_error_rtn": 2.0, "recon_error": 0.375}
+    dist = {"seconds": 1.0, "n_units": 2, "n_inputs": 8,
+            "units": {"a": {"mse_before": 0.4, "mse_after": 0.2, "params": {"weight": 10, "act_quant": 2}},
+                      "b": {"mse_before": 0.2, "mse_after": 0.1, "params": {"weight": 5}}}}
+    out = summarize_units(dist, "bkd")
+    assert out["bkd_mse_before"] == pytest.approx(0.3) and out["bkd_mse_after"] == pytest.approx(0.15)
+    assert out["bkd_weight_params"] == 15 and out["bkd_act_quant_params"] == 2 and out["bkd_inputs"] == 8
