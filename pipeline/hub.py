@@ -32,7 +32,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .models import AUTOENCODER_CLASSES, KIND_FOR_CLASS, DiffusionBackbone, LatentCodec, attach_caption_embeddings
+from .models import (AUTOENCODER_CLASSES, KIND_FOR_CLASS, DiffusionBackbone, LatentCodec, _shape_from_config,
+                     attach_caption_embeddings, null_condition)
 
 DENOISER_COMPONENTS = ("transformer", "unet")
 AUTOENCODER_COMPONENTS = ("vae", "vqvae")
@@ -102,16 +103,15 @@ def check_pipeline_dir(path: str | Path, prompts: Optional[str | Path] = None, g
                          f"(supported: {', '.join(KIND_FOR_CLASS)})")
     den_cfg = _json(root / comp / "config.json", f"{key}: {comp}")
     sched_cfg = _json(root / "scheduler" / "scheduler_config.json", f"{key}: scheduler")
-    size = den_cfg.get("sample_size")
-    h, w = (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
-    image_shape = (int(den_cfg.get("in_channels", 3)), h, w)
+    sample_shape = _shape_from_config(den_cfg)
+    _, h, w = image_shape = sample_shape
     ae_comp, ae_cls = _component(index, AUTOENCODER_COMPONENTS)
     if ae_comp is not None:
         if ae_cls not in AUTOENCODER_CLASSES:
             raise ValueError(f"{key}: the autoencoder {ae_comp}/ is a {ae_cls} (supported: "
                              f"{', '.join(AUTOENCODER_CLASSES)})")
         ae_cfg = _json(root / ae_comp / "config.json", f"{key}: {ae_comp}")
-        latent_c, in_c = int(ae_cfg.get("latent_channels", 4)), int(den_cfg.get("in_channels", 4))
+        latent_c, in_c = int(ae_cfg.get("latent_channels", 4)), sample_shape[0]
         if latent_c != in_c:
             raise ValueError(f"{key}: the autoencoder decodes {latent_c}-channel latents but the denoiser samples "
                              f"{in_c} channels")
@@ -121,7 +121,7 @@ def check_pipeline_dir(path: str | Path, prompts: Optional[str | Path] = None, g
         raise ValueError(f"{key}: a {pipe_class} samples latents, but {root / 'model_index.json'} lists no "
                          f"autoencoder ('vae' or 'vqvae')")
     conditioning = "none"
-    text = None
+    text, texts = None, None
     if cls in ("PixArtTransformer2DModel", "UNet2DConditionModel"):
         conditioning = "text"
         te_comp, te_cls = _component(index, ("text_encoder",))
@@ -138,7 +138,7 @@ def check_pipeline_dir(path: str | Path, prompts: Optional[str | Path] = None, g
         if prompts is None:
             raise ValueError(f"{_key(prefix, 'prompts')}: the text-conditioned {cls} in {root} needs a prompt file "
                              f"(one prompt per line)")
-        read_prompts(prompts, _key(prefix, "prompts"))
+        texts = read_prompts(prompts, _key(prefix, "prompts"))
     elif cls == "DiTTransformer2DModel" and den_cfg.get("num_embeds_ada_norm"):
         conditioning = "class"
     elif cls == "UNet2DModel" and den_cfg.get("num_class_embeds"):
@@ -147,12 +147,12 @@ def check_pipeline_dir(path: str | Path, prompts: Optional[str | Path] = None, g
     if not 1.0 <= g < float("inf"):
         raise ValueError(f"{_key(prefix, 'guidance_scale')}: must be a finite number >= 1 (1 = no guidance), "
                          f"got {guidance_scale!r}")
-    if g > 1.0 and not (conditioning == "text" or cls == "DiTTransformer2DModel" and conditioning == "class"):
+    if g > 1.0 and not null_condition(KIND_FOR_CLASS[cls], conditioning):
         raise ValueError(f"{_key(prefix, 'guidance_scale')}: {g} needs a null condition, and the "
                          f"{conditioning}-conditioned {cls} in {root} has none (use 1.0)")
     return {"denoiser": comp, "denoiser_class": cls, "kind": KIND_FOR_CLASS[cls], "autoencoder": ae_comp,
             "autoencoder_class": ae_cls, "text_encoder": text, "conditioning": conditioning, "image_shape": image_shape,
-            "scheduler_config": sched_cfg, "denoiser_config": den_cfg}
+            "sample_shape": sample_shape, "scheduler_config": sched_cfg, "denoiser_config": den_cfg, "prompts": texts}
 
 
 @torch.no_grad()
@@ -201,9 +201,6 @@ def load_pipeline(path: str | Path, prompts: Optional[str | Path] = None, guidan
     cls = getattr(diffusers, info["denoiser_class"])
     net = cls.from_pretrained(str(root / info["denoiser"]), low_cpu_mem_usage=False)
     cfg = info["denoiser_config"]
-    size = cfg.get("sample_size")
-    h, w = (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
-    shape = (int(cfg.get("in_channels", 4)), h, w)
     codec = None
     if info["autoencoder"] is not None:
         vae = getattr(diffusers, info["autoencoder_class"]).from_pretrained(str(root / info["autoencoder"]),
@@ -213,13 +210,12 @@ def load_pipeline(path: str | Path, prompts: Optional[str | Path] = None, guidan
         num_classes = int(cfg.get("num_embeds_ada_norm") or cfg.get("num_class_embeds"))
     else:
         num_classes = 1
-    bb = DiffusionBackbone(net, info["kind"], num_classes, shape, conditioning=info["conditioning"],
+    bb = DiffusionBackbone(net, info["kind"], num_classes, info["sample_shape"], conditioning=info["conditioning"],
                            codec=codec, scheduler_config=info["scheduler_config"])
     if info["conditioning"] == "text":
-        texts = read_prompts(prompts, _key(prefix, "prompts"))
-        emb, mask = encode_prompts(root, texts, info["text_encoder"], max_sequence_length)
+        emb, mask = encode_prompts(root, info["prompts"], info["text_encoder"], max_sequence_length)
         attach_caption_embeddings(bb, emb, mask)
-        bb.prompts = texts
+        bb.prompts = info["prompts"]
     bb.set_guidance(guidance_scale)
     bb.eval()
     if device is not None:

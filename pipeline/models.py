@@ -58,6 +58,14 @@ def _diffusers_class(kind_or_class: str):
     return getattr(diffusers, CLASS_FOR_KIND.get(kind_or_class, kind_or_class))
 
 
+def null_condition(kind: str, conditioning: str) -> bool:
+    """Whether a denoiser of ``kind`` with ``conditioning`` has an unconditional ("null") input, which
+    classifier-free guidance needs: a text model's empty-prompt caption, or a class DiT's extra label row
+    (diffusers builds it for label dropout). A class UNet (``num_class_embeds``) and an unconditional model
+    have none. The one rule the directory check, ``validate`` and :class:`DiffusionBackbone` apply."""
+    return conditioning == "text" or (conditioning == "class" and kind == "dit")
+
+
 class LatentCodec:
     """A latent model's autoencoder (``AutoencoderKL`` or ``VQModel``), in full precision as in every paper.
 
@@ -154,15 +162,14 @@ class DiffusionBackbone(nn.Module):
 
     @property
     def has_null_condition(self) -> bool:
-        """Whether the model has an unconditional ("null") input, which guidance needs: DiT's extra label
-        row, or a text model's empty-prompt caption."""
-        if self.conditioning == "text":
-            return True
-        if self.conditioning == "class" and self.kind == "dit":
+        """:func:`null_condition` for this model, with a class DiT's label table checked for its extra row."""
+        if not null_condition(self.kind, self.conditioning):
+            return False
+        if self.conditioning == "class":
             table = getattr(getattr(self.net, "transformer_blocks", [None])[0], "norm1", None)
             emb = getattr(getattr(getattr(table, "emb", None), "class_embedder", None), "embedding_table", None)
             return emb is None or emb.num_embeddings > self.num_classes
-        return False
+        return True
 
     def set_guidance(self, scale: float) -> "DiffusionBackbone":
         """Set the classifier-free guidance scale (1 = no guidance); refused where the model has no null

@@ -50,12 +50,11 @@ def make_training_scheduler(diffusion: DiffusionConfig):
 def make_scheduler(diffusion: DiffusionConfig, sampling: SamplingConfig, own: Optional[dict] = None):
     """A diffusers scheduler for ``sampling.scheduler`` with ``sampling.steps`` timesteps set. ``own``: the
     model directory's ``scheduler_config`` (module docstring); None for the self-trained models."""
-    if own is not None:
-        sched = _own_scheduler(own, sampling)
-        total = int(sched.config.num_train_timesteps)
-    else:
-        sched = _embedded_scheduler(diffusion, sampling)
-        total = diffusion.num_train_timesteps
+    if sampling.scheduler not in SCHEDULERS:
+        raise ValueError(f"sampling.scheduler: {sampling.scheduler!r} is not allowed (allowed values: "
+                         f"{', '.join(SCHEDULERS)})")
+    sched = _own_scheduler(own, sampling) if own is not None else _embedded_scheduler(diffusion, sampling)
+    total = int(sched.config.num_train_timesteps)
     if not 0 < sampling.steps <= total:
         raise ValueError(f"sampling.steps: must be in 1..{total} (the model's num_train_timesteps), "
                          f"got {sampling.steps}")
@@ -66,10 +65,7 @@ def make_scheduler(diffusion: DiffusionConfig, sampling: SamplingConfig, own: Op
 def _own_scheduler(own: dict, sampling: SamplingConfig):
     import diffusers
 
-    name = own.get("_class_name") if sampling.scheduler == "own" else _CLASSES.get(sampling.scheduler)
-    if name is None:
-        raise ValueError(f"sampling.scheduler: {sampling.scheduler!r} is not allowed (allowed values: "
-                         f"{', '.join(SCHEDULERS)})")
+    name = own.get("_class_name") if sampling.scheduler == "own" else _CLASSES[sampling.scheduler]
     cls = getattr(diffusers, str(name), None)
     if cls is None or not hasattr(cls, "from_config"):
         raise ValueError(f"scheduler_config: unknown diffusers scheduler class {name!r}")
@@ -87,21 +83,16 @@ def _embedded_scheduler(diffusion: DiffusionConfig, sampling: SamplingConfig):
     if sampling.scheduler == "dpm":
         return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2,
                                            timestep_spacing="trailing")
-    if sampling.scheduler == "own":
-        raise ValueError("sampling.scheduler: 'own' samples with a model directory's scheduler_config; the "
-                         "self-trained models have none (use ddim, ddpm or dpm)")
-    raise ValueError(
-        f"sampling.scheduler: {sampling.scheduler!r} is not allowed (allowed values: {', '.join(SCHEDULERS)})"
-    )
+    raise ValueError("sampling.scheduler: 'own' samples with a model directory's scheduler_config; the "
+                     "self-trained models have none (use ddim, ddpm or dpm)")
 
 
-def check_timesteps(timesteps, diffusion: DiffusionConfig, sampling: SamplingConfig,
-                    own: Optional[dict] = None) -> list[int]:
-    """A custom timestep subsequence, validated: integers in [0, T), strictly decreasing (noisy end first)."""
+def check_timesteps(timesteps, total: int, sampling: SamplingConfig) -> list[int]:
+    """A custom timestep subsequence, validated: integers in [0, total) (the scheduler's num_train_timesteps),
+    strictly decreasing (noisy end first), sampled with DDIM."""
     ts = [int(t) for t in timesteps]
     if not ts:
         raise ValueError("timesteps: must hold at least one timestep")
-    total = int(own.get("num_train_timesteps", 1000)) if own is not None else diffusion.num_train_timesteps
     bad = [t for t in ts if not 0 <= t < total]
     if bad:
         raise ValueError(f"timesteps: {bad} outside 0..{total - 1} (the model's num_train_timesteps)")
@@ -211,7 +202,7 @@ def sample(
     own = getattr(backbone, "scheduler_config", None)
     sched = make_scheduler(diffusion, sampling, own)
     if timesteps is not None:
-        sched = _SubsequenceDDIM(sched, check_timesteps(timesteps, diffusion, sampling, own))
+        sched = _SubsequenceDDIM(sched, check_timesteps(timesteps, int(sched.config.num_train_timesteps), sampling))
     x = noise.to(device=device, dtype=torch.float32)
     sigma = float(getattr(sched, "init_noise_sigma", 1.0))
     if sigma != 1.0:

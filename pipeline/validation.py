@@ -164,11 +164,13 @@ def _check_sources(model: dict, prepare: Optional[dict] = None) -> None:
     the prepared dataset's size (the evaluators are trained on it; read from its JSON files only: no weights
     are loaded). An embedded backbone takes guidance only where it has a null condition (the DiT's null
     class, PixArt's null caption)."""
+    from .models import null_condition
+
     for b in model["backbones"]:
         cfg = model[b]
         src = cfg["source"]
         if src is None:
-            if cfg["guidance_scale"] > 1.0 and b == "unet":
+            if cfg["guidance_scale"] > 1.0 and not null_condition(b, "text" if b == "pixart" else "class"):
                 raise ConfigError(f"model.{b}.guidance_scale: the embedded UNet has no null class, so no guidance "
                                   f"(use 1.0)")
             continue

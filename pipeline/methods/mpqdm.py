@@ -43,13 +43,13 @@ Algorithm (``quantize`` below, in this order):
    - the candidates' quantizers are calibrated with min-max ranges (``omq_init: minmax``; the code's
      candidates use ``scale_method='max'``), the winner is then re-built with ``weight_init`` (MSE by
      default; the code's final quantizers use its configured weight init). ``omq_init: mse`` ranks the
-     candidates with ``weight_init`` ranges instead (this pipeline's earlier behaviour);
+     candidates with ``weight_init`` ranges instead;
    - X is what the layer receives from the *quantized-so-far* network (``omq_inputs: quantized``; the code
      searches inside each layer's first forward of its naive-quantization pass, ``quantize_ldm_naive.py``):
      one forward of the calibration batch with weight quantization on, in which each target layer is
      searched when reached, so every later layer sees the groups already chosen upstream (and the 8-bit
      first/last/embedding layers); the target is op(X, W) on the same X, as in the code.
-     ``omq_inputs: fp`` takes X from the FP network (the earlier behaviour).
+     ``omq_inputs: fp`` takes X from the FP network instead.
      Remaining deviation: the code's pass also quantizes activations (``set_quant_state(True, True)``), with
      per-tensor ranges initialised on the fly from that same batch; ours keeps activations unquantized in
      the pass, because our per-timestep activation ranges are calibrated afterwards (step 6) on
@@ -115,10 +115,10 @@ class MPQConfig:
     weight_init / act_init: quantizer range init (MPQ-DM: mse = 80-step shrink search, L_2.4). The weight
         quantizers finally installed by OMQ use ``weight_init`` (the 1-bit binary group: its closed form).
     omq_init: range init of the *candidate* quantizers compared in the OMQ k search (official code: min-max,
-        ``scale_method='max'``; "mse" = ``weight_init``-style search, the earlier behaviour of this pipeline).
+        ``scale_method='max'``; "mse" = ``weight_init``-style search).
     omq_inputs: where the k search takes each layer's inputs X from: "quantized" (official code: the
         quantized-so-far network — every earlier layer already carries its chosen groups, activations
-        unquantized) or "fp" (the FP network, the earlier behaviour of this pipeline).
+        unquantized) or "fp" (the FP network).
     keep_first_last_bits: bits of input/output/embedding layers (0 = keep them FP). They get no LoRA.
     calib_inputs: calibration inputs used for the pre-scale and the k search (MPQ-DM: 32; the quantized-so-far
         pass runs them as one batch).

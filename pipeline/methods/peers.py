@@ -54,7 +54,7 @@ deterministic and one method seed suffices); an int draws a seeded random subset
 
 A peer that fails to import or to run raises; the runner turns that into a failed row of the manifest while
 the other rows still run. quanto's int4 / int2 kernels are a C++ extension that quanto JIT-builds once per
-environment into its site-packages (35 s here, up to ~3 min on a 2-core box, then cached). The first such row
+environment into its site-packages (cost: ``docs/measurements.md``, *Peer tools cost*). The first such row
 of an environment pays it, in a warm-up on a tiny layer before the peer runs: ``info["setup_seconds"]`` (in
 ``method_seconds``, which times the whole phase), kept out of ``info["peer_seconds"]`` (the tool's own time).
 """

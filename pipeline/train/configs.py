@@ -153,10 +153,8 @@ class BlockDistillConfig:
         every weight by ~1e-2 per step, several 4-bit steps of a typical layer, so our default is 100x smaller.
     weight_quant_lr: Δ_w, z_w of the weight quantizers (DilateQuant: 1e-4 for the quantization parameters).
     act_quant_lr: the per-timestep Δ_x, z_x of the activation quantizers (DilateQuant: 1e-4; ours 1e-3, as
-        MPQ-DM's ``act_quant_lr``, for the short default schedule). Defaults picked on the default DiT at W4A4,
-        40 iterations (block MSE on the calibration inputs: (1e-5, 1e-5, 1e-4) -7 %, (1e-4, 1e-5, 1e-4) -13 %,
-        (1e-4, 1e-4, 1e-3) -19 %, (1e-3, 1e-4, 1e-3) -34 % but weights moved by several 4-bit steps) —
-        measured on an untrained model, to be re-checked on trained weights.
+        MPQ-DM's ``act_quant_lr``, for the short default schedule). How the three defaults were picked:
+        ``docs/measurements.md``, *DilateQuant learning rates*.
     asym: unit inputs from the quantized-so-far model (True, the BKD chain B̂_k∘…∘B̂_1) or from the FP model.
     max_inputs: use at most this many calibration inputs (a seeded random subset; None = all).
     chunk_size: batch size of the partial forwards that cache inputs / targets.
