@@ -403,30 +403,6 @@ def save_backbone(backbone: DiffusionBackbone, out_dir: str | Path) -> None:
     (out / "backbone.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def layer_names(kind: str, model_cfg: BackboneModel, image_size: int) -> tuple[list[str], list[str]]:
-    """(quantizable layers (nn.Linear / nn.Conv2d), attention modules): the names in the denoiser that
-    ``model_cfg`` (a ``model.<backbone>`` section) gives, in registration order (the layers' order is the
-    ``@first`` / ``@last`` order), relative to :attr:`DiffusionBackbone.net` as the quantization rules see them. Built on the meta
-    device from the architecture keys or the source's ``config.json`` alone: no weights are read or
-    allocated, so a real-size model costs milliseconds."""
-    from pipeline.quant.surgery import attention_modules, quantizable_layers
-
-    src = model_cfg.source
-    with torch.device("meta"):
-        if src is None:
-            net = _build_backbone(kind, model_cfg, image_size, 3, 10).net
-        else:
-            root = Path(src)
-            if (root / "model_index.json").exists():
-                from .hub import check_pipeline_dir
-
-                config = check_pipeline_dir(root, model_cfg.prompts, model_cfg.guidance_scale)["denoiser_config"]
-            else:
-                config = _read_config(root / "net" if (root / "backbone.json").exists() else root)
-            net = _diffusers_class(config["_class_name"]).from_config(config)
-    return [n for n, _ in quantizable_layers(net)], [n for n, _ in attention_modules(net)]
-
-
 def _read_config(path: Path) -> dict:
     try:
         return json.loads((path / "config.json").read_text())

@@ -127,13 +127,39 @@ def _check_patches(model: dict, image_size: int) -> None:
                                   f"({image_size})")
 
 
+def layer_names(kind: str, model_cfg: BackboneModel, image_size: int) -> tuple[list[str], list[str]]:
+    """(quantizable layers (nn.Linear / nn.Conv2d), attention modules): the names in the denoiser that
+    ``model_cfg`` (a ``model.<backbone>`` section) gives, in registration order (the layers' order is the
+    ``@first`` / ``@last`` order), relative to ``DiffusionBackbone.net`` as the quantization rules see them.
+    Built on the meta device from the architecture keys or the source's ``config.json`` alone: no weights are
+    read or allocated, so a real-size model costs milliseconds."""
+    import torch
+
+    from .models import _build_backbone, _diffusers_class, _read_config
+    from .quant.surgery import attention_modules, quantizable_layers
+
+    src = model_cfg.source
+    with torch.device("meta"):
+        if src is None:
+            net = _build_backbone(kind, model_cfg, image_size, 3, 10).net
+        else:
+            root = Path(src)
+            if (root / "model_index.json").exists():
+                from .hub import check_pipeline_dir
+
+                config = check_pipeline_dir(root, model_cfg.prompts, model_cfg.guidance_scale)["denoiser_config"]
+            else:
+                config = _read_config(root / "net" if (root / "backbone.json").exists() else root)
+            net = _diffusers_class(config["_class_name"]).from_config(config)
+    return [n for n, _ in quantizable_layers(net)], [n for n, _ in attention_modules(net)]
+
+
 def _check_layer_patterns(out: dict, fams: list[str]) -> None:
     """Every layer-name pattern a family's params set (fields declared with ``config.layer_patterns``) matches
     at least one quantizable layer or attention module of one of the backbones the family runs on (built on
     the meta device from the architecture or the source's JSON: no weights), unless it is one of the field's
     defaults. Refused here, a pattern with a typo would otherwise exclude nothing and quantization would run."""
     from .methods import get_family
-    from .models import layer_names
     from .quant.surgery import matches
 
     def hits(pat: str, b: str) -> bool:

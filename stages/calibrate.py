@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """calibrate: run the FP sampler and record the model inputs (x_t, t, labels) along the trajectories
-at the selected steps (uniform over the steps, Q-Diffusion style, or random). Every method reads
-the same file."""
+at the selected steps (uniform over the steps, Q-Diffusion style, or random), streamed to disk as they are
+sampled. Every method reads the same file."""
 from _common import log_path, main, parser, require
 
 
@@ -25,7 +25,7 @@ def run(args):
     import torch
 
     from pipeline import models
-    from pipeline.calibration import collect_calibration, save_calibration
+    from pipeline.calibration import collect_calibration
     from pipeline.io import atomic_dir
     from pipeline.tracking import stage_run
 
@@ -37,9 +37,8 @@ def run(args):
         t0 = time.time()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         backbone = models.load_backbone(args.fp, device=device)
-        calib = collect_calibration(backbone, cfg, diff_cfg, samp_cfg)
-        with atomic_dir(args.out) as tmp:
-            manifest = save_calibration(calib, tmp)
+        with atomic_dir(args.out) as tmp:  # streamed to disk as it is sampled (memory: one batch)
+            manifest = collect_calibration(backbone, cfg, diff_cfg, samp_cfg, out_dir=tmp).manifest
         run_.log_metrics({"n_inputs": manifest["n_inputs"], "calibrate_seconds": time.time() - t0})
         log.info("%s: %d inputs (%d samples x %d steps) in %.1f s", name, manifest["n_inputs"],
                  cfg.n_samples, len(manifest["selected_steps"]), time.time() - t0)

@@ -305,7 +305,8 @@ def test_layer_names_from_json_alone_equal_the_loaded_denoisers(pipes, kind, tmp
     """What validation matches layer patterns against (built on the meta device from the JSON files) is what
     the quantization rules see on the loaded model, for a pipeline directory and for a saved backbone."""
     from pipeline.config import BackboneModel
-    from pipeline.models import layer_names, save_backbone
+    from pipeline.models import save_backbone
+    from pipeline.validation import layer_names
     from pipeline.quant.surgery import attention_modules, quantizable_layers
 
     bb = _load(pipes, kind)
