@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Quantized models that run for real: ONNX Runtime execution of the exported graph (pipeline.deploy).
+
+Part 1, real size (``--layers`` DiT-XL/2 blocks at random init: width 1152, 16 heads x 72, patch 2 on 32x32x4
+latents = 256 tokens, 1000 classes; the embedded models are too small for integer kernels to pay off):
+naive W8A8 and weight-only W4 (``W4A16``, every layer at 4 bits: ``keep_first_last_bits=4``), quantized with
+``pipeline.api.quantize`` on a tiny calibration set, exported with ``pipeline.deploy.export_onnx``. Prints
+seconds per denoiser call at each ``--batches`` size for PyTorch float32 eager, PyTorch fake-quant, the FP32
+graph in ORT (same exporter, no quantized layers) and the deployed graphs, the W8A8 / ORT-FP32 speed ratio
+(goal: >= 2x faster at batch 8), the W4 artifact bytes / FP32 artifact bytes (goal: <= 0.16) and the share of
+weights each executes class covers.
+
+Part 2, the default run's models (``--data data``, after ``make repro``): for the rows named by ``--rows``
+(``backbone/family/variant/setting``, seed 0), export and measure each (``pipeline.deploy.measure.deploy_row``):
+deployed-vs-fake-quant image PSNR from the same noise (goal: >= 40 dB at W8A8), the denoiser's max |difference|
+on calibration inputs, and the call times.
+
+    python bench/deploy.py                       # part 1
+    python bench/deploy.py --data data           # parts 1 and 2
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _setup  # noqa: F401  (puts the repository on sys.path)
+
+DEFAULT_ROWS = ["unet/naive/naive/W8A8", "dit/naive/naive/W8A8", "unet/naive/naive/W4A8", "dit/naive/naive/W4A8",
+                "unet/dilatequant/dilatequant/W6A6", "unet/qdiff/qdiff/W4A8"]
+
+
+def real_size(layers: int, batches: list, reps: int, out: Path) -> dict:
+    import torch
+
+    from pipeline import models
+    from pipeline.api import quantize
+    from pipeline.calibration import collect_calibration
+    from pipeline.config import BackboneModel, CalibrateConfig, DiffusionConfig, DiTArch, SamplingConfig
+    from pipeline.deploy.measure import call_seconds
+    from pipeline.deploy.onnx_export import example_inputs, export_onnx
+    from pipeline.deploy.runtime import deployed_backbone
+
+    cfg = BackboneModel(dit=DiTArch(num_layers=layers, num_attention_heads=16, attention_head_dim=72, patch_size=2))
+    fp = models.build_backbone("dit", cfg, 32, 4, 1000, seed=0).eval()
+    n_params = sum(p.numel() for p in fp.parameters())
+    print(f"DiT-XL/2 block stack: {layers} blocks, {n_params / 1e6:.1f} M parameters, 256 tokens, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    calib = collect_calibration(fp, CalibrateConfig(n_samples=2, n_timesteps=2, batch_size=2), DiffusionConfig(),
+                                SamplingConfig(steps=2))
+    t0 = time.perf_counter()
+    q8 = quantize(fp, "naive", "W8A8", calib, calib_batches=1).backbone
+    q4 = quantize(fp, "naive", "W4A16", calib, calib_batches=1, keep_first_last_bits=4).backbone
+    print(f"quantized W8A8 and W4A16 in {time.perf_counter() - t0:.0f} s", flush=True)
+    infos, runs = {}, {}
+    for name, bb in (("fp32", fp), ("W8A8", q8), ("W4A16", q4)):
+        t0 = time.perf_counter()
+        infos[name] = export_onnx(bb, out / name)
+        runs[name] = deployed_backbone(out / name, bb)
+        print(f"exported {name} in {time.perf_counter() - t0:.0f} s: {infos[name]['executes_label']}", flush=True)
+    res = {"layers": layers, "params_m": n_params / 1e6, "threads": torch.get_num_threads(), "calls": {}}
+    for b in batches:
+        args = example_inputs(fp, b, seed=1)
+        row = {"torch_fp32": call_seconds(fp, args, reps), "ort_fp32": call_seconds(runs["fp32"], args, reps),
+               "ort_W8A8": call_seconds(runs["W8A8"], args, reps), "ort_W4A16": call_seconds(runs["W4A16"], args, reps),
+               "torch_fake_quant_W8A8": call_seconds(q8, args, max(1, reps // 2))}
+        res["calls"][str(b)] = row
+        print(f"batch {b}: " + ", ".join(f"{k} {v:.3f} s" for k, v in row.items()), flush=True)
+        print(f"  W8A8 deployed vs ORT float32: {row['ort_fp32'] / row['ort_W8A8']:.2f}x faster; "
+              f"vs PyTorch float32 eager: {row['torch_fp32'] / row['ort_W8A8']:.2f}x; "
+              f"vs PyTorch fake-quant: {row['torch_fake_quant_W8A8'] / row['ort_W8A8']:.2f}x", flush=True)
+        with torch.no_grad():
+            d8 = float((runs["W8A8"](*args) - q8(*args)).abs().max())
+        print(f"  W8A8 deployed vs fake-quant denoiser max |diff| {d8:.2e}", flush=True)
+    size = {k: sum(v["bytes"].values()) for k, v in infos.items()}
+    res["bytes"] = size
+    res["executes"] = {k: v["executes_label"] for k, v in infos.items()}
+    print("artifact bytes: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in size.items()))
+    print(f"W4A16 / FP32 bytes: {size['W4A16'] / size['fp32']:.3f} (goal <= 0.16); "
+          f"W8A8 / FP32: {size['W8A8'] / size['fp32']:.3f}")
+    return res
+
+
+def default_rows(data: Path, rows: list, images: int, out: Path) -> dict:
+    from pipeline.deploy.measure import deploy_row
+    from pipeline.evaluation import discover_entries
+
+    families = sorted({r.split("/")[1] for r in rows})
+    backbones = sorted({r.split("/")[0] for r in rows})
+    entries, _, _ = discover_entries(families, backbones, data / "fp", data / "quantized")
+    by_row = {e.row: e for e in entries if e.quant_dir is not None and e.seed == 0}
+    res = {}
+    for row in rows:
+        if row not in by_row:
+            print(f"{row}: not in the run under {data} (rows there: {sorted(by_row)[:6]} ...)")
+            continue
+        e = by_row[row]
+        t0 = time.perf_counter()
+        m = deploy_row(e.fp_dir, e.quant_dir, out / e.slug, calib_dir=data / "calib" / e.backbone, images=images)
+        res[row] = m
+        c = m["call_seconds"]
+        print(f"{row}: {m['executes_label']}; images PSNR {m['images']['psnr_mean_db']:.1f} dB mean, "
+              f"{m['images']['psnr_min_db']:.1f} dB min ({images} images); denoiser max |diff| "
+              f"{m['denoiser']['max_abs']:.2e} (outputs up to {m['denoiser']['ref_max_abs']:.2f}); batch 8: deployed "
+              f"{c['8']['deployed'] * 1e3:.1f} ms, ORT fp32 {c['8']['ort_fp32'] * 1e3:.1f} ms, fake-quant "
+              f"{c['8']['torch_fake_quant'] * 1e3:.1f} ms, torch fp32 {c['8']['torch_fp32'] * 1e3:.1f} ms "
+              f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--data", type=Path, default=None, help="a finished run's data/ folder (part 2)")
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS)
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--skip-real-size", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="write the numbers here")
+    args = ap.parse_args()
+    import pipeline  # noqa: F401  (CPU numerics pin)
+    from pipeline.deploy.runtime import require_onnxruntime
+
+    require_onnxruntime()
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_real_size:
+            out["real_size"] = real_size(args.layers, args.batches, args.reps, Path(tmp) / "real")
+        if args.data is not None:
+            out["rows"] = default_rows(args.data, args.rows, args.images, Path(tmp) / "rows")
+    if args.json is not None:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

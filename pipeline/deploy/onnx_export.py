@@ -1,0 +1,610 @@
+"""ONNX export of a quantized model for ONNX Runtime, carrying the project's own codes and scales.
+
+Every :class:`pipeline.quant.layers.QuantLinear` / ``QuantConv2d`` gets a :class:`LayerPlan`: what the
+runtime executes for it and from which stored numbers. The executes classes, from most to least integer:
+
+- ``int8``: one integer weight quantizer per output channel (or per tensor) at 2..8 bits and a static
+  per-tensor integer activation quantizer. The graph holds the weight codes as an int8 / uint8 initializer
+  with ``DequantizeLinear`` (axis = output channel, our Δ and ⌊z⌉ as scale and zero point) and a
+  ``QuantizeLinear`` → ``DequantizeLinear`` pair on the input with our activation Δ and ⌊z⌉: ONNX Runtime
+  fuses the pattern into its int8 kernels (QLinearConv, MatMulIntegerToFloat). Activations below 8 bits
+  are clipped to their code range first (``Clip`` to ``[(qmin − z)Δ, (qmax − z)Δ]``), so the uint8 / int8
+  codes the runtime computes are exactly our 4- or 6-bit codes. Weights below 8 bits are stored at 8 bits
+  (the nearest width with a kernel), their values unchanged.
+- ``int4-wo``: a Linear with weights at ≤ 4 bits (per output channel, or groups of a power-of-two size
+  ≥ 16 along the input) runs as ``com.microsoft::MatMulNBits`` (4-bit codes two per byte, one scale and
+  zero point per block; a per-channel quantizer repeats its Δ over the blocks of its row), with float
+  accumulation (``accuracy_level`` 0: the runtime does not re-quantize the input). A static integer
+  activation quantizer in front of it becomes a Q/DQ pair as above.
+- ``int8-wo``: integer weights as above but activations the runtime cannot express with a constant
+  scale (timestep-indexed scales: TPQ, MPQ-DM; online per-token; split quantizers; FP formats): the
+  activation quantizer is exported as the float operations of its fake quantization (so each sample gets
+  its own timestep's Δ, gathered from the table by the nearest-timestep rule of
+  :class:`pipeline.quant.act.TimestepActQuantizer`) and the layer runs DQ(weight) in float.
+- ``float``: formats with no kernel here (FP ExMy weight codes, binary and mixed-precision groups, binary
+  residual branches, non-power-of-two groups): the decoded weight Ŵ as a float32 initializer.
+
+Attention matmul quantizers (Q·Kᵀ, P·V) are exported as the float operations of their fake quantization.
+The graph's values equal the fake-quant model's up to the runtime's arithmetic: integer accumulation,
+``QuantizeLinear`` dividing by Δ where we multiply by 1/Δ (a tie can round to the neighbouring code) and a
+different summation order; the tests state the tolerance.
+
+The export uses PyTorch's TorchScript-based ONNX exporter (``dynamo=False``), whose
+``torch.autograd.Function.symbolic`` lets each layer emit exactly the nodes above; opset 17.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+EXECUTES = ("int8", "int4-wo", "int8-wo", "float")
+TARGETS = ("ort",)
+DEPLOY_FILE = "deploy.json"
+MODEL_FILE = "model.onnx"
+
+
+@dataclass
+class LayerPlan:
+    """What the runtime executes for one quantized layer (module docstring) and the numbers it uses."""
+
+    name: str
+    kind: str                                  # "linear" | "conv2d"
+    executes: str                              # one of EXECUTES
+    weights: int                               # number of weights (the share of the model it stands for)
+    w_bits: Optional[float] = None
+    a_bits: Optional[int] = None
+    reason: str = ""                           # why it is not int8 (empty for int8)
+    w_codes: Optional[torch.Tensor] = None     # int8 / uint8 codes, the weight's shape
+    w_scale: Optional[torch.Tensor] = None     # float32 [out]
+    w_zero: Optional[torch.Tensor] = None      # int8 / uint8 [out]
+    w_block: Optional[int] = None              # int4-wo: block size along the input
+    w_float: Optional[torch.Tensor] = None     # the weight the layer multiplies with (Ŵ, or W' unquantized)
+    a_scale: Optional[torch.Tensor] = None     # float32 scalar
+    a_zero: Optional[torch.Tensor] = None      # int8 / uint8 scalar
+    a_clip: Optional[tuple] = None             # (lo, hi) float32 scalars for activations below 8 bits
+    act: str = "none"                          # "qdq" | "emulate" | "none"
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        out = {"layer": self.name, "kind": self.kind, "executes": self.executes, "weights": self.weights,
+               "w_bits": self.w_bits, "a_bits": self.a_bits, "act": self.act}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.w_block is not None:
+            out["block_size"] = self.w_block
+        return out
+
+
+class ExportError(ValueError):
+    """An export request that cannot be carried out (names the key or layer)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# planning
+# ------------------------------------------------------------------------------------------------
+def _int_weight(layer) -> tuple:
+    """(codes int64, scale [C] f32, zero [C] int64, granularity, group_size, bits, symmetric) of a layer with one
+    plain integer weight quantizer, or (None, reason)."""
+    from pipeline.quant.primitives import IntQuantizer
+
+    qs = list(layer.weight_quantizers)
+    if len(qs) != 1:
+        return None, f"{len(qs)} weight quantizer groups (mixed precision)"
+    q = qs[0]
+    if not isinstance(q, IntQuantizer):
+        return None, f"{type(q).__name__} weights (no integer kernel)"
+    if q.channel_mask is not None:
+        return None, "masked weight quantizer"
+    if layer.residual is not None:
+        return None, "binary residual branch"
+    w_hat = layer.quantized_weight().detach()
+    with torch.no_grad():
+        codes = _stored_codes(layer, q)
+        if q.granularity == "group":
+            lay = q.layout()
+            cv, _ = lay.view(codes.to(torch.float32))
+            scale = lay.param_view(q.scale).to(torch.float32)
+            zero = torch.round(lay.param_view(q.zero_point).to(torch.float32))
+            deq = lay.unview((cv - zero) * scale, _)
+            scale, zero = scale.reshape(codes.shape[0], -1), zero.reshape(codes.shape[0], -1)
+        else:
+            c = codes.shape[0]
+            scale = q.scale.detach().to(torch.float32).reshape(-1).expand(c).clone()
+            zero = torch.round(q.zero_point.detach().to(torch.float32)).reshape(-1).expand(c).clone()
+            view = (c,) + (1,) * (codes.dim() - 1)
+            deq = (codes.to(torch.float32) - zero.reshape(view)) * scale.reshape(view)
+    if not torch.equal(deq, w_hat.to(torch.float32)):
+        return None, "stored codes do not reproduce the layer's weight"
+    return (codes.to(torch.int64), scale, zero.to(torch.int64), q.granularity, q.group_size, q.bits,
+            q.symmetric), ""
+
+
+def _stored_codes(layer, q) -> torch.Tensor:
+    """Integer codes of the layer's single weight quantizer: unpacked from the packed payload of a loaded
+    model (the stored bits themselves), else the quantizer's codes of the layer's effective weight."""
+    payload = getattr(layer, "packed_payload", None)
+    if payload is not None:
+        from pipeline.quant.bitstream import unpack_bits
+
+        tensors = payload["tensors"]
+        key = next((k for k in tensors if k.endswith(".w0.codes")), None)
+        if key is not None:
+            shape = tuple(layer.weight.shape)
+            n = math.prod(shape)
+            return (unpack_bits(tensors[key], q.bits, n).to(torch.int64) + q.qmin).reshape(shape)
+    return q.quantize(layer.effective_weight().detach()).to(torch.int64)
+
+
+def _static_int_act(aq) -> tuple:
+    """(scale, zero, qmin, qmax, symmetric, bits) of a static per-tensor integer activation quantizer, or
+    (None, reason)."""
+    from pipeline.quant import act as act_mod
+
+    if not isinstance(aq, act_mod.StaticActQuantizer):
+        return None, f"{type(aq).__name__} activations (no constant scale)"
+    if aq.fmt != "int":
+        return None, "FP activations (no integer kernel)"
+    q = aq.quantizer
+    if q.scale.numel() != 1:
+        return None, "activation quantizer is not calibrated"
+    scale = q.scale.detach().to(torch.float32).reshape(())
+    zero = torch.round(q.zero_point.detach().to(torch.float32)).reshape(())
+    return (scale, zero, q.qmin, q.qmax, q.symmetric, q.bits), ""
+
+
+def plan_layer(name: str, layer, int4_linear: bool = True) -> LayerPlan:
+    """The :class:`LayerPlan` of one wrapped layer (module docstring)."""
+    from pipeline.quant.layers import QuantLinear
+
+    kind = "linear" if isinstance(layer, QuantLinear) else "conv2d"
+    quant_w = layer.weight_quant and (len(layer.weight_quantizers) > 0 or layer.packed_weight is not None)
+    aq = layer.act_quantizer if (layer.act_quant and layer.act_quantizer is not None
+                                 and getattr(layer.act_quantizer, "enabled", True)) else None
+    with torch.no_grad():
+        w_float = (layer.quantized_weight() if quant_w else layer.effective_weight()).detach().to(torch.float32)
+    plan = LayerPlan(name=name, kind=kind, executes="float", weights=int(layer.weight.numel()),
+                     w_bits=layer.w_bits if quant_w else None, a_bits=layer.a_bits if aq is not None else None,
+                     w_float=w_float.clone())
+    # activations
+    if aq is None:
+        plan.act = "none"
+        act_reason = "float activations"
+    else:
+        got, act_reason = _static_int_act(aq)
+        if got is None:
+            plan.act = "emulate"
+        else:
+            scale, zero, qmin, qmax, symmetric, bits = got
+            plan.act = "qdq"
+            dtype = torch.int8 if symmetric else torch.uint8
+            plan.a_scale, plan.a_zero = scale, zero.to(dtype)
+            plan.extra["a_range"] = (qmin, qmax)
+            if bits < 8:
+                plan.a_clip = ((torch.tensor(float(qmin)) - zero) * scale, (torch.tensor(float(qmax)) - zero) * scale)
+            act_reason = ""
+    # weights
+    if not quant_w:
+        plan.reason = "weights not quantized"
+        return plan
+    got, w_reason = _int_weight(layer)
+    if got is None:
+        plan.reason = w_reason
+        return plan
+    codes, scale, zero, gran, group_size, bits, symmetric = got
+    pow2_group = gran != "group" or (group_size >= 16 and group_size & (group_size - 1) == 0)
+    if kind == "linear" and bits <= 4 and int4_linear and pow2_group:
+        k = codes.shape[1]
+        block = group_size if gran == "group" else min(_next_pow2(max(k, 16)), 128)
+        plan.executes, plan.w_block = "int4-wo", block
+        shift = 8 if symmetric else 0  # symmetric codes [-8, 7] -> [0, 15] with zero point 8
+        plan.w_codes = (codes + shift).to(torch.uint8)
+        plan.w_zero = (zero + shift).to(torch.uint8)
+        plan.w_scale = scale
+        plan.reason = "" if plan.act != "emulate" else act_reason
+        return plan
+    if gran == "group":
+        plan.reason = f"group-wise {bits}-bit weights (group {group_size}) on a {kind}"
+        return plan
+    # int8 storage: an asymmetric grid [0, 2^b - 1] is shifted by -128 together with its zero point, so
+    # (c - z), hence every weight value, is unchanged; the runtime's fast integer GEMM takes uint8
+    # activations times int8 weights
+    shift = 0 if symmetric else -128
+    plan.w_codes = (codes + shift).to(torch.int8)
+    plan.w_scale, plan.w_zero = scale, (zero + shift).to(torch.int8)
+    if plan.act == "qdq":
+        plan.executes, plan.reason = "int8", ""
+    else:
+        plan.executes, plan.reason = "int8-wo", act_reason
+    return plan
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()
+
+
+def plan_model(model: nn.Module, int4_linear: bool = True) -> list:
+    """:class:`LayerPlan` of every wrapped layer of ``model``, in module order."""
+    from pipeline.quant.surgery import quant_layers
+
+    return [plan_layer(n, layer, int4_linear) for n, layer in quant_layers(model)]
+
+
+def executes_shares(plans: list) -> dict:
+    """{executes class: share of the quantized layers' weights} (only the classes present)."""
+    total = sum(p.weights for p in plans) or 1
+    out = {}
+    for cls in EXECUTES:
+        n = sum(p.weights for p in plans if p.executes == cls)
+        if n:
+            out[cls] = n / total
+    return out
+
+
+def executes_label(shares: dict) -> str:
+    """'int8 92 %, int4-wo 5 %, float 3 %' (shares rounded to whole percent)."""
+    return ", ".join(f"{k} {round(100 * v)} %" if v >= 0.005 else f"{k} <1 %" for k, v in shares.items()) \
+        or "float 100 %"
+
+
+# ------------------------------------------------------------------------------------------------
+# the nodes each layer emits
+# ------------------------------------------------------------------------------------------------
+_PLANS: dict = {}   # key -> (plan, layer) while an export runs (symbolic functions receive the int key)
+
+
+def _const(g, t: torch.Tensor):
+    return g.op("Constant", value_t=t.detach().cpu().contiguous())
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[..., 2n] uint8 values 0..15 -> [..., n] bytes, the first of each pair in the low nibble."""
+    c = codes.to(torch.uint8)
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).contiguous()
+
+
+def matmulnbits_tensors(plan: LayerPlan) -> tuple:
+    """(B [N, blocks, block/2] uint8, scales [N·blocks] f32, zero points [N·⌈blocks/2⌉] uint8) of an int4-wo
+    plan; the input dimension is zero-padded to whole blocks with the row's zero point (decodes to 0)."""
+    codes, block = plan.w_codes, plan.w_block
+    n, k = codes.shape
+    blocks = -(-k // block)
+    pad = blocks * block - k
+    zero = plan.w_zero.reshape(n, -1)
+    scale = plan.w_scale.reshape(n, -1)
+    if zero.shape[1] == 1:  # per-channel (or per-tensor): the same numbers for every block of the row
+        zero, scale = zero.expand(n, blocks), scale.expand(n, blocks)
+    if pad:
+        fill = zero[:, -1:].expand(n, pad)
+        codes = torch.cat([codes, fill], dim=1)
+    b = _pack_nibbles(codes.reshape(n, blocks, block))
+    zp = zero
+    if blocks % 2:
+        zp = torch.cat([zp, torch.zeros(n, 1, dtype=zp.dtype)], dim=1)
+    zp = _pack_nibbles(zp).reshape(-1)
+    return b, scale.contiguous().reshape(-1).to(torch.float32), zp
+
+
+class _ActQDQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, key):
+        from pipeline.quant.primitives import fake_quant_int
+
+        plan, _ = _PLANS[key]
+        return fake_quant_int(x, plan.a_scale, plan.a_zero.to(torch.float32), *plan.extra["a_range"])
+
+    @staticmethod
+    def symbolic(g, x, key):
+        plan, _ = _PLANS[key]
+        if plan.a_clip is not None:
+            x = g.op("Clip", x, _const(g, plan.a_clip[0].to(torch.float32)), _const(g, plan.a_clip[1].to(torch.float32)))
+        s, z = _const(g, plan.a_scale), _const(g, plan.a_zero)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+
+
+class _LayerOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, key):
+        plan, layer = _PLANS[key]
+        bias = plan.extra["bias"]
+        if plan.executes == "int8":
+            x = _ActQDQ.forward(ctx, x, key)
+        if plan.kind == "linear":
+            return torch.nn.functional.linear(x, plan.w_float, bias)
+        return torch.nn.functional.conv2d(x, plan.w_float, bias, layer.stride, layer.padding, layer.dilation,
+                                          layer.groups)
+
+    @staticmethod
+    def symbolic(g, x, key):
+        plan, layer = _PLANS[key]
+        bias = None if plan.extra["bias"] is None else _const(g, plan.extra["bias"])
+        if plan.executes == "int4-wo":
+            b, scales, zp = matmulnbits_tensors(plan)
+            n, k = plan.w_codes.shape
+            y = g.op(f"{MS_DOMAIN}::MatMulNBits", x, _const(g, b), _const(g, scales), _const(g, zp),
+                     K_i=int(k), N_i=int(n), bits_i=4, block_size_i=int(plan.w_block), accuracy_level_i=0)
+            return y if bias is None else g.op("Add", y, bias)
+        if plan.executes == "int8":
+            return _integer_op(g, x, plan, layer, bias)
+        if plan.w_codes is not None:
+            axis = 0 if plan.kind == "conv2d" else 1
+            codes = plan.w_codes if plan.kind == "conv2d" else plan.w_codes.t()  # [in, out]: no Transpose node
+            w = g.op("DequantizeLinear", _const(g, codes), _const(g, plan.w_scale), _const(g, plan.w_zero), axis_i=axis)
+        else:
+            w = _const(g, plan.w_float if plan.kind == "conv2d" else plan.w_float.t())
+        if plan.kind == "linear":
+            y = g.op("MatMul", x, w)
+            return y if bias is None else g.op("Add", y, bias)
+        return g.op("Conv", *([x, w] + ([] if bias is None else [bias])), **_conv_attrs(layer))
+
+
+def _conv_attrs(layer) -> dict:
+    kh, kw = layer.kernel_size
+    ph, pw = layer.padding
+    return {"kernel_shape_i": [kh, kw], "strides_i": list(layer.stride), "pads_i": [ph, pw, ph, pw],
+            "dilations_i": list(layer.dilation), "group_i": int(layer.groups)}
+
+
+def _integer_op(g, x, plan: LayerPlan, layer, bias):
+    """x -> QuantizeLinear (our Δ_a, ⌊z_a⌉) -> MatMulInteger / ConvInteger with our weight codes (int32
+    accumulation) -> float · Δ_w (per output channel) · Δ_a (+ bias).
+
+    ONNX Runtime's ConvInteger takes one weight zero point per tensor, so a per-channel zero point z_c is
+    applied exactly in int32 instead: Σ (x − z_a)(w − z_c) = Σ (x − z_a) w − z_c Σ (x − z_a), the last sum
+    being one ConvInteger of the same input with an all-ones single-output kernel."""
+    if plan.a_clip is not None:
+        x = g.op("Clip", x, _const(g, plan.a_clip[0].to(torch.float32)), _const(g, plan.a_clip[1].to(torch.float32)))
+    a_zero = _const(g, plan.a_zero)
+    xq = g.op("QuantizeLinear", x, _const(g, plan.a_scale), a_zero)
+    codes, w_zero = plan.w_codes, plan.w_zero
+    if plan.kind == "linear":  # ORT's fused kernel: int32 accumulation, then · Δ_a·Δ_w (+ bias)
+        args = [xq, _const(g, codes.t().contiguous()), _const(g, plan.a_scale.reshape(1)), _const(g, plan.w_scale),
+                g.op("Constant", value_t=plan.a_zero.reshape(1)), _const(g, w_zero)]
+        if plan.extra["bias"] is not None:
+            args.append(_const(g, plan.extra["bias"]))
+        return g.op(f"{MS_DOMAIN}::MatMulIntegerToFloat", *args)
+    else:
+        zero0 = torch.zeros((), dtype=codes.dtype)
+        acc = g.op("ConvInteger", xq, _const(g, codes), a_zero, _const(g, zero0), **_conv_attrs(layer))
+        if bool((w_zero != 0).any()):
+            ones = torch.ones((1,) + tuple(codes.shape[1:]), dtype=codes.dtype)
+            window = g.op("ConvInteger", xq, _const(g, ones), a_zero, _const(g, zero0), **_conv_attrs(layer))
+            zc = _const(g, w_zero.to(torch.int32).reshape(1, -1, 1, 1))
+            acc = g.op("Sub", acc, g.op("Mul", window, zc))
+        w_scale = plan.w_scale.reshape(1, -1, 1, 1)
+    y = g.op("Cast", acc, to_i=1)  # TensorProto.FLOAT
+    y = g.op("Mul", g.op("Mul", y, _const(g, w_scale.contiguous())), _const(g, plan.a_scale))
+    if bias is None:
+        return y
+    b = plan.extra["bias"]
+    return g.op("Add", y, _const(g, b if plan.kind == "linear" else b.reshape(1, -1, 1, 1)))
+
+
+class _DeployedLayer(nn.Module):
+    """Stands in for one wrapped layer during the export: the input scale, the activation quantizer (Q/DQ
+    nodes or its float operations) and the weight op of the plan."""
+
+    def __init__(self, layer, plan: LayerPlan, key: int):
+        super().__init__()
+        self.plan, self.key = plan, key
+        self.act_quantizer = layer.act_quantizer if plan.act == "emulate" else None
+        self.in_scale = None if layer.in_scale is None else layer.in_scale_input_view(
+            torch.zeros(1) if plan.kind == "linear" else torch.zeros(1, 1, 1, 1)).detach().clone()
+        plan.extra["bias"] = None if layer.bias is None else layer.bias.detach().to(torch.float32).clone()
+        _PLANS[key] = (plan, layer)
+
+    def forward(self, x):
+        plan = self.plan
+        if self.in_scale is not None:
+            x = x / self.in_scale
+        if plan.executes == "int8":  # the integer op quantizes its own input
+            return _LayerOp.apply(x, self.key)
+        if plan.act == "qdq":
+            x = _ActQDQ.apply(x, self.key)
+        elif plan.act == "emulate":
+            x = self.act_quantizer(x)
+        return _LayerOp.apply(x, self.key)
+
+
+def _conv_supported(layer) -> bool:
+    return (layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+            and len(layer.padding) == 2)
+
+
+class _PredictWrapper(nn.Module):
+    """(sample, timestep, labels) -> the backbone's unguided prediction, with the timestep context set
+    from the traced timestep (so timestep-indexed quantizers gather their scales in the graph)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, sample, timestep, labels=None):
+        from pipeline.quant.surgery import get_timestep_context
+
+        for m in (self.backbone, getattr(self.backbone, "net", None)):
+            ctx = get_timestep_context(m) if m is not None else None
+            if ctx is not None:
+                ctx.current = timestep.reshape(-1)
+        return self.backbone._predict(sample, timestep, labels)[:, :self.backbone.channels]
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------------
+def check_backbone(backbone) -> None:
+    """Refuse what the exporter cannot take, before any work (an error naming what is wrong)."""
+    from pipeline.models import DiffusionBackbone
+
+    if not isinstance(backbone, DiffusionBackbone):
+        raise ExportError(f"backbone: expected a pipeline.models.DiffusionBackbone, got {type(backbone).__name__}")
+    if backbone.conditioning == "text":
+        raise ExportError("backbone: text-conditioned models are not exported yet (the caption embeddings would "
+                          "be a graph input); class-conditioned and unconditional UNet / DiT models are")
+    for name, layer in _quant_layers(backbone):
+        if layer.lora_A is not None:
+            raise ExportError(f"layer {name!r}: unmerged LoRA; merge it (pipeline.quant.packing.merge_lora) first")
+        if layer.adaround is not None and not all(bool(a.hardened) for a in layer.adaround):
+            raise ExportError(f"layer {name!r}: soft AdaRound weights; harden them first")
+
+
+def _quant_layers(model):
+    from pipeline.quant.surgery import quant_layers
+
+    return list(quant_layers(model))
+
+
+def build_export_module(backbone, plans: Optional[list] = None, int4_linear: bool = True) -> tuple:
+    """(module to trace, plans): a deep copy of ``backbone`` with every wrapped layer replaced by its
+    :class:`_DeployedLayer` (layers the exporter cannot express keep their fake-quant forward as float ops)."""
+    from pipeline.quant.layers import QuantConv2d
+    from pipeline.quant.surgery import _set_submodule
+
+    check_backbone(backbone)
+    model = copy.deepcopy(backbone).cpu().eval()
+    _PLANS.clear()
+    by_name = {p.name: p for p in plans} if plans is not None else None
+    out_plans = []
+    for key, (name, layer) in enumerate(_quant_layers(model)):
+        plan = by_name[name] if by_name is not None else plan_layer(name, layer, int4_linear)
+        if isinstance(layer, QuantConv2d) and not _conv_supported(layer):
+            plan.executes, plan.reason, plan.w_codes = "float", "convolution padding mode", None
+        out_plans.append(plan)
+        _set_submodule(model, name, _DeployedLayer(layer, plan, key))
+    return _PredictWrapper(model).eval(), out_plans
+
+
+def example_inputs(backbone, batch: int = 2, seed: int = 0) -> tuple:
+    """(sample, timestep, labels) of the shapes the graph takes (labels None for an unconditional model)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch,) + tuple(backbone.sample_shape), generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    labels = None if backbone.conditioning == "none" else torch.randint(0, backbone.num_classes, (batch,), generator=g)
+    return x, t, labels
+
+
+def export_onnx(backbone, out_dir, *, int4_linear: bool = True, batch: int = 2) -> dict:
+    """Export ``backbone`` (a quantized :class:`pipeline.models.DiffusionBackbone`, fake-quant modules in
+    place, e.g. from :func:`pipeline.quant.packing.load_quantized`) to ``out_dir/model.onnx`` (weights in
+    ``model.onnx.data``) and ``out_dir/deploy.json`` (the per-layer plans, executes shares, bytes).
+
+    The graph takes ``sample`` [B, C, H, W] float32, ``timestep`` [B] int64 and, for a conditional model,
+    ``labels`` [B] int64 (dynamic batch), and returns ``prediction`` [B, C, H, W]: the unguided
+    prediction of ``backbone._predict`` (guidance runs around it, as in the PyTorch model). Returns the
+    deploy.json content. Files are written atomically (temporary names, then renamed)."""
+    import onnx
+
+    out_dir = Path(out_dir)
+    module, plans = build_export_module(backbone, int4_linear=int4_linear)
+    x, t, labels = example_inputs(backbone, batch)
+    names = ["sample", "timestep"] + ([] if labels is None else ["labels"])
+    args = (x, t) if labels is None else (x, t, labels)
+    dyn = {n: {0: "batch"} for n in names + ["prediction"]}
+    custom = {MS_DOMAIN: 1} if any(p.executes in ("int4-wo", "int8") for p in plans) else None
+    # autograd_inlining=False: the exporter's inlining of autograd Functions fails when one module is called
+    # twice (diffusers' DiT reuses block 0's timestep embedder for its output layer); each Function here has
+    # a symbolic, so there is nothing to inline
+    buf = io.BytesIO()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=names,
+                              output_names=["prediction"], dynamic_axes=dyn, do_constant_folding=True,
+                              custom_opsets=custom, autograd_inlining=False)
+    _PLANS.clear()
+    model = onnx.load_from_string(buf.getvalue())
+    _constants_to_initializers(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_model, data_name = out_dir / (MODEL_FILE + ".tmp"), MODEL_FILE + ".data"
+    tmp_data = out_dir / (data_name + ".tmp")
+    for p in (tmp_model, tmp_data):
+        p.unlink(missing_ok=True)
+    onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name + ".tmp", size_threshold=1024)
+    # the graph names its data file: rewrite the location to the final name before renaming both
+    model = onnx.load_model(str(tmp_model), load_external_data=False)
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    onnx.save_model(model, str(tmp_model))
+    tmp_data.replace(out_dir / data_name)
+    tmp_model.replace(out_dir / MODEL_FILE)
+    shares = executes_shares(plans)
+    info = {
+        "format": "onnx", "opset": OPSET, "inputs": names, "output": "prediction",
+        "kind": backbone.kind, "conditioning": backbone.conditioning, "num_classes": backbone.num_classes,
+        "sample_shape": list(backbone.sample_shape),
+        "executes": shares, "executes_label": executes_label(shares),
+        "bytes": {"model": (out_dir / MODEL_FILE).stat().st_size, "data": (out_dir / data_name).stat().st_size},
+        "layers": [p.summary() for p in plans],
+    }
+    tmp = out_dir / (DEPLOY_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(out_dir / DEPLOY_FILE)
+    return info
+
+
+def _constants_to_initializers(model) -> None:
+    """Move every Constant node holding a tensor of more than 16 elements into the graph's initializers (so
+    the weights go to the external data file), storing identical tensors once: a module the model calls twice
+    (diffusers' DiT runs block 0's timestep embedder again for its output layer) emits its nodes twice."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    keep, seen, rename = [], {}, {}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.output) == 1 and len(node.attribute) == 1 \
+                and node.attribute[0].name == "value":
+            arr = numpy_helper.to_array(node.attribute[0].t)
+            if arr.size > 16:
+                digest = (arr.dtype.str, arr.shape, hashlib.sha256(arr.tobytes()).hexdigest())
+                if digest in seen:
+                    rename[node.output[0]] = seen[digest]
+                else:
+                    seen[digest] = node.output[0]
+                    model.graph.initializer.append(numpy_helper.from_array(arr, node.output[0]))
+                continue
+        keep.append(node)
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def onnx_scales(path) -> dict:
+    """{initializer name: numpy array} of an exported graph (tests compare the Q/DQ scales with the packed
+    model's)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_model(str(path))
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def dq_nodes(path) -> list:
+    """[(op_type, [input names])] of every QuantizeLinear / DequantizeLinear / MatMulNBits node."""
+    import onnx
+
+    model = onnx.load_model(str(path), load_external_data=False)
+    return [(n.op_type, list(n.input)) for n in model.graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear", "MatMulNBits")]
+
+
+__all__ = ["LayerPlan", "ExportError", "plan_layer", "plan_model", "executes_shares", "executes_label",
+           "export_onnx", "build_export_module", "example_inputs", "matmulnbits_tensors", "onnx_scales",
+           "dq_nodes"]

@@ -1,0 +1,244 @@
+"""pipeline.deploy: quantized models exported to ONNX and executed by ONNX Runtime's integer kernels.
+
+Tolerance (deployed vs fake-quant outputs). The integer layers accumulate exactly in int32 and apply Δ_a·Δ_w
+once; the fake-quant model multiplies dequantized floats. Both compute the same real number up to float32
+rounding (relative ~1e-6) plus a different summation order in norms, attention and MatMulNBits. Such a
+difference can move a value that sits within ~1e-6 of a rounding boundary across it, and then one activation
+code flips (by one step Δ_a, a few percent of the output range at 4-8 bits) and propagates. So the tests
+assert (a) almost every output agrees to float precision (median |Δ| ≤ 1e-5) and (b) no output differs by
+more than 5 % of the output range (a flipped code, never a wrong scale or code: a wrong zero point or scale
+moves every output by far more)."""
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+def _agree(out, ref):
+    diff = (out - ref).abs()
+    assert float(diff.median()) <= 1e-5, f"median |deployed - fake-quant| {float(diff.median()):.2e}"
+    assert float(diff.max()) <= 0.05 * float(ref.abs().max()), \
+        f"max |deployed - fake-quant| {float(diff.max()):.3e} vs output range {float(ref.abs().max()):.3f}"
+
+
+def _inputs(calib, n=16):
+    return calib.x[:n], calib.t[:n], None if calib.labels is None else calib.labels[:n]
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_calibrated):
+    """{(kind, setting): (fp, calib, QuantResult)}: naive W8A8 and weight-only W4 (every layer at 4 bits)."""
+    from pipeline.api import quantize
+
+    out = {}
+    for kind in ("unet", "dit"):
+        fp, calib = tiny_calibrated[kind]
+        out[(kind, "W8A8")] = (fp, calib, quantize(fp, "naive", "W8A8", calib))
+        out[(kind, "W4A16")] = (fp, calib, quantize(fp, "naive", "W4A16", calib, keep_first_last_bits=4))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+@pytest.mark.parametrize("setting", ["W8A8", "W4A16"])
+def test_export_runs_in_onnxruntime_and_matches_fake_quant(quantized, kind, setting, tmp_path):
+    from pipeline.deploy.onnx_export import dq_nodes, export_onnx
+    from pipeline.deploy.runtime import deployed_backbone, optimized_op_counts
+
+    fp, calib, res = quantized[(kind, setting)]
+    info = export_onnx(res.backbone, tmp_path)
+    shares = info["executes"]
+    if setting == "W8A8":
+        assert shares == {"int8": 1.0}, shares
+    else:  # every Linear runs MatMulNBits; convolutions have no 4-bit kernel: int8 codes, float activations
+        assert shares.get("int4-wo", 0) > 0 and "float" not in shares and "int8" not in shares, shares
+        n_int4 = sum(1 for layer in info["layers"] if layer["executes"] == "int4-wo")
+        # one weight per layer (a layer the model calls twice runs two nodes on the same initializer)
+        assert len({inputs[1] for op, inputs in dq_nodes(tmp_path / "model.onnx") if op == "MatMulNBits"}) == n_int4
+    dep = deployed_backbone(tmp_path, res.backbone)
+    x, t, y = _inputs(calib)
+    with torch.no_grad():
+        _agree(dep(x, t, y), res.backbone(x, t, y))
+    ops = optimized_op_counts(tmp_path / "model.onnx")
+    if setting == "W8A8":  # ORT runs integer kernels, not dequantize-then-float
+        assert ops.get("MatMulIntegerToFloat", 0) + ops.get("ConvInteger", 0) >= len(info["layers"])
+        assert "DequantizeLinear" not in ops
+
+
+def test_graph_carries_the_packed_codes_and_scales_bit_for_bit(quantized, tmp_path):
+    """Export a model saved and reloaded through the packed format: every integer layer's weight codes in the
+    graph are the stored codes, and its activation and weight scales are the packed model's, bit for bit."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pipeline.deploy.onnx_export import export_onnx, plan_model
+    from pipeline.quant.packing import load_quantized, save_quantized
+    from pipeline.quant.surgery import quant_layers
+
+    fp, calib, res = quantized[("dit", "W8A8")]
+    save_quantized(res.backbone.net, res.spec, tmp_path / "packed")
+    loaded = copy.deepcopy(fp)
+    loaded.net = load_quantized(loaded.net, tmp_path / "packed")
+    export_onnx(loaded, tmp_path / "onnx")
+    model = onnx.load_model(str(tmp_path / "onnx" / "model.onnx"))
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"}
+    value = {**init, **consts}
+    fused = [[value.get(i) for i in n.input] for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    q_scales = [value[n.input[1]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    plans = {p.name: p for p in plan_model(loaded)}
+    layers = dict(quant_layers(loaded))
+    checked = 0
+    for name, layer in layers.items():
+        if layer.weight_quantizers[0].granularity != "channel" or plans[name].kind != "linear":
+            continue
+        q = layer.weight_quantizers[0]
+        stored = layer.packed_payload["tensors"]
+        from pipeline.quant.bitstream import unpack_bits
+
+        key = next(k for k in stored if k.endswith(".w0.codes"))
+        codes = unpack_bits(stored[key], q.bits, layer.weight.numel()).reshape(layer.weight.shape)  # code - qmin
+        match = [f for f in fused if f[1].shape == tuple(layer.weight.shape[::-1])
+                 and (f[1].astype("int64").T + 128 == codes.numpy()).all()]
+        assert match, f"{name}: weight codes not found in the graph"  # a layer called twice has two nodes
+        a_scale = layer.act_quantizer.quantizer.scale.detach().reshape(1).numpy()
+        for m in match:
+            assert m[3].tobytes() == q.scale.detach().reshape(-1).numpy().tobytes(), name
+            assert m[2].reshape(1).tobytes() == a_scale.tobytes(), name
+        assert any(s.reshape(1).tobytes() == a_scale.tobytes() for s in q_scales), name
+        checked += 1
+    assert checked >= 6
+
+
+def test_timestep_indexed_scales_each_sample_its_own_step(tiny_calibrated, tmp_path):
+    """A TPQ model (DilateQuant: one activation scale per sampling timestep) keeps its table in the graph: a batch
+    mixing timesteps equals the fake-quant model (which picks each sample's scales by its own timestep), and
+    swapping the samples' timesteps changes the output."""
+    from pipeline.api import quantize
+    from pipeline.deploy.onnx_export import export_onnx
+    from pipeline.deploy.runtime import deployed_backbone
+    from pipeline.quant.act import TimestepActQuantizer
+
+    fp, calib = tiny_calibrated["unet"]
+    res = quantize(fp, "dilatequant", "W8A8", calib, bkd={"iters": 1})
+    tpq = [m for m in res.backbone.modules() if isinstance(m, TimestepActQuantizer)]
+    assert tpq and len(tpq[0].timesteps) >= 2
+    info = export_onnx(res.backbone, tmp_path)
+    assert "int8-wo" in info["executes"]
+    dep = deployed_backbone(tmp_path, res.backbone)
+    x, _, y = _inputs(calib, 4)
+    steps = torch.tensor(tpq[0].timesteps[:2] * 2)  # two different timesteps in one batch
+    with torch.no_grad():
+        both = dep(x, steps, y)
+        _agree(both, res.backbone(x, steps, y))
+        for i in range(4):  # alone (batch 1) too; the fake-quant model is the reference in both cases, since
+            # its own batch-1 and batch-4 outputs may differ by a flipped code (float summation order)
+            one = (x[i:i + 1], steps[i:i + 1], y[i:i + 1] if y is not None else None)
+            _agree(dep(*one), res.backbone(*one))
+        # the scales differ per step: the same input at the other step gives another output
+        swapped = dep(x, steps.flip(0), y)
+    assert not torch.allclose(swapped, both, atol=1e-4)
+
+
+def test_sampling_through_the_deployed_model(quantized):
+    """The project's one sampling loop runs the exported graph (the denoiser call swapped): images from the
+    same noise agree with the fake-quant model's."""
+    from pipeline.config import DiffusionConfig, SamplingConfig
+    from pipeline.deploy.measure import image_fidelity
+    from pipeline.deploy.onnx_export import export_onnx
+    from pipeline.deploy.runtime import deployed_backbone
+
+    fp, calib, res = quantized[("dit", "W8A8")]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(res.backbone, tmp)
+        dep = deployed_backbone(tmp, res.backbone)
+        fid = image_fidelity(res.backbone, dep, 8, DiffusionConfig(), SamplingConfig(steps=4))
+    assert fid["psnr_min_db"] >= 40, fid
+
+
+def test_matmulnbits_packing_matches_the_dequantized_weight():
+    """The 4-bit packing (two codes per byte, low nibble first; per-block scales and packed zero points; the
+    input padded to whole blocks) against ORT's own MatMulNBits kernel and a float reference."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.deploy.onnx_export import LayerPlan, matmulnbits_tensors
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 24, 40
+    for block in (16, 32, 64):
+        codes = torch.randint(0, 16, (n, k), generator=g)
+        zero = torch.randint(0, 16, (n,), generator=g)
+        scale = torch.rand(n, generator=g) + 0.1
+        plan = LayerPlan("l", "linear", "int4-wo", n * k, w_codes=codes.to(torch.uint8), w_zero=zero.to(torch.uint8),
+                         w_scale=scale, w_block=block)
+        b, s, zp = matmulnbits_tensors(plan)
+        node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
+                                block_size=block, accuracy_level=0)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [3, k])],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3, n])],
+                                  initializer=[numpy_helper.from_array(b.numpy(), "B"),
+                                               numpy_helper.from_array(s.numpy(), "S"),
+                                               numpy_helper.from_array(zp.numpy(), "Z")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        a = torch.randn(3, k, generator=g)
+        y = ort.InferenceSession(model.SerializeToString()).run(None, {"A": a.numpy()})[0]
+        w = (codes.double() - zero[:, None].double()) * scale[:, None].double()
+        np.testing.assert_allclose(y, (a.double() @ w.t()).numpy(), rtol=0, atol=1e-4)
+        # a wrong nibble order would not pass: swapping the halves of each byte changes the product
+        swapped = ((b >> 4) | (b << 4)).to(torch.uint8)
+        assert not torch.equal(swapped, b)
+
+
+def test_bad_export_requests_fail_with_the_key_named(quantized, tiny_backbone, tmp_path, monkeypatch):
+    from pipeline.deploy import __main__ as cli
+    from pipeline.deploy.onnx_export import ExportError, export_onnx
+    from pipeline.deploy.runtime import deployed_backbone, require_onnxruntime
+
+    with pytest.raises(ExportError, match="text-conditioned"):
+        export_onnx(tiny_backbone("pixart"), tmp_path / "p")
+    with pytest.raises(ExportError, match="backbone: expected"):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "p")
+    fp, calib, res = quantized[("dit", "W8A8")]
+    lora = copy.deepcopy(res.backbone)
+    from pipeline.quant.surgery import quant_layers
+
+    name, layer = next(iter(quant_layers(lora)))
+    layer.add_lora(2)
+    with pytest.raises(ExportError, match=f"layer '{name}': unmerged LoRA"):
+        export_onnx(lora, tmp_path / "l")
+    assert not (tmp_path / "l").exists()  # refused before anything is written
+    export_onnx(res.backbone, tmp_path / "ok")
+    other = quantized[("unet", "W8A8")][2].backbone
+    with pytest.raises(ValueError, match="kind of the exported model"):
+        deployed_backbone(tmp_path / "ok", other)
+    with pytest.raises(FileNotFoundError, match="run the export first"):
+        deployed_backbone(tmp_path / "missing", res.backbone)
+    assert cli.main(["--fp", str(tmp_path / "nofp"), "--quantized", str(tmp_path / "ok"), "--out", str(tmp_path / "o")]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["--fp", "a", "--quantized", "b", "--out", "c", "--images", "-1"])
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match="needs the 'onnxruntime' package"):
+        require_onnxruntime()
+
+
+def test_deploy_json_records_plans_and_bytes(quantized, tmp_path):
+    from pipeline.deploy.onnx_export import export_onnx
+
+    fp, calib, res = quantized[("unet", "W4A16")]
+    info = export_onnx(res.backbone, tmp_path / "q")
+    fp_info = export_onnx(fp, tmp_path / "fp")
+    saved = json.loads((tmp_path / "q" / "deploy.json").read_text())
+    assert saved["executes"] == info["executes"] and len(saved["layers"]) == len(info["layers"])
+    assert all(layer.get("reason") for layer in saved["layers"] if layer["executes"] in ("int8-wo", "float"))
+    assert fp_info["executes"] == {} and fp_info["executes_label"] == "float 100 %"
+    # tensors above 1 KiB live in model.onnx.data: the 4-bit weights take under a quarter of the float32 ones
+    assert info["bytes"]["data"] < 0.25 * fp_info["bytes"]["data"]
