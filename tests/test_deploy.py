@@ -172,7 +172,7 @@ def test_matmulnbits_packing_matches_the_dequantized_weight():
 
     g = torch.Generator().manual_seed(0)
     n, k = 24, 40
-    for block in (16, 32, 64):
+    for block in (16, 32, 64, 256):
         codes = torch.randint(0, 16, (n, k), generator=g)
         zero = torch.randint(0, 16, (n,), generator=g)
         scale = torch.rand(n, generator=g) + 0.1

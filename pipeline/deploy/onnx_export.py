@@ -13,7 +13,7 @@ runtime executes for it and from which stored numbers. The executes classes, fro
   (the nearest width with a kernel), their values unchanged.
 - ``int4-wo``: a Linear with weights at ≤ 4 bits (per output channel, or groups of a power-of-two size
   ≥ 16 along the input) runs as ``com.microsoft::MatMulNBits`` (4-bit codes two per byte, one scale and
-  zero point per block; a per-channel quantizer repeats its Δ over the blocks of its row), with float
+  zero point per block; a per-channel quantizer repeats its Δ over 256-wide blocks of its row), with float
   accumulation (``accuracy_level`` 0: the runtime does not re-quantize the input). A static integer
   activation quantizer in front of it becomes a Q/DQ pair as above.
 - ``int8-wo``: integer weights as above but activations the runtime cannot express with a constant
@@ -204,7 +204,9 @@ def plan_layer(name: str, layer, int4_linear: bool = True) -> LayerPlan:
     pow2_group = gran != "group" or (group_size >= 16 and group_size & (group_size - 1) == 0)
     if kind == "linear" and bits <= 4 and int4_linear and pow2_group:
         k = codes.shape[1]
-        block = group_size if gran == "group" else min(_next_pow2(max(k, 16)), 128)
+        # a per-channel Δ is repeated over the blocks of its row: the largest block MLAS takes (256) stores it
+        # least often (4 + 36/256 bits per weight with the zero point)
+        block = group_size if gran == "group" else min(_next_pow2(max(k, 16)), 256)
         plan.executes, plan.w_block = "int4-wo", block
         shift = 8 if symmetric else 0  # symmetric codes [-8, 7] -> [0, 15] with zero point 8
         plan.w_codes = (codes + shift).to(torch.uint8)
@@ -448,8 +450,9 @@ def check_backbone(backbone) -> None:
     if not isinstance(backbone, DiffusionBackbone):
         raise ExportError(f"backbone: expected a pipeline.models.DiffusionBackbone, got {type(backbone).__name__}")
     if backbone.conditioning == "text":
-        raise ExportError("backbone: text-conditioned models are not exported yet (the caption embeddings would "
-                          "be a graph input); class-conditioned and unconditional UNet / DiT models are")
+        raise ExportError("backbone: text-conditioned models are not exported yet (PixArt's traced graph keeps a "
+                          "data-dependent branch on the caption mask that ONNX Runtime rejects); class-conditioned "
+                          "and unconditional UNet / DiT models are")
     for name, layer in _quant_layers(backbone):
         if layer.lora_A is not None:
             raise ExportError(f"layer {name!r}: unmerged LoRA; merge it (pipeline.quant.packing.merge_lora) first")
