@@ -7,8 +7,9 @@ naive W8A8 and weight-only W4 (``W4A16``, every layer at 4 bits: ``keep_first_la
 ``pipeline.api.quantize`` on a tiny calibration set, exported with ``pipeline.deploy.export_onnx``. Prints
 seconds per denoiser call at each ``--batches`` size for PyTorch float32 eager, PyTorch fake-quant, the FP32
 graph in ORT (same exporter, no quantized layers) and the deployed graphs, the W8A8 / ORT-FP32 speed ratio
-(goal: >= 2x faster at batch 8), the W4 artifact bytes / FP32 artifact bytes (goal: <= 0.16) and the share of
-weights each executes class covers.
+(goal: >= 2x faster at batch 8), the W4 artifact bytes / FP32 artifact bytes (goal: <= 0.16), the share of
+weights each executes class covers, and the peak RSS of one batch-8 call in a fresh process per model
+(PyTorch float32 eager vs each ORT graph; imports included).
 
 Part 2, the default run's models (``--data data``, after ``make repro``): for the rows named by ``--rows``
 (``backbone/family/variant/setting``, seed 0), export and measure each (``pipeline.deploy.measure.deploy_row``):
@@ -71,15 +72,62 @@ def real_size(layers: int, batches: list, reps: int, out: Path) -> dict:
               f"vs PyTorch float32 eager: {row['torch_fp32'] / row['ort_W8A8']:.2f}x; "
               f"vs PyTorch fake-quant: {row['torch_fake_quant_W8A8'] / row['ort_W8A8']:.2f}x", flush=True)
         with torch.no_grad():
-            d8 = float((runs["W8A8"](*args) - q8(*args)).abs().max())
-        print(f"  W8A8 deployed vs fake-quant denoiser max |diff| {d8:.2e}", flush=True)
+            ref = q8(*args)
+            d8 = float((runs["W8A8"](*args) - ref).abs().max())
+        print(f"  W8A8 deployed vs fake-quant denoiser max |diff| {d8:.2e} (outputs up to {float(ref.abs().max()):.2f})",
+              flush=True)
     size = {k: sum(v["bytes"].values()) for k, v in infos.items()}
     res["bytes"] = size
     res["executes"] = {k: v["executes_label"] for k, v in infos.items()}
     print("artifact bytes: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in size.items()))
     print(f"W4A16 / FP32 bytes: {size['W4A16'] / size['fp32']:.3f} (goal <= 0.16); "
           f"W8A8 / FP32: {size['W8A8'] / size['fp32']:.3f}")
+    for k in ("W8A8", "W4A16"):
+        lb = infos[k]["layer_bytes"]
+        print(f"  {k} quantized layers only: {lb['stored'] / 2**20:.1f} MiB stored vs {lb['fp32'] / 2**20:.1f} MiB "
+              f"float32 ({lb['stored'] / lb['fp32']:.3f}); the rest (embeddings, norms, biases) stays float32")
+    peaks = {"torch_fp32": peak_mib(f"torch:{layers}")}
+    peaks.update({f"ort_{k}": peak_mib(f"ort:{out / k}") for k in infos})
+    res["peak_rss_mib"] = peaks
+    print("peak RSS of one batch-8 call in a fresh process (imports included): "
+          + ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()), flush=True)
     return res
+
+
+def _child_peak(spec: str) -> None:
+    """Child process: run one batch-8 denoiser call and print the process's peak RSS (MiB, Linux VmHWM).
+    ``spec``: ``ort:<export dir>`` (load the graph in ONNX Runtime) or ``torch:<layers>`` (build the float32
+    DiT-XL/2 block stack, seed 0)."""
+    import torch
+
+    kind, _, arg = spec.partition(":")
+    if kind == "ort":
+        from pipeline.deploy.runtime import OrtDenoiser
+
+        info = json.loads((Path(arg) / "deploy.json").read_text())
+        run = OrtDenoiser(Path(arg) / "model.onnx")
+        x = torch.randn([8] + info["sample_shape"])
+        run(x, torch.full((8,), 500), torch.zeros(8, dtype=torch.long) if "labels" in run.inputs else None)
+    else:
+        from pipeline import models
+        from pipeline.config import BackboneModel, DiTArch
+
+        cfg = BackboneModel(dit=DiTArch(num_layers=int(arg), num_attention_heads=16, attention_head_dim=72,
+                                        patch_size=2))
+        fp = models.build_backbone("dit", cfg, 32, 4, 1000, seed=0).eval()
+        with torch.no_grad():
+            fp(torch.randn(8, 4, 32, 32), torch.full((8,), 500), torch.zeros(8, dtype=torch.long))
+    # VmHWM (this process's own high-water mark): ru_maxrss would carry the parent's peak across fork + exec
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    print(f"PEAK_MIB {int(hwm.split()[1]) / 1024:.1f}")
+
+
+def peak_mib(spec: str) -> float:
+    """Peak RSS (MiB) of a fresh process running :func:`_child_peak` (imports included)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, "--child-peak", spec], capture_output=True, text=True, check=True)
+    return float(next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("PEAK_MIB")))
 
 
 def default_rows(data: Path, rows: list, images: int, out: Path) -> dict:
@@ -119,8 +167,12 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--skip-real-size", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="write the numbers here")
+    ap.add_argument("--child-peak", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     import pipeline  # noqa: F401  (CPU numerics pin)
+
+    if args.child_peak:
+        return _child_peak(args.child_peak)
     from pipeline.deploy.runtime import require_onnxruntime
 
     require_onnxruntime()

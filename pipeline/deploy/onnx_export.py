@@ -75,9 +75,17 @@ class LayerPlan:
     act: str = "none"                          # "qdq" | "emulate" | "none"
     extra: dict = field(default_factory=dict)
 
+    def stored_bytes(self) -> int:
+        """Bytes the graph stores for this layer's weight (codes, scales, zero points; bias excluded)."""
+        if self.executes == "int4-wo":
+            return sum(t.numel() * t.element_size() for t in matmulnbits_tensors(self))
+        if self.w_codes is not None:
+            return self.w_codes.numel() + 4 * self.w_scale.numel() + self.w_zero.numel()
+        return 4 * self.weights
+
     def summary(self) -> dict:
         out = {"layer": self.name, "kind": self.kind, "executes": self.executes, "weights": self.weights,
-               "w_bits": self.w_bits, "a_bits": self.a_bits, "act": self.act}
+               "w_bits": self.w_bits, "a_bits": self.a_bits, "act": self.act, "stored_bytes": self.stored_bytes()}
         if self.reason:
             out["reason"] = self.reason
         if self.w_block is not None:
@@ -551,6 +559,7 @@ def export_onnx(backbone, out_dir, *, int4_linear: bool = True, batch: int = 2) 
         "sample_shape": list(backbone.sample_shape),
         "executes": shares, "executes_label": executes_label(shares),
         "bytes": {"model": (out_dir / MODEL_FILE).stat().st_size, "data": (out_dir / data_name).stat().st_size},
+        "layer_bytes": {"stored": sum(p.stored_bytes() for p in plans), "fp32": 4 * sum(p.weights for p in plans)},
         "layers": [p.summary() for p in plans],
     }
     tmp = out_dir / (DEPLOY_FILE + ".tmp")
