@@ -2,11 +2,13 @@
 """Quantized models that run for real: ONNX Runtime execution of the exported graph (pipeline.deploy).
 
 Part 1, real size (``--layers`` DiT-XL/2 blocks at random init: width 1152, 16 heads x 72, patch 2 on 32x32x4
-latents = 256 tokens, 1000 classes; the embedded models are too small for integer kernels to pay off):
+latents = 256 tokens, 1000 classes, every block with block 0's timestep + class embedder as in a converted
+checkpoint; the embedded models are too small for integer kernels to pay off):
 naive W8A8 and weight-only W4 (``W4A16``, every layer at 4 bits: ``keep_first_last_bits=4``), quantized with
 ``pipeline.api.quantize`` on a tiny calibration set, exported with ``pipeline.deploy.export_onnx``. Prints
 seconds per denoiser call at each ``--batches`` size for PyTorch float32 eager, PyTorch fake-quant, the FP32
-graph in ORT (same exporter, no quantized layers) and the deployed graphs, the W8A8 / ORT-FP32 speed ratio
+graph in ORT (same exporter, no quantized layers) and the deployed graphs (also W8A8 with timestep-indexed
+activation scales, to price their execution), the W8A8 / ORT-FP32 speed ratio
 (goal: >= 2x faster at batch 8), the W4 artifact bytes / FP32 artifact bytes (goal: <= 0.16), the share of
 weights each executes class covers, and the peak RSS of one batch-8 call in a fresh process per model
 (PyTorch float32 eager vs each ORT graph; imports included).
@@ -45,6 +47,7 @@ def real_size(layers: int, batches: list, reps: int, out: Path) -> dict:
 
     cfg = BackboneModel(dit=DiTArch(num_layers=layers, num_attention_heads=16, attention_head_dim=72, patch_size=2))
     fp = models.build_backbone("dit", cfg, 32, 4, 1000, seed=0).eval()
+    _tie_embedders(fp)
     n_params = sum(p.numel() for p in fp.parameters())
     print(f"DiT-XL/2 block stack: {layers} blocks, {n_params / 1e6:.1f} M parameters, 256 tokens, "
           f"{torch.get_num_threads()} threads", flush=True)
@@ -53,9 +56,10 @@ def real_size(layers: int, batches: list, reps: int, out: Path) -> dict:
     t0 = time.perf_counter()
     q8 = quantize(fp, "naive", "W8A8", calib, calib_batches=1).backbone
     q4 = quantize(fp, "naive", "W4A16", calib, calib_batches=1, keep_first_last_bits=4).backbone
-    print(f"quantized W8A8 and W4A16 in {time.perf_counter() - t0:.0f} s", flush=True)
+    qt = _tpq_twin(fp, calib)
+    print(f"quantized W8A8, W4A16 and W8A8-TPQ in {time.perf_counter() - t0:.0f} s", flush=True)
     infos, runs = {}, {}
-    for name, bb in (("fp32", fp), ("W8A8", q8), ("W4A16", q4)):
+    for name, bb in (("fp32", fp), ("W8A8", q8), ("W4A16", q4), ("W8A8-TPQ", qt)):
         t0 = time.perf_counter()
         infos[name] = export_onnx(bb, out / name)
         runs[name] = deployed_backbone(out / name, bb)
@@ -65,12 +69,16 @@ def real_size(layers: int, batches: list, reps: int, out: Path) -> dict:
         args = example_inputs(fp, b, seed=1)
         row = {"torch_fp32": call_seconds(fp, args, reps), "ort_fp32": call_seconds(runs["fp32"], args, reps),
                "ort_W8A8": call_seconds(runs["W8A8"], args, reps), "ort_W4A16": call_seconds(runs["W4A16"], args, reps),
+               "ort_W8A8-TPQ": call_seconds(runs["W8A8-TPQ"], args, reps),
                "torch_fake_quant_W8A8": call_seconds(q8, args, max(1, reps // 2))}
         res["calls"][str(b)] = row
         print(f"batch {b}: " + ", ".join(f"{k} {v:.3f} s" for k, v in row.items()), flush=True)
         print(f"  W8A8 deployed vs ORT float32: {row['ort_fp32'] / row['ort_W8A8']:.2f}x faster; "
               f"vs PyTorch float32 eager: {row['torch_fp32'] / row['ort_W8A8']:.2f}x; "
               f"vs PyTorch fake-quant: {row['torch_fake_quant_W8A8'] / row['ort_W8A8']:.2f}x", flush=True)
+        print(f"  timestep-indexed activation scales (gathered per sample in the graph, float activations): "
+              f"{row['ort_W8A8-TPQ'] / row['ort_W8A8']:.2f}x the static W8A8 time, "
+              f"{row['ort_W8A8-TPQ'] / row['ort_fp32']:.2f}x the ORT float32 time", flush=True)
         with torch.no_grad():
             ref = q8(*args)
             d8 = float((runs["W8A8"](*args) - ref).abs().max())
@@ -94,6 +102,36 @@ def real_size(layers: int, batches: list, reps: int, out: Path) -> dict:
     return res
 
 
+def _tpq_twin(fp, calib):
+    """Naive W8A8 with one activation scale per sampling timestep (``a_mode="timestep"``, as TPQ / MPQ-DM):
+    the same layers and weights as the static W8A8 model, so the time difference is the cost of executing
+    timestep-indexed scales."""
+    import copy
+
+    from pipeline.config import BitSetting
+    from pipeline.methods.naive_ptq import NaivePTQConfig, naive_spec
+    from pipeline.quant.surgery import calibrate_on, quant_state, quantize_model
+
+    qt = copy.deepcopy(fp)
+    spec = naive_spec(BitSetting(8, 8), NaivePTQConfig()).with_fields(a_mode="timestep")
+    quantize_model(qt.net, spec, timesteps=calib.timesteps)
+    calibrate_on(qt, calib, batches=1, seed=0)
+    quant_state(qt.net, weight=True, act=True)
+    return qt
+
+
+def _tie_embedders(fp) -> None:
+    """Give every block block 0's timestep + class embedder, as a converted DiT-XL/2 checkpoint has them:
+    diffusers' DiT keeps one copy per block, and its conversion script copies the original model's single
+    t_embedder / y_embedder into each (the exporter stores identical tensors once)."""
+    import torch
+
+    blocks = fp.net.transformer_blocks
+    with torch.no_grad():
+        for blk in blocks[1:]:
+            blk.norm1.emb.load_state_dict(blocks[0].norm1.emb.state_dict())
+
+
 def _child_peak(spec: str) -> None:
     """Child process: run one batch-8 denoiser call and print the process's peak RSS (MiB, Linux VmHWM).
     ``spec``: ``ort:<export dir>`` (load the graph in ONNX Runtime) or ``torch:<layers>`` (build the float32
@@ -115,6 +153,7 @@ def _child_peak(spec: str) -> None:
         cfg = BackboneModel(dit=DiTArch(num_layers=int(arg), num_attention_heads=16, attention_head_dim=72,
                                         patch_size=2))
         fp = models.build_backbone("dit", cfg, 32, 4, 1000, seed=0).eval()
+        _tie_embedders(fp)
         with torch.no_grad():
             fp(torch.randn(8, 4, 32, 32), torch.full((8,), 500), torch.zeros(8, dtype=torch.long))
     # VmHWM (this process's own high-water mark): ru_maxrss would carry the parent's peak across fork + exec

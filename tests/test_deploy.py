@@ -114,9 +114,10 @@ def test_graph_carries_the_packed_codes_and_scales_bit_for_bit(quantized, tmp_pa
 
 
 def test_timestep_indexed_scales_each_sample_its_own_step(tiny_calibrated, tmp_path):
-    """A TPQ model (DilateQuant: one activation scale per sampling timestep) keeps its table in the graph: a batch
-    mixing timesteps equals the fake-quant model (which picks each sample's scales by its own timestep), and
-    swapping the samples' timesteps changes the output."""
+    """A TPQ model (DilateQuant: one activation scale per sampling timestep) keeps its table in the graph and runs
+    integer kernels with the step's scale; a batch mixing timesteps (run as one call per timestep) equals the
+    fake-quant model (which picks each sample's scales by its own timestep), and swapping the samples'
+    timesteps changes the output."""
     from pipeline.api import quantize
     from pipeline.deploy.onnx_export import export_onnx
     from pipeline.deploy.runtime import deployed_backbone
@@ -127,7 +128,16 @@ def test_timestep_indexed_scales_each_sample_its_own_step(tiny_calibrated, tmp_p
     tpq = [m for m in res.backbone.modules() if isinstance(m, TimestepActQuantizer)]
     assert tpq and len(tpq[0].timesteps) >= 2
     info = export_onnx(res.backbone, tmp_path)
-    assert "int8-wo" in info["executes"]
+    # integer kernels with the step's Δ_a, gathered from the table in the graph (one timestep per call)
+    assert info["executes"].get("int8", 0) > 0.5 and info["one_timestep_per_call"], info["executes"]
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_model(str(tmp_path / "model.onnx"))
+    arrays = [numpy_helper.to_array(i) for i in model.graph.initializer]
+    arrays += [numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"]
+    table = tpq[0].scale.detach().to(torch.float32).numpy().tobytes()
+    assert any(a.tobytes() == table for a in arrays), "the per-step scale table is not in the graph bit for bit"
     dep = deployed_backbone(tmp_path, res.backbone)
     x, _, y = _inputs(calib, 4)
     steps = torch.tensor(tpq[0].timesteps[:2] * 2)  # two different timesteps in one batch

@@ -3,24 +3,27 @@
 Every :class:`pipeline.quant.layers.QuantLinear` / ``QuantConv2d`` gets a :class:`LayerPlan`: what the
 runtime executes for it and from which stored numbers. The executes classes, from most to least integer:
 
-- ``int8``: one integer weight quantizer per output channel (or per tensor) at 2..8 bits and a static
-  per-tensor integer activation quantizer. The graph holds the weight codes as an int8 / uint8 initializer
-  with ``DequantizeLinear`` (axis = output channel, our Δ and ⌊z⌉ as scale and zero point) and a
-  ``QuantizeLinear`` → ``DequantizeLinear`` pair on the input with our activation Δ and ⌊z⌉: ONNX Runtime
-  fuses the pattern into its int8 kernels (QLinearConv, MatMulIntegerToFloat). Activations below 8 bits
-  are clipped to their code range first (``Clip`` to ``[(qmin − z)Δ, (qmax − z)Δ]``), so the uint8 / int8
-  codes the runtime computes are exactly our 4- or 6-bit codes. Weights below 8 bits are stored at 8 bits
-  (the nearest width with a kernel), their values unchanged.
+- ``int8``: one integer weight quantizer per output channel (or per tensor) at 2..8 bits and an integer
+  activation quantizer with per-tensor scales: static (one Δ_a) or timestep-indexed (TPQ, MPQ-DM: one Δ_a per
+  sampling step). The input goes through ``QuantizeLinear`` with our Δ_a and ⌊z⌉ and the layer runs ORT's
+  integer kernels on our weight codes: ``MatMulIntegerToFloat`` (Linear) or ``ConvInteger`` (int32
+  accumulation; a per-channel weight zero point applied exactly in int32), then · Δ_w · Δ_a. Activations
+  below 8 bits are clipped to their code range first (``Clip`` to ``[(qmin − z)Δ, (qmax − z)Δ]``), so the
+  uint8 / int8 codes the runtime computes are exactly our 4- or 6-bit codes; weights below 8 bits are stored
+  at 8 bits (the nearest width with a kernel), their values unchanged. A timestep-indexed quantizer's table
+  (Δ_a and ⌊z⌉ per step) is a graph constant; the graph picks the row of the call's first sample by the
+  quantizer's nearest-timestep rule, so one call must carry one timestep: a sampling step does, and
+  :class:`pipeline.deploy.runtime.OrtDenoiser` splits a mixed batch (calibration inputs) into one call per
+  timestep. Measured on a real-size DiT block stack (``bench/deploy.py``), this keeps the integer kernels,
+  where emulating per-sample scales in float costs several times the static model's time.
 - ``int4-wo``: a Linear with weights at ≤ 4 bits (per output channel, or groups of a power-of-two size
   ≥ 16 along the input) runs as ``com.microsoft::MatMulNBits`` (4-bit codes two per byte, one scale and
   zero point per block; a per-channel quantizer repeats its Δ over 256-wide blocks of its row), with float
-  accumulation (``accuracy_level`` 0: the runtime does not re-quantize the input). A static integer
-  activation quantizer in front of it becomes a Q/DQ pair as above.
-- ``int8-wo``: integer weights as above but activations the runtime cannot express with a constant
-  scale (timestep-indexed scales: TPQ, MPQ-DM; online per-token; split quantizers; FP formats): the
-  activation quantizer is exported as the float operations of its fake quantization (so each sample gets
-  its own timestep's Δ, gathered from the table by the nearest-timestep rule of
-  :class:`pipeline.quant.act.TimestepActQuantizer`) and the layer runs DQ(weight) in float.
+  accumulation (``accuracy_level`` 0: the runtime does not re-quantize the input). An integer activation
+  quantizer in front of it becomes ``QuantizeLinear`` → ``DequantizeLinear`` with our Δ_a.
+- ``int8-wo``: integer weights as above but activations the runtime cannot express with a per-tensor scale
+  (online per-token, split quantizers, FP formats): the activation quantizer is exported as the float
+  operations of its fake quantization and the layer runs DQ(weight) in float.
 - ``float``: formats with no kernel here (FP ExMy weight codes, binary and mixed-precision groups, binary
   residual branches, non-power-of-two groups): the decoded weight Ŵ as a float32 initializer.
 
@@ -71,7 +74,6 @@ class LayerPlan:
     w_float: Optional[torch.Tensor] = None     # the weight the layer multiplies with (Ŵ, or W' unquantized)
     a_scale: Optional[torch.Tensor] = None     # float32 scalar
     a_zero: Optional[torch.Tensor] = None      # int8 / uint8 scalar
-    a_clip: Optional[tuple] = None             # (lo, hi) float32 scalars for activations below 8 bits
     act: str = "none"                          # "qdq" | "emulate" | "none"
     extra: dict = field(default_factory=dict)
 
@@ -170,6 +172,12 @@ def _static_int_act(aq) -> tuple:
     return (scale, zero, q.qmin, q.qmax, q.symmetric, q.bits), ""
 
 
+def _is_tpq(aq) -> bool:
+    from pipeline.quant import act as act_mod
+
+    return isinstance(aq, act_mod.TimestepActQuantizer) and bool(aq.calibrated)
+
+
 def plan_layer(name: str, layer, int4_linear: bool = True) -> LayerPlan:
     """The :class:`LayerPlan` of one wrapped layer (module docstring)."""
     from pipeline.quant.layers import QuantLinear
@@ -187,6 +195,15 @@ def plan_layer(name: str, layer, int4_linear: bool = True) -> LayerPlan:
     if aq is None:
         plan.act = "none"
         act_reason = "float activations"
+    elif _is_tpq(aq):
+        plan.act = "tpq"
+        dtype = torch.int8 if aq.symmetric else torch.uint8
+        with torch.no_grad():
+            plan.extra["tpq"] = {"values": aq.timestep_values.detach().clone(),
+                                 "scale": aq.scale.detach().to(torch.float32).clone(),
+                                 "zero": torch.round(aq.zero_point.detach().to(torch.float32)).to(dtype),
+                                 "range": (aq.qmin, aq.qmax), "bits": aq.bits}
+        act_reason = ""
     else:
         got, act_reason = _static_int_act(aq)
         if got is None:
@@ -197,8 +214,6 @@ def plan_layer(name: str, layer, int4_linear: bool = True) -> LayerPlan:
             dtype = torch.int8 if symmetric else torch.uint8
             plan.a_scale, plan.a_zero = scale, zero.to(dtype)
             plan.extra["a_range"] = (qmin, qmax)
-            if bits < 8:
-                plan.a_clip = ((torch.tensor(float(qmin)) - zero) * scale, (torch.tensor(float(qmax)) - zero) * scale)
             act_reason = ""
     # weights
     if not quant_w:
@@ -231,7 +246,7 @@ def plan_layer(name: str, layer, int4_linear: bool = True) -> LayerPlan:
     shift = 0 if symmetric else -128
     plan.w_codes = (codes + shift).to(torch.int8)
     plan.w_scale, plan.w_zero = scale, (zero + shift).to(torch.int8)
-    if plan.act == "qdq":
+    if plan.act in ("qdq", "tpq"):
         plan.executes, plan.reason = "int8", ""
     else:
         plan.executes, plan.reason = "int8-wo", act_reason
@@ -304,47 +319,54 @@ def matmulnbits_tensors(plan: LayerPlan) -> tuple:
     return b, scale.contiguous().reshape(-1).to(torch.float32), zp
 
 
-class _ActQDQ(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, key):
-        from pipeline.quant.primitives import fake_quant_int
+def _act_fake_quant(x, plan: LayerPlan, s, z):
+    """The activation fake quantization a plan's layer applies (eager values while tracing)."""
+    from pipeline.quant.primitives import fake_quant_int
 
-        plan, _ = _PLANS[key]
+    if plan.act == "qdq":
         return fake_quant_int(x, plan.a_scale, plan.a_zero.to(torch.float32), *plan.extra["a_range"])
-
-    @staticmethod
-    def symbolic(g, x, key):
-        plan, _ = _PLANS[key]
-        if plan.a_clip is not None:
-            x = g.op("Clip", x, _const(g, plan.a_clip[0].to(torch.float32)), _const(g, plan.a_clip[1].to(torch.float32)))
-        s, z = _const(g, plan.a_scale), _const(g, plan.a_zero)
-        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+    if plan.act == "tpq":
+        return fake_quant_int(x, s, z.to(torch.float32), *plan.extra["tpq"]["range"])
+    return x
 
 
 class _LayerOp(torch.autograd.Function):
+    """One quantized layer: activation quantization (constant Δ_a, or the step's Δ_a passed in as ``s``, ``z``)
+    and the weight op of the plan."""
+
     @staticmethod
-    def forward(ctx, x, key):
+    def forward(ctx, x, s, z, key):
         plan, layer = _PLANS[key]
         bias = plan.extra["bias"]
-        if plan.executes == "int8":
-            x = _ActQDQ.forward(ctx, x, key)
+        x = _act_fake_quant(x, plan, s, z)
         if plan.kind == "linear":
             return torch.nn.functional.linear(x, plan.w_float, bias)
         return torch.nn.functional.conv2d(x, plan.w_float, bias, layer.stride, layer.padding, layer.dilation,
                                           layer.groups)
 
     @staticmethod
-    def symbolic(g, x, key):
+    def symbolic(g, x, s, z, key):
         plan, layer = _PLANS[key]
         bias = None if plan.extra["bias"] is None else _const(g, plan.extra["bias"])
+        if plan.act == "qdq":
+            s, z = _const(g, plan.a_scale), _const(g, plan.a_zero)
+            a_range = plan.extra["a_range"]
+        elif plan.act == "tpq":
+            a_range = plan.extra["tpq"]["range"]
+        if plan.act in ("qdq", "tpq"):
+            bits = plan.a_bits
+            if bits is not None and bits < 8:
+                x = _clip_to_codes(g, x, s, z, a_range)
+            xq = g.op("QuantizeLinear", x, s, z)
+            if plan.executes == "int8":
+                return _integer_op(g, xq, s, z, plan, layer)
+            x = g.op("DequantizeLinear", xq, s, z)
         if plan.executes == "int4-wo":
             b, scales, zp = matmulnbits_tensors(plan)
             n, k = plan.w_codes.shape
             y = g.op(f"{MS_DOMAIN}::MatMulNBits", x, _const(g, b), _const(g, scales), _const(g, zp),
                      K_i=int(k), N_i=int(n), bits_i=4, block_size_i=int(plan.w_block), accuracy_level_i=0)
             return y if bias is None else g.op("Add", y, bias)
-        if plan.executes == "int8":
-            return _integer_op(g, x, plan, layer, bias)
         if plan.w_codes is not None:
             axis = 0 if plan.kind == "conv2d" else 1
             codes = plan.w_codes if plan.kind == "conv2d" else plan.w_codes.t()  # [in, out]: no Transpose node
@@ -357,6 +379,14 @@ class _LayerOp(torch.autograd.Function):
         return g.op("Conv", *([x, w] + ([] if bias is None else [bias])), **_conv_attrs(layer))
 
 
+def _clip_to_codes(g, x, s, z, a_range):
+    """Clip x to [(qmin − z)Δ, (qmax − z)Δ], so 8-bit Q/DQ yields exactly the codes of a narrower grid."""
+    zf = g.op("Cast", z, to_i=1)
+    lo = g.op("Mul", g.op("Sub", _const(g, torch.tensor(float(a_range[0]))), zf), s)
+    hi = g.op("Mul", g.op("Sub", _const(g, torch.tensor(float(a_range[1]))), zf), s)
+    return g.op("Clip", x, lo, hi)
+
+
 def _conv_attrs(layer) -> dict:
     kh, kw = layer.kernel_size
     ph, pw = layer.padding
@@ -364,49 +394,40 @@ def _conv_attrs(layer) -> dict:
             "dilations_i": list(layer.dilation), "group_i": int(layer.groups)}
 
 
-def _integer_op(g, x, plan: LayerPlan, layer, bias):
-    """x -> QuantizeLinear (our Δ_a, ⌊z_a⌉) -> MatMulInteger / ConvInteger with our weight codes (int32
+def _integer_op(g, xq, a_scale, a_zero, plan: LayerPlan, layer):
+    """Quantized input ``xq`` (our Δ_a, ⌊z_a⌉) -> MatMulInteger / ConvInteger with our weight codes (int32
     accumulation) -> float · Δ_w (per output channel) · Δ_a (+ bias).
 
     ONNX Runtime's ConvInteger takes one weight zero point per tensor, so a per-channel zero point z_c is
     applied exactly in int32 instead: Σ (x − z_a)(w − z_c) = Σ (x − z_a) w − z_c Σ (x − z_a), the last sum
     being one ConvInteger of the same input with an all-ones single-output kernel."""
-    if plan.a_clip is not None:
-        x = g.op("Clip", x, _const(g, plan.a_clip[0].to(torch.float32)), _const(g, plan.a_clip[1].to(torch.float32)))
-    a_zero = _const(g, plan.a_zero)
-    xq = g.op("QuantizeLinear", x, _const(g, plan.a_scale), a_zero)
     codes, w_zero = plan.w_codes, plan.w_zero
+    bias = plan.extra["bias"]
     if plan.kind == "linear":  # ORT's fused kernel: int32 accumulation, then · Δ_a·Δ_w (+ bias)
-        args = [xq, _const(g, codes.t().contiguous()), _const(g, plan.a_scale.reshape(1)), _const(g, plan.w_scale),
-                g.op("Constant", value_t=plan.a_zero.reshape(1)), _const(g, w_zero)]
-        if plan.extra["bias"] is not None:
-            args.append(_const(g, plan.extra["bias"]))
+        args = [xq, _const(g, codes.t().contiguous()), a_scale, _const(g, plan.w_scale), a_zero, _const(g, w_zero)]
+        if bias is not None:
+            args.append(_const(g, bias))
         return g.op(f"{MS_DOMAIN}::MatMulIntegerToFloat", *args)
-    else:
-        zero0 = torch.zeros((), dtype=codes.dtype)
-        acc = g.op("ConvInteger", xq, _const(g, codes), a_zero, _const(g, zero0), **_conv_attrs(layer))
-        if bool((w_zero != 0).any()):
-            ones = torch.ones((1,) + tuple(codes.shape[1:]), dtype=codes.dtype)
-            window = g.op("ConvInteger", xq, _const(g, ones), a_zero, _const(g, zero0), **_conv_attrs(layer))
-            zc = _const(g, w_zero.to(torch.int32).reshape(1, -1, 1, 1))
-            acc = g.op("Sub", acc, g.op("Mul", window, zc))
-        w_scale = plan.w_scale.reshape(1, -1, 1, 1)
+    zero0 = torch.zeros((), dtype=codes.dtype)
+    acc = g.op("ConvInteger", xq, _const(g, codes), a_zero, _const(g, zero0), **_conv_attrs(layer))
+    if bool((w_zero != 0).any()):
+        ones = torch.ones((1,) + tuple(codes.shape[1:]), dtype=codes.dtype)
+        window = g.op("ConvInteger", xq, _const(g, ones), a_zero, _const(g, zero0), **_conv_attrs(layer))
+        zc = _const(g, w_zero.to(torch.int32).reshape(1, -1, 1, 1))
+        acc = g.op("Sub", acc, g.op("Mul", window, zc))
     y = g.op("Cast", acc, to_i=1)  # TensorProto.FLOAT
-    y = g.op("Mul", g.op("Mul", y, _const(g, w_scale.contiguous())), _const(g, plan.a_scale))
-    if bias is None:
-        return y
-    b = plan.extra["bias"]
-    return g.op("Add", y, _const(g, b if plan.kind == "linear" else b.reshape(1, -1, 1, 1)))
+    y = g.op("Mul", g.op("Mul", y, _const(g, plan.w_scale.reshape(1, -1, 1, 1).contiguous())), a_scale)
+    return y if bias is None else g.op("Add", y, _const(g, bias.reshape(1, -1, 1, 1)))
 
 
 class _DeployedLayer(nn.Module):
-    """Stands in for one wrapped layer during the export: the input scale, the activation quantizer (Q/DQ
-    nodes or its float operations) and the weight op of the plan."""
+    """Stands in for one wrapped layer during the export: the input scale, the activation quantizer (Q nodes
+    with our constant or per-step Δ_a, or the float operations of an unsupported quantizer) and the weight op."""
 
     def __init__(self, layer, plan: LayerPlan, key: int):
         super().__init__()
         self.plan, self.key = plan, key
-        self.act_quantizer = layer.act_quantizer if plan.act == "emulate" else None
+        self.act_quantizer = layer.act_quantizer if plan.act in ("emulate", "tpq") else None
         self.in_scale = None if layer.in_scale is None else layer.in_scale_input_view(
             torch.zeros(1) if plan.kind == "linear" else torch.zeros(1, 1, 1, 1)).detach().clone()
         plan.extra["bias"] = None if layer.bias is None else layer.bias.detach().to(torch.float32).clone()
@@ -416,13 +437,15 @@ class _DeployedLayer(nn.Module):
         plan = self.plan
         if self.in_scale is not None:
             x = x / self.in_scale
-        if plan.executes == "int8":  # the integer op quantizes its own input
-            return _LayerOp.apply(x, self.key)
-        if plan.act == "qdq":
-            x = _ActQDQ.apply(x, self.key)
-        elif plan.act == "emulate":
+        if plan.act == "emulate":
             x = self.act_quantizer(x)
-        return _LayerOp.apply(x, self.key)
+        s = z = torch.zeros(())
+        if plan.act == "tpq":  # the step of the call's first sample picks Δ_a (the runtime sends one step per call)
+            tab = plan.extra["tpq"]
+            t = self.act_quantizer.context.current
+            idx = (t[:1].to(torch.float64) - tab["values"]).abs().argmin()
+            s, z = tab["scale"][idx], tab["zero"][idx]
+        return _LayerOp.apply(x, s, z, self.key)
 
 
 def _conv_supported(layer) -> bool:
@@ -558,6 +581,9 @@ def export_onnx(backbone, out_dir, *, int4_linear: bool = True, batch: int = 2) 
         "kind": backbone.kind, "conditioning": backbone.conditioning, "num_classes": backbone.num_classes,
         "sample_shape": list(backbone.sample_shape),
         "executes": shares, "executes_label": executes_label(shares),
+        # timestep-indexed activation scales: the graph takes the step of a call's first sample, so the runtime
+        # sends one timestep per call (pipeline.deploy.runtime.OrtDenoiser splits a mixed batch)
+        "one_timestep_per_call": any(p.act == "tpq" for p in plans),
         "bytes": {"model": (out_dir / MODEL_FILE).stat().st_size, "data": (out_dir / data_name).stat().st_size},
         "layer_bytes": {"stored": sum(p.stored_bytes() for p in plans), "fp32": 4 * sum(p.weights for p in plans)},
         "layers": [p.summary() for p in plans],

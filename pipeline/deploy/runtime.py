@@ -34,7 +34,8 @@ class OrtDenoiser:
     kernels it chose). ``optimize``: False runs the graph as written (no fusions: the reference float
     execution of the same graph)."""
 
-    def __init__(self, model_path, threads: Optional[int] = None, optimized_path=None, optimize: bool = True):
+    def __init__(self, model_path, threads: Optional[int] = None, optimized_path=None, optimize: bool = True,
+                 one_timestep_per_call: bool = False):
         ort = require_onnxruntime()
         model_path = Path(model_path)
         if not model_path.is_file():
@@ -51,14 +52,33 @@ class OrtDenoiser:
             opts.optimized_model_filepath = str(optimized_path)
         self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
+        self.one_timestep_per_call = bool(one_timestep_per_call)
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, labels: Optional[torch.Tensor] = None):
-        feed = {"sample": sample.detach().cpu().to(torch.float32).contiguous().numpy(),
-                "timestep": torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0]).to(torch.int64).numpy()}
+        """The graph's prediction for ``sample`` [B, C, H, W] at ``timestep`` ([B] or scalar) with ``labels`` [B].
+        A graph with timestep-indexed scales runs once per distinct timestep of the batch (a sampling step
+        has one, so one call)."""
+        t = torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0]).to(torch.int64)
         if "labels" in self.inputs:
             if labels is None:
                 raise ValueError("labels: this exported model is conditional; pass labels [B]")
-            feed["labels"] = torch.as_tensor(labels).reshape(-1).to(torch.int64).numpy()
+            labels = torch.as_tensor(labels).reshape(-1).to(torch.int64)
+        steps = torch.unique(t)
+        if not self.one_timestep_per_call or steps.numel() == 1:
+            return self._run(sample, t, labels)
+        out = None
+        for step in steps:
+            rows = (t == step).nonzero().reshape(-1)
+            part = self._run(sample[rows], t[rows], None if labels is None else labels[rows])
+            if out is None:
+                out = part.new_empty((sample.shape[0],) + tuple(part.shape[1:]))
+            out[rows] = part
+        return out
+
+    def _run(self, sample, t, labels):
+        feed = {"sample": sample.detach().cpu().to(torch.float32).contiguous().numpy(), "timestep": t.numpy()}
+        if "labels" in self.inputs:
+            feed["labels"] = labels.numpy()
         (out,) = self.session.run(["prediction"], feed)
         return torch.from_numpy(out).to(sample.device)
 
@@ -115,7 +135,8 @@ def deployed_backbone(export_dir, like, threads: Optional[int] = None, optimize:
     if list(info.get("sample_shape", [])) != list(like.sample_shape):
         raise ValueError(f"deploy: sample_shape of the exported model ({info.get('sample_shape')}) differs from the "
                          f"backbone's ({list(like.sample_shape)})")
-    return DeployedBackbone(OrtDenoiser(export_dir / MODEL_FILE, threads=threads, optimize=optimize), like)
+    return DeployedBackbone(OrtDenoiser(export_dir / MODEL_FILE, threads=threads, optimize=optimize,
+                                        one_timestep_per_call=bool(info.get("one_timestep_per_call"))), like)
 
 
 def optimized_op_counts(model_path, threads: int = 1) -> dict:
