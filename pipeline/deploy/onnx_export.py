@@ -37,7 +37,7 @@ The export uses PyTorch's TorchScript-based ONNX exporter (``dynamo=False``), wh
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import io
 import json
 import math
@@ -497,24 +497,39 @@ def _quant_layers(model):
     return list(quant_layers(model))
 
 
-def build_export_module(backbone, plans: Optional[list] = None, int4_linear: bool = True) -> tuple:
-    """(module to trace, plans): a deep copy of ``backbone`` with every wrapped layer replaced by its
-    :class:`_DeployedLayer` (layers the exporter cannot express keep their fake-quant forward as float ops)."""
+@contextlib.contextmanager
+def export_module(backbone, int4_linear: bool = True):
+    """Context: ``(module to trace, plans)``, with every wrapped layer of ``backbone`` replaced in place by its
+    :class:`_DeployedLayer` (layers the exporter cannot express keep their fake-quant forward as float ops) and
+    the backbone on the CPU in eval mode; on exit the original layers, device and mode are restored. In place
+    rather than on a copy: a real-size model is not held twice (and a loaded model's state need not be
+    deep-copyable)."""
     from pipeline.quant.layers import QuantConv2d
     from pipeline.quant.surgery import _set_submodule
 
     check_backbone(backbone)
-    model = copy.deepcopy(backbone).cpu().eval()
+    device = next((t.device for t in backbone.parameters()), torch.device("cpu"))
+    was_training = backbone.training
+    swapped, plans = [], []
     _PLANS.clear()
-    by_name = {p.name: p for p in plans} if plans is not None else None
-    out_plans = []
-    for key, (name, layer) in enumerate(_quant_layers(model)):
-        plan = by_name[name] if by_name is not None else plan_layer(name, layer, int4_linear)
-        if isinstance(layer, QuantConv2d) and not _conv_supported(layer):
-            plan.executes, plan.reason, plan.w_codes = "float", "convolution padding mode", None
-        out_plans.append(plan)
-        _set_submodule(model, name, _DeployedLayer(layer, plan, key))
-    return _PredictWrapper(model).eval(), out_plans
+    try:
+        backbone.cpu().eval()
+        for key, (name, layer) in enumerate(_quant_layers(backbone)):
+            plan = plan_layer(name, layer, int4_linear)
+            if isinstance(layer, QuantConv2d) and not _conv_supported(layer):
+                plan.executes, plan.reason, plan.w_codes = "float", "convolution padding mode", None
+            plans.append(plan)
+            _set_submodule(backbone, name, _DeployedLayer(layer, plan, key))
+            swapped.append((name, layer))
+        yield _PredictWrapper(backbone).eval(), plans
+    finally:
+        from pipeline.quant.surgery import _set_submodule as put_back
+
+        for name, layer in swapped:
+            put_back(backbone, name, layer)
+        _PLANS.clear()
+        backbone.to(device)
+        backbone.train(was_training)
 
 
 def example_inputs(backbone, batch: int = 2, seed: int = 0) -> tuple:
@@ -538,25 +553,23 @@ def export_onnx(backbone, out_dir, *, int4_linear: bool = True, batch: int = 2) 
     import onnx
 
     out_dir = Path(out_dir)
-    module, plans = build_export_module(backbone, int4_linear=int4_linear)
+    check_backbone(backbone)
     x, t, labels = example_inputs(backbone, batch)
     names = ["sample", "timestep"] + ([] if labels is None else ["labels"])
     args = (x, t) if labels is None else (x, t, labels)
     dyn = {n: {0: "batch"} for n in names + ["prediction"]}
-    custom = {MS_DOMAIN: 1} if any(p.executes in ("int4-wo", "int8") for p in plans) else None
     # autograd_inlining=False: the exporter's inlining of autograd Functions fails when one module is called
     # twice (diffusers' DiT reuses block 0's timestep embedder for its output layer); each Function here has
     # a symbolic, so there is nothing to inline
     buf = io.BytesIO()
     import warnings
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), export_module(backbone, int4_linear) as (module, plans), torch.no_grad():
         warnings.simplefilter("ignore")
-        with torch.no_grad():
-            torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=names,
-                              output_names=["prediction"], dynamic_axes=dyn, do_constant_folding=True,
-                              custom_opsets=custom, autograd_inlining=False)
-    _PLANS.clear()
+        custom = {MS_DOMAIN: 1} if any(p.executes in ("int4-wo", "int8") for p in plans) else None
+        torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=names,
+                          output_names=["prediction"], dynamic_axes=dyn, do_constant_folding=True,
+                          custom_opsets=custom, autograd_inlining=False)
     model = onnx.load_from_string(buf.getvalue())
     _constants_to_initializers(model)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -644,5 +657,5 @@ def dq_nodes(path) -> list:
 
 
 __all__ = ["LayerPlan", "ExportError", "plan_layer", "plan_model", "executes_shares", "executes_label",
-           "export_onnx", "build_export_module", "example_inputs", "matmulnbits_tensors", "onnx_scales",
+           "export_onnx", "export_module", "example_inputs", "matmulnbits_tensors", "onnx_scales",
            "dq_nodes"]
