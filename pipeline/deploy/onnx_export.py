@@ -74,7 +74,7 @@ class LayerPlan:
     w_float: Optional[torch.Tensor] = None     # the weight the layer multiplies with (Ŵ, or W' unquantized)
     a_scale: Optional[torch.Tensor] = None     # float32 scalar
     a_zero: Optional[torch.Tensor] = None      # int8 / uint8 scalar
-    act: str = "none"                          # "qdq" | "emulate" | "none"
+    act: str = "none"                          # "qdq" (static) | "tpq" (per step) | "emulate" | "none"
     extra: dict = field(default_factory=dict)
 
     def stored_bytes(self) -> int:
@@ -637,16 +637,6 @@ def _constants_to_initializers(model) -> None:
     model.graph.node.extend(keep)
 
 
-def onnx_scales(path) -> dict:
-    """{initializer name: numpy array} of an exported graph (tests compare the Q/DQ scales with the packed
-    model's)."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load_model(str(path))
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-
-
 def dq_nodes(path) -> list:
     """[(op_type, [input names])] of every QuantizeLinear / DequantizeLinear / MatMulNBits node."""
     import onnx
@@ -657,5 +647,5 @@ def dq_nodes(path) -> list:
 
 
 __all__ = ["LayerPlan", "ExportError", "plan_layer", "plan_model", "executes_shares", "executes_label",
-           "export_onnx", "export_module", "example_inputs", "matmulnbits_tensors", "onnx_scales",
+           "export_onnx", "export_module", "example_inputs", "matmulnbits_tensors",
            "dq_nodes"]
