@@ -32,7 +32,8 @@ import _setup  # noqa: F401  (puts the repository on sys.path)
 
 DEFAULT_ROWS = ["unet/naive/naive/W8A8", "dit/naive/naive/W8A8", "unet/qdiff/qdiff/W8A8", "unet/naive/naive/W4A8",
                 "dit/naive/naive/W4A8", "unet/qdiff/qdiff/W4A8", "unet/dilatequant/dilatequant/W6A6",
-                "unet/mpq/mpqdm/W4A4", "dit/fp4dit/int-asym_tok_nearest/W4A8", "unet/tmpq/tmpq/W6A6"]
+                "unet/mpq/mpqdm/W4A4", "dit/fp4dit/int-asym_tok_nearest/W4A8", "unet/tmpq/tmpq/W6A6",
+                "pixart/naive/naive/W8A8", "pixart/naive/naive/W4A8"]
 
 
 def real_size(layers: int, batches: list, reps: int, out: Path) -> dict:

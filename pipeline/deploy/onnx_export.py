@@ -33,11 +33,16 @@ The graph's values equal the fake-quant model's up to the runtime's arithmetic: 
 different summation order; the tests state the tolerance.
 
 The export uses PyTorch's TorchScript-based ONNX exporter (``dynamo=False``), whose
-``torch.autograd.Function.symbolic`` lets each layer emit exactly the nodes above; opset 17.
+``torch.autograd.Function.symbolic`` lets each layer emit exactly the nodes above; opset 17. The graph is the
+backbone's unguided prediction from (sample, timestep, labels): a text model's captions come from its caption
+table inside the graph. Two repairs follow the export: the ``If`` the exporter emits for a ``squeeze(d)`` of a
+dim it cannot size (PixArt's output) is replaced by the branch one probe run shows taken, and identical
+tensors are stored once.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -480,10 +485,6 @@ def check_backbone(backbone) -> None:
 
     if not isinstance(backbone, DiffusionBackbone):
         raise ExportError(f"backbone: expected a pipeline.models.DiffusionBackbone, got {type(backbone).__name__}")
-    if backbone.conditioning == "text":
-        raise ExportError("backbone: text-conditioned models are not exported yet (PixArt's traced graph keeps a "
-                          "data-dependent branch on the caption mask that ONNX Runtime rejects); class-conditioned "
-                          "and unconditional UNet / DiT models are")
     for name, layer in _quant_layers(backbone):
         if layer.lora_A is not None:
             raise ExportError(f"layer {name!r}: unmerged LoRA; merge it (pipeline.quant.packing.merge_lora) first")
@@ -571,6 +572,8 @@ def export_onnx(backbone, out_dir, *, int4_linear: bool = True, batch: int = 2) 
                           output_names=["prediction"], dynamic_axes=dyn, do_constant_folding=True,
                           custom_opsets=custom, autograd_inlining=False)
     model = onnx.load_from_string(buf.getvalue())
+    feed = {"sample": x.numpy(), "timestep": t.numpy(), **({} if labels is None else {"labels": labels.numpy()})}
+    _resolve_squeeze_ifs(model, feed)
     _constants_to_initializers(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_model, data_name = out_dir / (MODEL_FILE + ".tmp"), MODEL_FILE + ".data"
@@ -605,6 +608,61 @@ def export_onnx(backbone, out_dir, *, int4_linear: bool = True, batch: int = 2) 
     tmp.write_text(json.dumps(info, indent=1))
     tmp.replace(out_dir / DEPLOY_FILE)
     return info
+
+
+def _squeeze_if(node):
+    """(x, axes input name, Constant nodes) of an ``If`` the TorchScript exporter emits for ``x.squeeze(d)``
+    when it cannot see the size of dim d (then: Squeeze(x, d), else: Identity(x)); None for any other node."""
+    if node.op_type != "If" or len(node.output) != 1:
+        return None
+    branches = {a.name: a.g for a in node.attribute}
+    then, other = branches.get("then_branch"), branches.get("else_branch")
+    if then is None or other is None or len(other.node) != 1 or other.node[0].op_type != "Identity":
+        return None
+    squeeze = [x for x in then.node if x.op_type == "Squeeze"]
+    if len(squeeze) != 1 or any(x.op_type not in ("Squeeze", "Constant") for x in then.node) \
+            or len(squeeze[0].input) != 2 or squeeze[0].input[0] != other.node[0].input[0]:
+        return None
+    return squeeze[0].input[0], squeeze[0].input[1], [x for x in then.node if x.op_type == "Constant"]
+
+
+def _resolve_squeeze_ifs(model, feed: dict) -> int:
+    """Replace each squeeze ``If`` (:func:`_squeeze_if`) by the branch it takes. ONNX Runtime type-checks both
+    branches and refuses the Squeeze of a dim of size > 1 (PixArt's output ``squeeze(1)`` on [B, tokens, C]),
+    so the graph would not load. The sizes come from one run of the graph on the export's example inputs with
+    every such ``If`` read as Identity and its input added as an output (the squeezed dims are not the batch).
+    Returns how many were replaced."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    found = [(i, _squeeze_if(n)) for i, n in enumerate(model.graph.node)]
+    found = [(i, f) for i, f in found if f is not None]
+    if not found:
+        return 0
+    probe = copy.deepcopy(model)
+    for i, (x, _, _) in found:
+        node = probe.graph.node[i]
+        probe.graph.node.remove(node)
+        probe.graph.node.insert(i, helper.make_node("Identity", [x], list(node.output)))
+    names = list(dict.fromkeys(x for _, (x, _, _) in found))
+    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    shapes = dict(zip(names, (v.shape for v in sess.run(names, feed))))
+    for i, (x, axes_name, consts) in found:
+        axes = next(numpy_helper.to_array(c.attribute[0].t) for c in consts if c.output[0] == axes_name)
+        d = int(axes.reshape(-1)[0])
+        node = model.graph.node[i]
+        if shapes[x][d] == 1:
+            new = [helper.make_node("Squeeze", [x, axes_name], list(node.output))]
+            new = consts + new
+        else:
+            new = [helper.make_node("Identity", [x], list(node.output))]
+        model.graph.node.remove(node)
+        for j, n in enumerate(new):
+            model.graph.node.insert(i + j, n)
+    return len(found)
 
 
 def _constants_to_initializers(model) -> None:
