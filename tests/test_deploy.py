@@ -249,6 +249,11 @@ def test_bad_export_requests_fail_with_the_key_named(quantized, tmp_path, monkey
     with pytest.raises(ExportError, match=f"layer '{name}': unmerged LoRA"):
         export_onnx(lora, tmp_path / "l")
     assert not (tmp_path / "l").exists()  # refused before anything is written
+    circular = copy.deepcopy(res.backbone)
+    conv_name, conv = next((n, m) for n, m in quant_layers(circular) if hasattr(m, "padding_mode"))
+    conv.padding_mode = "circular"
+    with pytest.raises(ExportError, match=f"layer '{conv_name}': convolution with padding"):
+        export_onnx(circular, tmp_path / "c")
     export_onnx(res.backbone, tmp_path / "ok")
     other = quantized[("unet", "W8A8")][2].backbone
     with pytest.raises(ValueError, match="kind of the exported model"):

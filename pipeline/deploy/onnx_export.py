@@ -485,7 +485,13 @@ def check_backbone(backbone) -> None:
 
     if not isinstance(backbone, DiffusionBackbone):
         raise ExportError(f"backbone: expected a pipeline.models.DiffusionBackbone, got {type(backbone).__name__}")
+    from pipeline.quant.layers import QuantConv2d
+
     for name, layer in _quant_layers(backbone):
+        if isinstance(layer, QuantConv2d) and not _conv_supported(layer):
+            raise ExportError(f"layer {name!r}: convolution with padding {layer.padding!r} / padding_mode "
+                              f"{layer.padding_mode!r}; the exporter writes zero-padded convolutions with explicit "
+                              "integer pads only")
         if layer.lora_A is not None:
             raise ExportError(f"layer {name!r}: unmerged LoRA; merge it (pipeline.quant.packing.merge_lora) first")
         if layer.adaround is not None and not all(bool(a.hardened) for a in layer.adaround):
@@ -505,7 +511,6 @@ def export_module(backbone, int4_linear: bool = True):
     the backbone on the CPU in eval mode; on exit the original layers, device and mode are restored. In place
     rather than on a copy: a real-size model is not held twice (and a loaded model's state need not be
     deep-copyable)."""
-    from pipeline.quant.layers import QuantConv2d
     from pipeline.quant.surgery import _set_submodule
 
     check_backbone(backbone)
@@ -517,8 +522,6 @@ def export_module(backbone, int4_linear: bool = True):
         backbone.cpu().eval()
         for key, (name, layer) in enumerate(_quant_layers(backbone)):
             plan = plan_layer(name, layer, int4_linear)
-            if isinstance(layer, QuantConv2d) and not _conv_supported(layer):
-                plan.executes, plan.reason, plan.w_codes = "float", "convolution padding mode", None
             plans.append(plan)
             _set_submodule(backbone, name, _DeployedLayer(layer, plan, key))
             swapped.append((name, layer))
