@@ -67,8 +67,8 @@ def real_size(layers: int, batches: list, reps: int, out: Path) -> dict:
         runs[name] = deployed_backbone(out / name, bb)
         print(f"exported {name} in {time.perf_counter() - t0:.0f} s: {infos[name]['executes_label']}", flush=True)
     res = {"layers": layers, "params_m": n_params / 1e6, "threads": torch.get_num_threads(), "calls": {}}
-    for b in batches:
-        args = example_inputs(fp, b, seed=1)
+    for b in batches:  # one timestep per call, as in a sampling step (calibration's first timestep)
+        args = example_inputs(fp, b, seed=1, timestep=int(calib.timesteps[0]))
         row = {"torch_fp32": call_seconds(fp, args, reps), "ort_fp32": call_seconds(runs["fp32"], args, reps),
                "ort_W8A8": call_seconds(runs["W8A8"], args, reps), "ort_W4A16": call_seconds(runs["W4A16"], args, reps),
                "ort_W8A8-TPQ": call_seconds(runs["W8A8-TPQ"], args, reps),

@@ -288,3 +288,30 @@ def test_deploy_json_records_plans_and_bytes(quantized, tmp_path):
     w8 = export_onnx(quantized[("unet", "W8A8")][2].backbone, tmp_path / "w8")
     for layer, plan in zip(w8["layers"], plan_model(quantized[("unet", "W8A8")][2].backbone)):
         assert layer["stored_bytes"] == layer["weights"] + 5 * plan.w_scale.numel()
+
+
+def test_cli_exports_and_measures_a_saved_model(quantized, tmp_path, capsys):
+    """python -m pipeline.deploy on a saved FP model and packed quantized model: exit 0, both graphs written,
+    measure.json with the timings (per batch, per runtime), bytes and fidelity."""
+    from pipeline.deploy import __main__ as cli
+    from pipeline.models import save_backbone
+    from pipeline.quant.packing import save_quantized
+
+    fp, calib, res = quantized[("dit", "W8A8")]
+    save_backbone(fp, tmp_path / "fp")
+    save_quantized(res.backbone.net, res.spec, tmp_path / "q")
+    from pipeline.calibration import save_calibration
+
+    save_calibration(calib, tmp_path / "calib")
+    rc = cli.main(["--fp", str(tmp_path / "fp"), "--quantized", str(tmp_path / "q"), "--out", str(tmp_path / "out"),
+                   "--calib", str(tmp_path / "calib"), "--images", "2", "--repeats", "1",
+                   "--params", str(tmp_path / "none.yaml")])
+    assert rc == 0
+    m = json.loads((tmp_path / "out" / "measure.json").read_text())
+    assert (tmp_path / "out" / "quantized" / "model.onnx").is_file() and (tmp_path / "out" / "fp32" / "model.onnx").is_file()
+    assert m["executes"] == {"int8": 1.0} and set(m["call_seconds"]) == {"1", "8"}
+    assert set(m["call_seconds"]["8"]) == {"torch_fp32", "torch_fake_quant", "ort_fp32", "deployed"}
+    assert m["denoiser"]["max_abs"] <= 0.05 * m["denoiser"]["ref_max_abs"]
+    assert m["images"]["images"] == 2 and m["images"]["psnr_min_db"] >= 40
+    assert m["bytes"]["deployed"] > 0 and m["bytes"]["ort_fp32"] > 0  # tiny models: graph overhead dominates
+    assert json.loads(capsys.readouterr().out)["executes_label"] == "int8 100 %"

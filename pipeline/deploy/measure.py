@@ -63,8 +63,8 @@ def image_fidelity(reference, deployed, n: int, diffusion, sampling, seed: int =
 def deploy_row(fp_dir, quant_dir, out_dir, *, calib_dir=None, images: int = 16, batches=(1, 8), repeats: int = 5,
                params: Optional[str] = "params.yaml", threads: Optional[int] = None) -> dict:
     """Export the quantized model of ``quant_dir`` (and its FP model ``fp_dir``) under ``out_dir`` and measure
-    it: seconds per denoiser call at each batch in ``batches`` (PyTorch float32 eager, ORT float32 graph,
-    deployed graph, PyTorch fake-quant), a whole sampling run of ``images`` images (fake-quant vs deployed),
+    it: seconds per denoiser call at each batch in ``batches`` with one timestep per call, as a sampling step
+    has (PyTorch float32 eager, ORT float32 graph, deployed graph, PyTorch fake-quant), a whole sampling run of ``images`` images (fake-quant vs deployed),
     bytes, and fidelity (denoiser max |Δ| on calibration inputs when ``calib_dir`` is given; image PSNR).
     The sampler settings come from ``params`` (its ``diffusion`` / ``sampling`` sections; None = defaults).
     Writes ``out_dir/measure.json`` (atomically) and returns it."""
@@ -72,6 +72,7 @@ def deploy_row(fp_dir, quant_dir, out_dir, *, calib_dir=None, images: int = 16, 
     from pipeline.deploy.onnx_export import example_inputs, export_onnx
     from pipeline.deploy.runtime import deployed_backbone
     from pipeline.evaluation import ModelEntry, load_entry, model_timesteps
+    from pipeline.sampling import timestep_values
 
     fp_dir, quant_dir, out_dir = Path(fp_dir), Path(quant_dir), Path(out_dir)
     for key, p in (("fp", fp_dir), ("quantized", quant_dir)):
@@ -90,8 +91,9 @@ def deploy_row(fp_dir, quant_dir, out_dir, *, calib_dir=None, images: int = 16, 
     dep = deployed_backbone(out_dir / "quantized", fake, threads=threads)
     ort_fp = deployed_backbone(out_dir / "fp32", fp, threads=threads)
     timings = {}
-    for b in batches:
-        args = example_inputs(fake, b, seed=1)
+    steps = model_timesteps(entry) or timestep_values(diffusion, sampling, getattr(fake, "scheduler_config", None))
+    for b in batches:  # one timestep per call, as in a sampling step (the middle step of the model's schedule)
+        args = example_inputs(fake, b, seed=1, timestep=steps[len(steps) // 2])
         timings[str(b)] = {name: call_seconds(m, args, repeats) for name, m in
                            (("torch_fp32", fp), ("torch_fake_quant", fake), ("ort_fp32", ort_fp), ("deployed", dep))}
     result = {"fp": str(fp_dir), "quantized": str(quant_dir), "executes": info["executes"],

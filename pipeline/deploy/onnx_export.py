@@ -536,11 +536,15 @@ def export_module(backbone, int4_linear: bool = True):
         backbone.train(was_training)
 
 
-def example_inputs(backbone, batch: int = 2, seed: int = 0) -> tuple:
-    """(sample, timestep, labels) of the shapes the graph takes (labels None for an unconditional model)."""
+def example_inputs(backbone, batch: int = 2, seed: int = 0, timestep: Optional[int] = None) -> tuple:
+    """(sample, timestep, labels) of the shapes the graph takes (labels None for an unconditional model).
+    Timesteps are drawn per sample, or all ``timestep`` (as in a sampling step: use it for timing, since a
+    graph with timestep-indexed scales runs one call per distinct timestep)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((batch,) + tuple(backbone.sample_shape), generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
+    if timestep is not None:
+        t = torch.full((batch,), int(timestep), dtype=torch.long)
     labels = None if backbone.conditioning == "none" else torch.randint(0, backbone.num_classes, (batch,), generator=g)
     return x, t, labels
 
