@@ -39,17 +39,14 @@ DEFAULT_ROWS = ["unet/naive/naive/W8A8", "dit/naive/naive/W8A8", "unet/qdiff/qdi
 def real_size(layers: int, batches: list, reps: int, out: Path) -> dict:
     import torch
 
-    from pipeline import models
     from pipeline.api import quantize
     from pipeline.calibration import collect_calibration
-    from pipeline.config import BackboneModel, CalibrateConfig, DiffusionConfig, DiTArch, SamplingConfig
+    from pipeline.config import CalibrateConfig, DiffusionConfig, SamplingConfig
     from pipeline.deploy.measure import call_seconds
     from pipeline.deploy.onnx_export import example_inputs, export_onnx
     from pipeline.deploy.runtime import deployed_backbone
 
-    cfg = BackboneModel(dit=DiTArch(num_layers=layers, num_attention_heads=16, attention_head_dim=72, patch_size=2))
-    fp = models.build_backbone("dit", cfg, 32, 4, 1000, seed=0).eval()
-    _tie_embedders(fp)
+    fp = _real_size_model(layers)
     n_params = sum(p.numel() for p in fp.parameters())
     print(f"DiT-XL/2 block stack: {layers} blocks, {n_params / 1e6:.1f} M parameters, 256 tokens, "
           f"{torch.get_num_threads()} threads", flush=True)
@@ -122,6 +119,17 @@ def _tpq_twin(fp, calib):
     return qt
 
 
+def _real_size_model(layers: int):
+    """The float32 DiT-XL/2 block stack of part 1 (seed 0, embedders tied as in a converted checkpoint)."""
+    from pipeline import models
+    from pipeline.config import BackboneModel, DiTArch
+
+    cfg = BackboneModel(dit=DiTArch(num_layers=layers, num_attention_heads=16, attention_head_dim=72, patch_size=2))
+    fp = models.build_backbone("dit", cfg, 32, 4, 1000, seed=0).eval()
+    _tie_embedders(fp)
+    return fp
+
+
 def _tie_embedders(fp) -> None:
     """Give every block block 0's timestep + class embedder, as a converted DiT-XL/2 checkpoint has them:
     diffusers' DiT keeps one copy per block, and its conversion script copies the original model's single
@@ -149,13 +157,7 @@ def _child_peak(spec: str) -> None:
         x = torch.randn([8] + info["sample_shape"])
         run(x, torch.full((8,), 500), torch.zeros(8, dtype=torch.long) if "labels" in run.inputs else None)
     else:
-        from pipeline import models
-        from pipeline.config import BackboneModel, DiTArch
-
-        cfg = BackboneModel(dit=DiTArch(num_layers=int(arg), num_attention_heads=16, attention_head_dim=72,
-                                        patch_size=2))
-        fp = models.build_backbone("dit", cfg, 32, 4, 1000, seed=0).eval()
-        _tie_embedders(fp)
+        fp = _real_size_model(int(arg))
         with torch.no_grad():
             fp(torch.randn(8, 4, 32, 32), torch.full((8,), 500), torch.zeros(8, dtype=torch.long))
     # VmHWM (this process's own high-water mark): ru_maxrss would carry the parent's peak across fork + exec

@@ -271,7 +271,7 @@ def test_bad_export_requests_fail_with_the_key_named(quantized, tmp_path, monkey
 
 
 def test_deploy_json_records_plans_and_bytes(quantized, tmp_path):
-    from pipeline.deploy.onnx_export import export_onnx, plan_model
+    from pipeline.deploy.onnx_export import export_onnx, matmulnbits_tensors, plan_model
 
     fp, calib, res = quantized[("unet", "W4A16")]
     info = export_onnx(res.backbone, tmp_path / "q")
@@ -282,6 +282,9 @@ def test_deploy_json_records_plans_and_bytes(quantized, tmp_path):
     assert fp_info["executes"] == {} and fp_info["executes_label"] == "float 100 %"
     # tensors above 1 KiB live in model.onnx.data: the 4-bit weights take under a quarter of the float32 ones
     assert info["bytes"]["data"] < 0.25 * fp_info["bytes"]["data"]
+    for plan in plan_model(res.backbone):  # the stored size from the shape = the MatMulNBits tensors written
+        if plan.executes == "int4-wo":
+            assert plan.stored_bytes() == sum(t.numel() * t.element_size() for t in matmulnbits_tensors(plan))
     lb = info["layer_bytes"]
     assert lb["fp32"] == 4 * sum(layer["weights"] for layer in info["layers"]) and lb["stored"] < 0.25 * lb["fp32"]
     # an int8 layer stores one byte per weight plus a float32 scale and an int8 zero point per output channel

@@ -87,7 +87,7 @@ def deploy_row(fp_dir, quant_dir, out_dir, *, calib_dir=None, images: int = 16, 
     fake = load_entry(entry, "cpu")
     fp = load_entry(ModelEntry("model", "fp", "fp", "FP32", fp_dir), "cpu")
     info = export_onnx(fake, out_dir / "quantized")
-    export_onnx(fp, out_dir / "fp32")
+    fp_info = export_onnx(fp, out_dir / "fp32")
     dep = deployed_backbone(out_dir / "quantized", fake, threads=threads)
     ort_fp = deployed_backbone(out_dir / "fp32", fp, threads=threads)
     timings = {}
@@ -98,8 +98,7 @@ def deploy_row(fp_dir, quant_dir, out_dir, *, calib_dir=None, images: int = 16, 
                            (("torch_fp32", fp), ("torch_fake_quant", fake), ("ort_fp32", ort_fp), ("deployed", dep))}
     result = {"fp": str(fp_dir), "quantized": str(quant_dir), "executes": info["executes"],
               "executes_label": info["executes_label"],
-              "bytes": {"deployed": sum(info["bytes"].values()),
-                        "ort_fp32": sum((out_dir / "fp32" / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))},
+              "bytes": {"deployed": sum(info["bytes"].values()), "ort_fp32": sum(fp_info["bytes"].values())},
               "call_seconds": timings}
     if calib_dir is not None:
         from pipeline.calibration import load_calibration

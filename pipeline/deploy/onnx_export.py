@@ -46,6 +46,7 @@ import copy
 import io
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -84,8 +85,10 @@ class LayerPlan:
 
     def stored_bytes(self) -> int:
         """Bytes the graph stores for this layer's weight (codes, scales, zero points; bias excluded)."""
-        if self.executes == "int4-wo":
-            return sum(t.numel() * t.element_size() for t in matmulnbits_tensors(self))
+        if self.executes == "int4-wo":  # matmulnbits_tensors: codes, f32 scale per block, packed zero points
+            n, k = self.w_codes.shape
+            blocks = -(-k // self.w_block)
+            return n * blocks * self.w_block // 2 + 4 * n * blocks + n * -(-blocks // 2)
         if self.w_codes is not None:
             return self.w_codes.numel() + 4 * self.w_scale.numel() + self.w_zero.numel()
         return 4 * self.weights
@@ -107,9 +110,9 @@ class ExportError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # planning
 # ------------------------------------------------------------------------------------------------
-def _int_weight(layer) -> tuple:
+def _int_weight(layer, w_hat: torch.Tensor) -> tuple:
     """(codes int64, scale [C] f32, zero [C] int64, granularity, group_size, bits, symmetric) of a layer with one
-    plain integer weight quantizer, or (None, reason)."""
+    plain integer weight quantizer whose codes reproduce ``w_hat`` (the layer's Ŵ, float32), or (None, reason)."""
     from pipeline.quant.primitives import IntQuantizer
 
     qs = list(layer.weight_quantizers)
@@ -122,7 +125,6 @@ def _int_weight(layer) -> tuple:
         return None, "masked weight quantizer"
     if layer.residual is not None:
         return None, "binary residual branch"
-    w_hat = layer.quantized_weight().detach()
     with torch.no_grad():
         codes = _stored_codes(layer, q)
         if q.granularity == "group":
@@ -138,7 +140,7 @@ def _int_weight(layer) -> tuple:
             zero = torch.round(q.zero_point.detach().to(torch.float32)).reshape(-1).expand(c).clone()
             view = (c,) + (1,) * (codes.dim() - 1)
             deq = (codes.to(torch.float32) - zero.reshape(view)) * scale.reshape(view)
-    if not torch.equal(deq, w_hat.to(torch.float32)):
+    if not torch.equal(deq, w_hat):
         return None, "stored codes do not reproduce the layer's weight"
     return (codes.to(torch.int64), scale, zero.to(torch.int64), q.granularity, q.group_size, q.bits,
             q.symmetric), ""
@@ -195,7 +197,7 @@ def plan_layer(name: str, layer, int4_linear: bool = True) -> LayerPlan:
         w_float = (layer.quantized_weight() if quant_w else layer.effective_weight()).detach().to(torch.float32)
     plan = LayerPlan(name=name, kind=kind, executes="float", weights=int(layer.weight.numel()),
                      w_bits=layer.w_bits if quant_w else None, a_bits=layer.a_bits if aq is not None else None,
-                     w_float=w_float.clone())
+                     w_float=w_float)
     # activations
     if aq is None:
         plan.act = "none"
@@ -204,8 +206,7 @@ def plan_layer(name: str, layer, int4_linear: bool = True) -> LayerPlan:
         plan.act = "tpq"
         dtype = torch.int8 if aq.symmetric else torch.uint8
         with torch.no_grad():
-            plan.extra["tpq"] = {"values": aq.timestep_values.detach().clone(),
-                                 "scale": aq.scale.detach().to(torch.float32).clone(),
+            plan.extra["tpq"] = {"scale": aq.scale.detach().to(torch.float32).clone(),
                                  "zero": torch.round(aq.zero_point.detach().to(torch.float32)).to(dtype),
                                  "range": (aq.qmin, aq.qmax), "bits": aq.bits}
         act_reason = ""
@@ -224,7 +225,7 @@ def plan_layer(name: str, layer, int4_linear: bool = True) -> LayerPlan:
     if not quant_w:
         plan.reason = "weights not quantized"
         return plan
-    got, w_reason = _int_weight(layer)
+    got, w_reason = _int_weight(layer, w_float)
     if got is None:
         plan.reason = w_reason
         return plan
@@ -447,8 +448,7 @@ class _DeployedLayer(nn.Module):
         s = z = torch.zeros(())
         if plan.act == "tpq":  # the step of the call's first sample picks Δ_a (the runtime sends one step per call)
             tab = plan.extra["tpq"]
-            t = self.act_quantizer.context.current
-            idx = (t[:1].to(torch.float64) - tab["values"]).abs().argmin()
+            idx = self.act_quantizer.timestep_index(self.act_quantizer.context.current[:1])[0]
             s, z = tab["scale"][idx], tab["zero"][idx]
         return _LayerOp.apply(x, s, z, self.key)
 
@@ -561,11 +561,6 @@ def export_onnx(backbone, out_dir, *, int4_linear: bool = True, batch: int = 2) 
     import onnx
 
     out_dir = Path(out_dir)
-    check_backbone(backbone)
-    x, t, labels = example_inputs(backbone, batch)
-    names = ["sample", "timestep"] + ([] if labels is None else ["labels"])
-    args = (x, t) if labels is None else (x, t, labels)
-    dyn = {n: {0: "batch"} for n in names + ["prediction"]}
     # autograd_inlining=False: the exporter's inlining of autograd Functions fails when one module is called
     # twice (diffusers' DiT reuses block 0's timestep embedder for its output layer); each Function here has
     # a symbolic, so there is nothing to inline
@@ -574,6 +569,10 @@ def export_onnx(backbone, out_dir, *, int4_linear: bool = True, batch: int = 2) 
 
     with warnings.catch_warnings(), export_module(backbone, int4_linear) as (module, plans), torch.no_grad():
         warnings.simplefilter("ignore")
+        x, t, labels = example_inputs(backbone, batch)  # the backbone was checked on entering export_module
+        names = ["sample", "timestep"] + ([] if labels is None else ["labels"])
+        args = (x, t) if labels is None else (x, t, labels)
+        dyn = {n: {0: "batch"} for n in names + ["prediction"]}
         custom = {MS_DOMAIN: 1} if any(p.executes in ("int4-wo", "int8") for p in plans) else None
         torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=names,
                           output_names=["prediction"], dynamic_axes=dyn, do_constant_folding=True,
@@ -582,22 +581,16 @@ def export_onnx(backbone, out_dir, *, int4_linear: bool = True, batch: int = 2) 
     feed = {"sample": x.numpy(), "timestep": t.numpy(), **({} if labels is None else {"labels": labels.numpy()})}
     _resolve_squeeze_ifs(model, feed)
     _constants_to_initializers(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_model, data_name = out_dir / (MODEL_FILE + ".tmp"), MODEL_FILE + ".data"
-    tmp_data = out_dir / (data_name + ".tmp")
-    for p in (tmp_model, tmp_data):
-        p.unlink(missing_ok=True)
-    onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name + ".tmp", size_threshold=1024)
-    # the graph names its data file: rewrite the location to the final name before renaming both
-    model = onnx.load_model(str(tmp_model), load_external_data=False)
-    for init in model.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                entry.value = data_name
-    onnx.save_model(model, str(tmp_model))
-    tmp_data.replace(out_dir / data_name)
-    tmp_model.replace(out_dir / MODEL_FILE)
+    # the graph names its data file, so both are written under their final names in a scratch folder, then moved
+    data_name = MODEL_FILE + ".data"
+    scratch = out_dir / ".export.tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    onnx.save_model(model, str(scratch / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    (scratch / data_name).replace(out_dir / data_name)
+    (scratch / MODEL_FILE).replace(out_dir / MODEL_FILE)
+    scratch.rmdir()
     shares = executes_shares(plans)
     info = {
         "format": "onnx", "opset": OPSET, "inputs": names, "output": "prediction",

@@ -99,10 +99,14 @@ class DeployedBackbone(nn.Module):
         return self.sample_shape[0]
 
     def _predict(self, x, t, labels, encoder_hidden_states=None):
+        from pipeline.models import DiffusionBackbone
+
         if encoder_hidden_states is not None:
             raise ValueError("encoder_hidden_states: the exported graph takes labels only")
-        labels = None if self.conditioning == "none" else (
-            labels if labels is not None else torch.full((x.shape[0],), self.num_classes, dtype=torch.long))
+        if self.conditioning == "none":
+            labels = None
+        else:
+            labels = DiffusionBackbone._labels_or_null(self, labels, x.shape[0], x.device)
         return self.denoiser(x, t, labels)
 
     def forward(self, x, t, labels=None, encoder_hidden_states=None):
@@ -111,10 +115,14 @@ class DeployedBackbone(nn.Module):
         return DiffusionBackbone.forward(self, x, t, labels, encoder_hidden_states)
 
     def decode(self, x):
-        return self.codec.decode(x) if self.codec is not None else x.clamp(-1.0, 1.0)
+        from pipeline.models import DiffusionBackbone
+
+        return DiffusionBackbone.decode(self, x)
 
     def image_shape(self):
-        return self.codec.image_shape(self.sample_shape) if self.codec is not None else self.sample_shape
+        from pipeline.models import DiffusionBackbone
+
+        return DiffusionBackbone.image_shape(self)
 
 
 def deployed_backbone(export_dir, like, threads: Optional[int] = None, optimize: bool = True) -> DeployedBackbone:
