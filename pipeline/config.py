@@ -579,6 +579,52 @@ class ReportConfig:
             raise ConfigError(f"{p}.ci_level: must be in [0.5, 1), got {self.ci_level}")
 
 
+# the best row of each family at W8A8 and W4A8 on the backbones it runs by default, plus weight-only W4
+DEFAULT_EXPORT_ROWS = ("unet/naive/naive/W8A8", "unet/naive/naive/W4A8", "unet/qdiff/best/W8A8", "unet/qdiff/best/W4A8",
+                       "unet/naive/naive/W4A32", "dit/naive/naive/W8A8", "dit/naive/naive/W4A8", "dit/fp4dit/best/W4A8",
+                       "dit/naive/naive/W4A32", "pixart/naive/naive/W8A8")
+
+
+@dataclass
+class ExportConfig:
+    """``export``: quantized models that run for real (stage ``export``, :mod:`pipeline.deploy`): one DVC item
+    per row of ``rows``, exported from the packed model's own codes, scales and zero points and executed by
+    ``target``; measured against the fake-quant model the table scored.
+
+    rows: ``backbone/family/variant/setting`` (method seed 0); ``variant`` may be ``best``: the family's
+    variant with the best mean ``report.primary_metric`` over its method seeds at that backbone and setting
+    in the evaluate stage's results. fallback: what a layer with no kernel on the target runs (FP ExMy
+    codes, mixed or binary groups, binary residual branches): ``float`` = its decoded weight in float32
+    (reported in the ``executes`` share), ``error`` = the row fails naming the layer. batches / repeats: the
+    timed denoiser calls (one timestep per call, as a sampling step); calib_inputs: calibration inputs on
+    which the denoiser's max |deployed - fake-quant| is taken; threads: intra-op threads of the timed calls
+    (null = every core; the fidelity runs are single-threaded, so their numbers do not depend on the machine's
+    core count)."""
+
+    target: str = choice("onnxruntime", default="onnxruntime")
+    rows: list[str] = field(default_factory=lambda: list(DEFAULT_EXPORT_ROWS))
+    fallback: str = choice("float", "error", default="float")
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    repeats: int = 5
+    calib_inputs: int = 64
+    threads: Optional[int] = None
+
+    def validate(self, p: str) -> None:
+        _check_positive(self, p, "repeats", "calib_inputs")
+        if not self.batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batches):
+            raise ConfigError(f"{p}.batches: a non-empty list of positive batch sizes, got {self.batches}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"{p}.threads: a positive number of threads or null, got {self.threads}")
+        for i, row in enumerate(self.rows):
+            parts = str(row).split("/")
+            if len(parts) != 4 or not all(parts):
+                raise ConfigError(f"{p}.rows[{i}]: {row!r} is not a row; write it as "
+                                  f"backbone/family/variant/setting, e.g. 'unet/naive/naive/W8A8'")
+            parse_setting(parts[3], f"{p}.rows[{i}]")
+            if self.rows.index(row) != i:
+                raise ConfigError(f"{p}.rows[{i}]: {row!r} is listed twice")
+
+
 @dataclass
 class SearchProxyConfig:
     """``search.proxy``: the cheap, low-noise fitness of a candidate (paired fidelity to the FP images).

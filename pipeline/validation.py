@@ -15,7 +15,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import (BackboneModel, CalibrateConfig, ConfigError, DiffusionConfig, EvalConfig, ModelConfig, PrepareConfig,
+from .config import (BackboneModel, CalibrateConfig, ConfigError, DiffusionConfig, EvalConfig, ExportConfig, ModelConfig,
+                     PrepareConfig,
                      QuantizeConfig, ReportConfig, SamplingConfig, SearchConfig, TrackingConfig, TrainEvaluatorsConfig, TrainFPConfig,
                      from_dict, read_params, split_family_section, to_dict)
 
@@ -23,7 +24,7 @@ SECTIONS = {
     "tracking": TrackingConfig, "prepare": PrepareConfig, "diffusion": DiffusionConfig,
     "sampling": SamplingConfig, "model": ModelConfig, "train_fp": TrainFPConfig,
     "train_evaluators": TrainEvaluatorsConfig, "calibrate": CalibrateConfig, "eval": EvalConfig,
-    "report": ReportConfig, "search": SearchConfig, "quantize": QuantizeConfig,
+    "report": ReportConfig, "search": SearchConfig, "quantize": QuantizeConfig, "export": ExportConfig,
 }
 FAMILIES_KEY = "families"
 
@@ -107,6 +108,7 @@ def _validate(raw: dict) -> dict[str, Any]:
         if b not in out["search"]["backbones"]:
             raise ConfigError(f"tmpq.backbones[{i}]: {b!r} is not in search.backbones "
                               f"({', '.join(out['search']['backbones'])}): the tmpq rows need its search")
+    _check_export_rows(out["export"]["rows"], fams, out)
     # a registered family's section stays allowed when the family is not listed (a preset that runs fewer
     # families need not delete sections); it is not validated against the backbones and no stage reads it
     known = set(SECTIONS) | {FAMILIES_KEY} | set(registered)
@@ -114,6 +116,31 @@ def _validate(raw: dict) -> dict[str, Any]:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (allowed: {', '.join(sorted(known))})")
     return out
+
+
+def _check_export_rows(rows: list[str], fams: list[str], out: dict) -> None:
+    """Every ``export.rows`` entry names a row the run computes (method seed 0 of a listed family's variant
+    at one of its settings and backbones; ``best`` for the variant: any of them)."""
+    from .config import parse_setting
+
+    for i, row in enumerate(rows):
+        b, f, v, s = row.split("/")
+        where = f"export.rows[{i}]"
+        if f not in fams:
+            raise ConfigError(f"{where}: {row!r}: family {f!r} is not in '{FAMILIES_KEY}' ({', '.join(fams)})")
+        if f == "peers":
+            raise ConfigError(f"{where}: {row!r}: the peers rows run in their own tool's kernels (optimum-quanto, "
+                              f"torchao); export exports the project's own packed models")
+        sec = out[f]
+        if b not in sec["backbones"]:
+            raise ConfigError(f"{where}: {row!r}: backbone {b!r} is not in {f}.backbones "
+                              f"({', '.join(sec['backbones'])})")
+        if v != "best" and v not in sec["variants"]:
+            raise ConfigError(f"{where}: {row!r}: variant {v!r} is not in {f}.variants "
+                              f"({', '.join(sec['variants'])}; or 'best')")
+        if parse_setting(s).name not in [parse_setting(x).name for x in sec["settings"]]:
+            raise ConfigError(f"{where}: {row!r}: setting {s!r} is not in {f}.settings "
+                              f"({', '.join(sec['settings'])})")
 
 
 def _check_patches(model: dict, image_size: int) -> None:

@@ -84,6 +84,7 @@ def test_layer_patterns_must_match_a_layer_of_the_familys_backbones(tmp_path):
 def test_a_family_not_listed_keeps_its_section_unread_and_a_misspelt_one_is_refused(tmp_path):
     p = _params()
     p["families"] = ["naive", "fp4dit"]
+    p["export"]["rows"] = [r for r in p["export"]["rows"] if r.split("/")[1] in p["families"]]
     out = validate_params(_write(tmp_path, p))
     assert out["families"] == ["naive", "fp4dit"] and "mpq" not in out and "tmpq" not in out
     p["mpqq"] = p.pop("mpq")
@@ -129,3 +130,29 @@ def test_validate_stage_fails_fast_naming_the_key(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "stamps" / "calibrate.json").read_text())["selection"] == "random"
+
+
+@pytest.mark.parametrize("row, message", [
+    ("unet/naive/naive", r"export.rows\[1\]: 'unet/naive/naive' is not a row; write it as backbone/family/variant/setting"),
+    ("unet/naive/naive/W9A8", r"export.rows\[1\]: unsupported bit setting"),
+    ("unet/mpqq/naive/W8A8", r"export.rows\[1\]: 'unet/mpqq/naive/W8A8': family 'mpqq' is not in 'families'"),
+    ("pixart/qdiff/qdiff/W8A8", r"export.rows\[1\]: .*backbone 'pixart' is not in qdiff.backbones \(unet\)"),
+    ("unet/naive/nave/W8A8", r"export.rows\[1\]: .*variant 'nave' is not in naive.variants .*or 'best'"),
+    ("unet/naive/naive/W5A5", r"export.rows\[1\]: .*setting 'W5A5' is not in naive.settings"),
+    ("unet/peers/quanto/W8A8", r"export.rows\[1\]: .*the peers rows run in their own tool's kernels"),
+    ("unet/naive/naive/W8A8", r"export.rows\[1\]: 'unet/naive/naive/W8A8' is listed twice"),
+])
+def test_export_rows_are_checked_before_any_compute(tmp_path, row, message):
+    p = _params()
+    p["export"]["rows"] = ["unet/naive/naive/W8A8", row]
+    with pytest.raises(ConfigError, match=message):
+        validate_params(_write(tmp_path, p))
+
+
+def test_export_rows_may_name_the_best_variant_and_any_setting_spelling(tmp_path):
+    p = _params()
+    p["export"]["rows"] = ["unet/qdiff/best/w8a8", "dit/fp4dit/best/W4A8"]
+    assert validate_params(_write(tmp_path, p))["export"]["rows"] == ["unet/qdiff/best/w8a8", "dit/fp4dit/best/W4A8"]
+    p["export"].update(batches=[0])
+    with pytest.raises(ConfigError, match=r"export.batches: a non-empty list of positive batch sizes"):
+        validate_params(_write(tmp_path, p))

@@ -457,8 +457,8 @@ def quantize(backbone, calib, setting, cfg: PeersConfig, ctx: MethodContext) -> 
 _OURS = {"unet": ("naive/naive", "dilatequant/dilatequant", "mpq/mpqdm2"),
          "dit": ("naive/naive", "fp4dit/fp4dit", "dilatequant/dilatequant")}
 _NOTE = ("The tools at their own settings, next to our rows at the same bits where they ran (default run: naive at "
-         "W8A8 / W4A8, and fp4dit at W4A8 on the DiT; dilatequant (W4A4, W6A6) and mpq (W2A4, W4A4) meet them only "
-         "in a sweep that adds those settings). A32 = FP activations: no row of ours is weight-only. coverage = "
+         "W8A8 / W4A8 / W4A32, and fp4dit at W4A8 on the DiT; dilatequant (W4A4, W6A6) and mpq (W2A4, W4A4) meet them only "
+         "in a sweep that adds those settings). A32 = FP activations (naive W4A32 is ours weight-only). coverage = "
          "share of Linear/Conv weight parameters the tool stores quantized, read off its quantized model: quanto "
          "converts Linear and Conv2d (1.0), torchao Linear only (the UNet's convolutions stay FP). Ours quantize "
          "every Linear/Conv (naive, dilatequant, mpq: first/last/embedding layers at 8 bits; fp4dit keeps its "
