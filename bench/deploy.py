@@ -13,10 +13,10 @@ activation scales, to price their execution), the W8A8 / ORT-FP32 speed ratio
 weights each executes class covers, and the peak RSS of one batch-8 call in a fresh process per model
 (PyTorch float32 eager vs each ORT graph; imports included).
 
-Part 2, the default run's models (``--data data``, after ``make repro``): for the rows named by ``--rows``
-(``backbone/family/variant/setting``, seed 0), export and measure each (``pipeline.deploy.measure.deploy_row``):
-deployed-vs-fake-quant image PSNR from the same noise (goal: >= 40 dB at W8A8), the denoiser's max |difference|
-on calibration inputs, and the call times.
+Part 2, the default run's exported rows (``--data data``, after ``make repro``): the export stage's results
+(``data/export``: ``export.rows`` in params.yaml): what each row executes, its bytes, deployed-vs-fake-quant
+image PSNR on the evaluation noise (goal: >= 40 dB at W8A8), FID of the deployed images, the denoiser's max
+|difference| on calibration inputs, and the stage's speed-ups and peak memory.
 
     python bench/deploy.py                       # part 1
     python bench/deploy.py --data data           # parts 1 and 2
@@ -29,11 +29,6 @@ import time
 from pathlib import Path
 
 import _setup  # noqa: F401  (puts the repository on sys.path)
-
-DEFAULT_ROWS = ["unet/naive/naive/W8A8", "dit/naive/naive/W8A8", "unet/qdiff/qdiff/W8A8", "unet/naive/naive/W4A8",
-                "dit/naive/naive/W4A8", "unet/qdiff/qdiff/W4A8", "unet/dilatequant/dilatequant/W6A6",
-                "unet/mpq/mpqdm/W4A4", "dit/fp4dit/int-asym_tok_nearest/W4A8", "unet/tmpq/tmpq/W6A6",
-                "pixart/naive/naive/W8A8", "pixart/naive/naive/W4A8"]
 
 
 def real_size(layers: int, batches: list, reps: int, out: Path) -> dict:
@@ -142,67 +137,59 @@ def _tie_embedders(fp) -> None:
             blk.norm1.emb.load_state_dict(blocks[0].norm1.emb.state_dict())
 
 
-def _child_peak(spec: str) -> None:
-    """Child process: run one batch-8 denoiser call and print the process's peak RSS (MiB, Linux VmHWM).
-    ``spec``: ``ort:<export dir>`` (load the graph in ONNX Runtime) or ``torch:<layers>`` (build the float32
-    DiT-XL/2 block stack, seed 0)."""
+def _child_peak(layers: str) -> None:
+    """Child process: build the float32 DiT-XL/2 block stack (seed 0), run one batch-8 call and print the
+    process's peak RSS (MiB; ``pipeline.deploy.measure.vm_hwm_mib``)."""
+    import torch
+
+    from pipeline.deploy.measure import vm_hwm_mib
+
+    fp = _real_size_model(int(layers))
+    with torch.no_grad():
+        fp(torch.randn(8, 4, 32, 32), torch.full((8,), 500), torch.zeros(8, dtype=torch.long))
+    print(f"PEAK_MIB {vm_hwm_mib():.1f}")
+
+
+def peak_mib(spec: str) -> float:
+    """Peak RSS (MiB) of a fresh process making one batch-8 call (imports included): ``ort:<export dir>``
+    (``pipeline.deploy.measure.peak_rss_mib``) or ``torch:<layers>`` (:func:`_child_peak`)."""
+    import subprocess
+
     import torch
 
     kind, _, arg = spec.partition(":")
     if kind == "ort":
-        from pipeline.deploy.runtime import OrtDenoiser
+        from pipeline.deploy.measure import peak_rss_mib
 
-        info = json.loads((Path(arg) / "deploy.json").read_text())
-        run = OrtDenoiser(Path(arg) / "model.onnx")
-        x = torch.randn([8] + info["sample_shape"])
-        run(x, torch.full((8,), 500), torch.zeros(8, dtype=torch.long) if "labels" in run.inputs else None)
-    else:
-        fp = _real_size_model(int(arg))
-        with torch.no_grad():
-            fp(torch.randn(8, 4, 32, 32), torch.full((8,), 500), torch.zeros(8, dtype=torch.long))
-    # VmHWM (this process's own high-water mark): ru_maxrss would carry the parent's peak across fork + exec
-    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
-    print(f"PEAK_MIB {int(hwm.split()[1]) / 1024:.1f}")
-
-
-def peak_mib(spec: str) -> float:
-    """Peak RSS (MiB) of a fresh process running :func:`_child_peak` (imports included)."""
-    import subprocess
-
-    out = subprocess.run([sys.executable, __file__, "--child-peak", spec], capture_output=True, text=True, check=True)
+        return peak_rss_mib(spec, 8, torch.get_num_threads())
+    out = subprocess.run([sys.executable, __file__, "--child-peak", arg], capture_output=True, text=True, check=True)
     return float(next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("PEAK_MIB")))
 
 
-def default_rows(data: Path, rows: list, images: int, out: Path) -> dict:
-    from pipeline.deploy.measure import deploy_row
-    from pipeline.evaluation import discover_entries
+def default_rows(export_dir: Path) -> dict:
+    """Print the export stage's rows (``data/export``, written by ``make repro``): what runs, bytes,
+    deployed-vs-fake-quant fidelity (goal: image PSNR >= 40 dB at W8A8) and the stage's speed-ups."""
+    from pipeline.report import read_export_index
 
-    families = sorted({r.split("/")[1] for r in rows})
-    backbones = sorted({r.split("/")[0] for r in rows})
-    entries, _, _ = discover_entries(families, backbones, data / "fp", data / "quantized")
-    by_row = {e.row: e for e in entries if e.quant_dir is not None and e.seed == 0}
-    res = {}
-    for row in rows:
-        if row not in by_row:
-            print(f"{row}: not in the run under {data} (rows there: {sorted(by_row)[:6]} ...)")
-            continue
-        e = by_row[row]
-        t0 = time.perf_counter()
-        try:
-            m = deploy_row(e.fp_dir, e.quant_dir, out / e.slug, calib_dir=data / "calib" / e.backbone, images=images,
-                           params=str(_setup.ROOT / "params.yaml"))
-        except Exception as exc:  # one row's failure is reported, the others still run
-            print(f"{row}: export failed: {type(exc).__name__}: {exc}", flush=True)
-            continue
-        res[row] = m
-        c = m["call_seconds"]
-        print(f"{row}: {m['executes_label']}; images PSNR {m['images']['psnr_mean_db']:.1f} dB mean, "
-              f"{m['images']['psnr_min_db']:.1f} dB min ({images} images); denoiser max |diff| "
-              f"{m['denoiser']['max_abs']:.2e} (outputs up to {m['denoiser']['ref_max_abs']:.2f}); batch 8: deployed "
-              f"{c['8']['deployed'] * 1e3:.1f} ms, ORT fp32 {c['8']['ort_fp32'] * 1e3:.1f} ms, fake-quant "
-              f"{c['8']['torch_fake_quant'] * 1e3:.1f} ms, torch fp32 {c['8']['torch_fp32'] * 1e3:.1f} ms "
-              f"[{time.perf_counter() - t0:.0f} s]", flush=True)
-    return res
+    rows = read_export_index(export_dir)
+    if not rows:
+        print(f"no export stage output under {export_dir} (run `make repro` first)")
+    for d in rows:
+        f, b, t = d["fidelity"], d["bytes"], d.get("timing", {})
+        goal = ""
+        if d["model"].split("#")[0].endswith("/W8A8"):
+            goal = " (goal >= 40 dB: " + ("met" if f["psnr_mean_db"] >= 40 else "NOT met") + ")"
+        sp, peak = t.get("speedup", {}), t.get("peak_rss_mib", {})
+        print(f"{d['row']} -> {d['model']}: {d['executes_label']}; graph {b['deployed'] / 1e6:.2f} MB = "
+              f"{b['deployed'] / b['ort_fp32']:.3f}x the FP32 graph; images PSNR vs fake-quant {f['psnr_mean_db']:.1f} "
+              f"dB mean, {f['psnr_min_db']:.1f} dB min over {f['images']}{goal}; FID deployed "
+              f"{f['deployed']['fid']:.3f} vs fake-quant {f['fake_quant'].get('fid') or float('nan'):.3f}; denoiser "
+              f"max |diff| {f['denoiser_max_abs']:.2e} (outputs up to {f['denoiser_ref_max_abs']:.2f})"
+              + (f"; batch {sp['batch']}: {sp['vs_ort_fp32']:.2f}x the FP32 graph, {sp['vs_torch_fp32']:.2f}x "
+                 f"PyTorch float32, {sp['vs_torch_fake_quant']:.2f}x fake-quant; sampling "
+                 f"{sp['sampling_vs_torch_fake_quant']:.2f}x fake-quant; peak RSS deployed {peak['deployed']:.0f} "
+                 f"MiB vs PyTorch float32 {peak['torch_fp32']:.0f} MiB" if sp else ""), flush=True)
+    return {d["row"]: d for d in rows}
 
 
 def main() -> None:
@@ -211,8 +198,6 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--data", type=Path, default=None, help="a finished run's data/ folder (part 2)")
-    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS)
-    ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--skip-real-size", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="write the numbers here")
     ap.add_argument("--child-peak", default=None, help=argparse.SUPPRESS)
@@ -229,7 +214,7 @@ def main() -> None:
         if not args.skip_real_size:
             out["real_size"] = real_size(args.layers, args.batches, args.reps, Path(tmp) / "real")
         if args.data is not None:
-            out["rows"] = default_rows(args.data, args.rows, args.images, Path(tmp) / "rows")
+            out["rows"] = default_rows(args.data / "export")
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=1))
 

@@ -5,7 +5,8 @@ declared paper claim and the noise floor; no timings: those go to reports/timing
 output, so two clean runs write the same dvc.lock), the comparison
 tables the families declare, reports/results.md, reports/results.csv (one line per evaluated model),
 reports/claims.json and plots (FID vs weight bits, FID vs BitOPs, claims, sample montages), all logged
-to MLflow."""
+to MLflow; with the export stage's rows, the executes column, a deployed-fidelity table, and the speed and
+memory (wall clock) in reports/deploy_timings.json and reports/plots/deploy_speed.timing.png."""
 from _common import log_path, main, parser, require
 
 
@@ -24,12 +25,13 @@ def run(args):
 
     with stage_run("report", params=to_dict(cfg), experiment=trk.experiment, uri=trk.uri,
                    inputs=[results], log_file=log_path("report")) as run_:
-        write_reports(results, Path(args.eval), Path(args.search), Path(args.out), cfg, run_)
+        write_reports(results, Path(args.eval), Path(args.search), Path(args.out), cfg, run_, Path(args.export))
 
 
 if __name__ == "__main__":
     p = parser(__doc__)
     p.add_argument("--eval", default="data/eval")
     p.add_argument("--search", default="data/search", help="TMPQ-DM search outputs (optional)")
+    p.add_argument("--export", default="data/export", help="the export stage's rows (optional)")
     p.add_argument("--out", default="reports")
     main(run, p)

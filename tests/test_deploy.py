@@ -318,3 +318,96 @@ def test_cli_exports_and_measures_a_saved_model(quantized, tmp_path, capsys):
     assert m["images"]["images"] == 2 and m["images"]["psnr_min_db"] >= 40
     assert m["bytes"]["deployed"] > 0 and m["bytes"]["ort_fp32"] > 0  # tiny models: graph overhead dominates
     assert json.loads(capsys.readouterr().out)["executes_label"] == "int8 100 %"
+
+
+def _entry(b, f, v, s, seed=0):
+    from pathlib import Path
+
+    from pipeline.evaluation import ModelEntry
+
+    return ModelEntry(b, f, v, s, Path("fp"), Path(f"q/{f}/{v}/{s}/{seed}"), seed)
+
+
+def test_export_rows_resolve_best_by_the_mean_over_seeds_and_name_the_key_when_missing():
+    from pipeline.config import ConfigError
+    from pipeline.deploy.stage import resolve_rows
+
+    entries = [_entry("unet", "qdiff", v, "W8A8", s) for v in ("qdiff", "qdiff_no_split") for s in (0, 1)]
+    results = [  # qdiff: seeds 30 and 34 (mean 32); qdiff_no_split: one seed at 31 -> best by FID
+        {"backbone": "unet", "family": "qdiff", "variant": "qdiff", "setting": "W8A8", "seed": 0, "fid": 30.0,
+         "accuracy": 0.9},
+        {"backbone": "unet", "family": "qdiff", "variant": "qdiff", "setting": "W8A8", "seed": 1, "fid": 34.0,
+         "accuracy": 0.9},
+        {"backbone": "unet", "family": "qdiff", "variant": "qdiff_no_split", "setting": "W8A8", "seed": 0,
+         "fid": 31.0, "accuracy": 0.8}]
+    got = resolve_rows(["unet/qdiff/best/w8a8", "unet/qdiff/qdiff/W8A8"], entries, results, "fid")
+    assert [(r, e.variant, e.seed) for r, e in got] == [("unet/qdiff/best/w8a8", "qdiff_no_split", 0),
+                                                         ("unet/qdiff/qdiff/W8A8", "qdiff", 0)]
+    # accuracy: higher is better
+    assert resolve_rows(["unet/qdiff/best/W8A8"], entries, results, "accuracy")[0][1].variant == "qdiff"
+    with pytest.raises(ConfigError, match=r"export.rows\[1\]: 'unet/qdiff/best/W4A8': no evaluated qdiff model"):
+        resolve_rows(["unet/qdiff/qdiff/W8A8", "unet/qdiff/best/W4A8"], entries, results, "fid")
+    with pytest.raises(ConfigError, match=r"export.rows\[0\]: 'unet/naive/naive/W8A8': no quantized model"):
+        resolve_rows(["unet/naive/naive/W8A8"], entries, results, "fid")
+
+
+def test_fallback_error_names_the_layer_that_would_run_as_float(tiny_calibrated):
+    """FP4DiT's ExMy weight codes have no kernel on ORT: with export.fallback: error the row fails naming the
+    layer before any export; with float it runs on the decoded weight."""
+    from pipeline.api import quantize
+    from pipeline.config import ConfigError
+    from pipeline.deploy.onnx_export import plan_model
+    from pipeline.deploy.stage import check_fallback
+
+    fp, calib = tiny_calibrated["dit"]
+    res = quantize(fp, "fp4dit", "W4A8", calib, variant="fp_tok_nearest")
+    plans = plan_model(res.backbone)
+    floats = [p for p in plans if p.executes == "float" and p.w_bits is not None]
+    assert floats, [p.executes for p in plans]
+    with pytest.raises(ConfigError, match=rf"export.fallback: 'error', but dit/fp4dit/fp_tok_nearest/W4A8: layer "
+                                          rf"{floats[0].name} has no kernel"):
+        check_fallback(plans, "dit/fp4dit/fp_tok_nearest/W4A8", "error")
+    check_fallback(plans, "dit/fp4dit/fp_tok_nearest/W4A8", "float")  # allowed: no error
+    w8 = plan_model(quantize(fp, "naive", "W8A8", calib).backbone)
+    check_fallback(w8, "dit/naive/naive/W8A8", "error")  # every layer integer: nothing to fall back on
+
+
+def test_peak_memory_of_a_fresh_process_running_the_graph(quantized, tmp_path):
+    from pipeline.deploy.measure import peak_rss_mib, vm_hwm_mib
+    from pipeline.deploy.onnx_export import export_onnx
+
+    fp, calib, res = quantized[("dit", "W8A8")]
+    export_onnx(res.backbone, tmp_path)
+    peak = peak_rss_mib(f"ort:{tmp_path}", 2)
+    # a fresh interpreter with torch and ORT loaded holds well over 100 MiB; far less than this test process,
+    # which holds the whole suite's models
+    assert 100 < peak < 4096 and vm_hwm_mib() > 100
+    with pytest.raises(RuntimeError, match="spec must be ort:<dir> or fp:<dir>"):
+        peak_rss_mib(f"onnx:{tmp_path}", 2)
+
+
+def test_report_shows_what_each_exported_row_executes_and_its_fidelity(tmp_path):
+    import pandas as pd
+
+    from pipeline.report import deploy_markdown, plot_deploy_speed, summary, with_executes
+
+    deployed = [{"row": "unet/qdiff/best/W8A8", "model": "unet/qdiff/qdiff_no_split/W8A8#seed0", "key": "k",
+                 "executes": {"int8": 0.97, "int8-wo": 0.03}, "executes_label": "int8 97 %, int8-wo 3 %",
+                 "bytes": {"deployed": 1_000_000, "ort_fp32": 4_000_000},
+                 "fidelity": {"psnr_mean_db": 45.5, "psnr_min_db": 40.25, "max_abs_image": 0.01,
+                              "denoiser_max_abs": 0.002, "denoiser_ref_max_abs": 2.0,
+                              "deployed": {"fid": 36.1}, "fake_quant": {"fid": 36.0}},
+                 "timing": {"threads": 2, "speedup": {"vs_torch_fp32": 0.8, "vs_ort_fp32": 1.2, "batch": 8}}}]
+    agg = pd.DataFrame([{"backbone": "unet", "family": "qdiff", "variant": v, "setting": "W8A8"}
+                        for v in ("qdiff", "qdiff_no_split")])
+    got = with_executes(agg, deployed)
+    assert pd.isna(got["executes"].iloc[0]) and got["executes"].iloc[1] == "int8 97 %, int8-wo 3 %"
+    table = deploy_markdown(deployed)
+    assert "| unet/qdiff/best/W8A8 | unet/qdiff/qdiff_no_split/W8A8#seed0 | int8 97 %, int8-wo 3 % | 1.000 | " \
+           "0.250 | 45.50 [40.25] |" in table
+    s = summary(agg.assign(fid=1.0), deployed=deployed)["deploy/unet/qdiff/best/W8A8"]
+    assert s["bytes_vs_fp32_graph"] == 0.25 and s["executes_int8"] == 0.97 and s["psnr_min_db"] == 40.25
+    two = deployed + [{**deployed[0], "row": "unet/naive/naive/W8A8", "model": "unet/naive/naive/W8A8#seed0"},
+                      {**deployed[0], "row": "dit/naive/naive/W8A8", "model": "dit/naive/naive/W8A8#seed0"}]
+    assert plot_deploy_speed(two, tmp_path / "p.timing.png") and (tmp_path / "p.timing.png").stat().st_size
+    assert not plot_deploy_speed([{**deployed[0], "timing": {}}], tmp_path / "q.png")

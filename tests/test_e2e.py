@@ -49,6 +49,10 @@ def miniature(params: dict) -> dict:
     p["qdiff"]["act_recon"].update(iters=1, batch_size=8, error_inputs=16)
     p["eval"].update(n_samples=40, batch_size=40, grid_size=4, floor_real_splits=2)
     p["report"].update(bootstrap=50)
+    # exported and run in ONNX Runtime: a W8A8 UNet, the best FP4DiT DiT row (FP weights: the float fallback),
+    # a W4A4 UNet (4-bit activation codes in uint8)
+    p["export"].update(rows=["unet/naive/naive/W8A8", "dit/fp4dit/best/W4A8", "unet/naive/naive/W4A4"],
+                       batches=[1, 2], repeats=2, calib_inputs=8)
     return p
 
 
@@ -165,7 +169,7 @@ def test_a_second_clean_run_reproduces_summary_exactly(repo, tmp_path):
         a, b = json.loads(first), json.loads(second)
         diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
         pytest.fail(f"summary.json differs between two clean runs: {diff}")
-    rows = {k for k in json.loads(first) if not k.startswith(("claims/", "noise_floor/", "search/"))}
+    rows = {k for k in json.loads(first) if not k.startswith(("claims/", "noise_floor/", "search/", "deploy/"))}
     timed = {k.split("#")[0] for k in json.loads((dst / "reports" / "timings.json").read_text())}
     assert timed == rows
     # dvc.lock: every output and every dependency hashes the same bytes in both clean runs. The only
@@ -191,6 +195,29 @@ def _lock_hashes(lock: Path) -> dict:
     return out
 
 
+def test_export_stage_runs_the_rows_in_onnxruntime(repo):
+    """The export rows: integer kernels for W8A8, the best FP4DiT variant picked from the results, images of the
+    deployed model against the fake-quant images the table scored, the report's table, column and plot."""
+    dst, *_ = repo
+    rows = json.loads((dst / "data" / "export" / "rows.json").read_text())["rows"]
+    assert [r["row"] for r in rows] == ["unet/naive/naive/W8A8", "dit/fp4dit/best/W4A8", "unet/naive/naive/W4A4"]
+    summary = json.loads((dst / "reports" / "summary.json").read_text())
+    best = min(("fp4dit", "int-asym_tok_ada"), key=lambda v: summary[f"dit/fp4dit/{v}/W4A8"]["fid"])
+    assert rows[1]["model"] == f"dit/fp4dit/{best}/W4A8#seed0"
+    w8 = rows[0]
+    assert w8["executes"] == {"int8": 1.0} and w8["bytes"]["deployed"] < w8["bytes"]["ort_fp32"]
+    f = w8["fidelity"]
+    assert f["images"] == 40 and f["psnr_mean_db"] >= 40 and f["psnr_min_db"] >= 30, f
+    assert abs(f["deployed"]["fid"] - summary["unet/naive/naive/W8A8"]["fid"]) < 0.05 * f["deployed"]["fid"]
+    assert summary["deploy/unet/naive/naive/W8A8"]["executes_int8"] == 1.0
+    md = (dst / "reports" / "results.md").read_text()
+    assert "## Running for real: exported to ONNX Runtime" in md and "| int8 100 % |" in md
+    timing = json.loads((dst / "reports" / "deploy_timings.json").read_text())
+    assert set(timing) == {r["row"] for r in rows}
+    assert all(t["call_seconds"]["2"]["deployed"] > 0 and t["peak_rss_mib"]["deployed"] > 0 for t in timing.values())
+    assert (dst / "reports" / "plots" / "deploy_speed.timing.png").stat().st_size > 0
+
+
 def test_every_stage_is_an_mlflow_run(repo):
     import mlflow
 
@@ -199,7 +226,8 @@ def test_every_stage_is_an_mlflow_run(repo):
     exp = client.get_experiment_by_name("diffusion-quant")
     runs = client.search_runs([exp.experiment_id], max_results=500)
     stages = {r.data.tags.get("stage") for r in runs}
-    assert stages >= {"prepare", "train_fp", "train_evaluators", "calibrate", "quantize", "evaluate", "report"}
+    assert stages >= {"prepare", "train_fp", "train_evaluators", "calibrate", "quantize", "evaluate", "export",
+                      "report"}
     q = [r for r in runs if r.data.tags.get("stage") == "quantize" and r.data.tags.get("family") == "naive"]
     assert len(q) == 12 and all({"backbone", "family", "variant", "setting", "git_commit", "params_hash"}
                                <= set(r.data.tags) for r in q)
@@ -224,9 +252,18 @@ def test_sweep_with_exp_run_reruns_only_what_changed(repo):
     dst, env, *_ = repo
     _run(["git", "add", "-A"], dst, env)
     _run(["git", "commit", "-qm", "lock"], dst, env)
-    r = _run(["dvc", "exp", "run", "-S", "naive.settings=[W8A8,W2A8]"], dst, env)
+    # an export row whose setting the sweep drops is refused before any compute, naming the key
+    bad = subprocess.run(["dvc", "exp", "run", "-S", "naive.settings=[W8A8,W2A8]"], cwd=dst, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "export.rows[2]: 'unet/naive/naive/W4A4': setting 'W4A4' is not in naive.settings" \
+        in bad.stdout + bad.stderr
+    assert "Running stage 'quantize" not in bad.stdout
+    r = _run(["dvc", "exp", "run", "-S", "naive.settings=[W8A8,W2A8]",
+              "-S", "export.rows=[unet/naive/naive/W8A8,dit/fp4dit/best/W4A8]"], dst, env)
     ran = {line.split("'")[1] for line in r.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"validate", "quantize@naive", "evaluate", "report"}, r.stdout
+    assert ran == {"validate", "quantize@naive", "evaluate", "export", "report"}, r.stdout
+    # the export rows are cached by content: both were exported by the first run
+    assert r.stdout.count("cached (") >= 2 or "cached (" in (dst / "data" / "logs" / "export.log").read_text()
     summary = json.loads((dst / "reports" / "summary.json").read_text())
     assert "unet/naive/naive/W2A8" in summary and "unet/naive/naive/W4A4" not in summary
     shown = _run(["dvc", "exp", "show", "--no-pager", "--md"], dst, env).stdout
@@ -294,6 +331,7 @@ def source_params(params: dict, slots: dict) -> dict:
     p["dilatequant"].update(variants=["dilatequant_no_tpq"])
     p["search"]["backbones"] = [next(iter(slots))]  # skipped: tmpq is not listed
     p["eval"].update(n_samples=16, batch_size=16, grid_size=2)
+    p["export"]["rows"] = [f"{slot}/naive/naive/W8A8" for slot in slots]  # each kind runs in ONNX Runtime
     return p
 
 

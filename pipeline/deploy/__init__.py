@@ -7,7 +7,10 @@ integer kernels, from the project's integer codes, scales and zero points (never
 - :mod:`pipeline.deploy.runtime`: :class:`OrtDenoiser` runs the graph in ONNX Runtime and
   :func:`deployed_backbone` puts it behind the :class:`pipeline.models.DiffusionBackbone` call, so the
   project's one sampling loop (:func:`pipeline.sampling.sample`) samples through the exported artifact.
+- :mod:`pipeline.deploy.measure`: seconds per call, peak memory of a fresh process, fidelity.
+- :mod:`pipeline.deploy.stage`: the ``export`` DVC stage (every ``export.rows`` entry exported, run and
+  measured against the fake-quant model the results table scored); :mod:`pipeline.deploy.layout`: its file
+  names, which the report reads.
 
-Nothing here is imported by the DVC stages that compute the default run; ``python -m pipeline.deploy`` is
-the command-line entry point.
+``python -m pipeline.deploy`` exports and measures one saved model by hand.
 """
