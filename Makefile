@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install repro quick test test-fast ui bench paper
+.PHONY: install repro quick test test-fast ui bench paper services services-stop
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server \
 	  --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
 	  --host 127.0.0.1 --port 5000 --workers 1
+
+## local PostgreSQL + S3 (moto mock, or PIPELINE_S3_ENDPOINT) + MLflow server on 127.0.0.1, state in data/services;
+## then `source data/services/env` (README "Scaling out")
+services: install
+	$(BIN)/python -m pipeline.services start
+
+services-stop: install
+	$(BIN)/python -m pipeline.services stop
 
 ## benchmarks (print measured ratios; not part of the tests)
 bench: install
