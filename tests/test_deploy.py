@@ -411,3 +411,43 @@ def test_report_shows_what_each_exported_row_executes_and_its_fidelity(tmp_path)
                       {**deployed[0], "row": "dit/naive/naive/W8A8", "model": "dit/naive/naive/W8A8#seed0"}]
     assert plot_deploy_speed(two, tmp_path / "p.timing.png") and (tmp_path / "p.timing.png").stat().st_size
     assert not plot_deploy_speed([{**deployed[0], "timing": {}}], tmp_path / "q.png")
+
+
+def test_fp_exponent_as_graph_ops_equals_the_bit_read():
+    """The traceable exponent read (log2 + two exact comparisons) gives the float32 exponent field's answer on
+    powers of two and their neighbours, zeros, subnormals and random magnitudes, for narrow and wide formats."""
+    from pipeline.deploy.onnx_export import _fp_step_graph, _rel_exponent_graph
+    from pipeline.quant import primitives
+
+    g = torch.Generator().manual_seed(0)
+    pows = torch.exp2(torch.arange(-149, 3, dtype=torch.float32))
+    r = torch.cat([pows, torch.nextafter(pows, torch.zeros_like(pows)), torch.nextafter(pows, pows * 4),
+                   torch.zeros(3), torch.rand(20000, generator=g) * torch.exp2(torch.randint(-140, 2, (20000,),
+                                                                                           generator=g).float())])
+    for e_top in (1, 3, 7, 15, 127, 8191):
+        for exact_zero in (True, False):
+            want = primitives._rel_exponent(r.clone(), e_top, exact_zero)
+            assert torch.equal(_rel_exponent_graph(r, e_top, exact_zero), want), (e_top, exact_zero)
+    maxval = torch.tensor(0.37)
+    for exp_bits, man_bits in ((2, 1), (3, 4), (4, 3), (13, 3)):
+        for exact_zero in (True, False):
+            got, want = _fp_step_graph(r, maxval, exp_bits, man_bits, exact_zero), \
+                primitives.fp_step(r, maxval, exp_bits, man_bits, exact_zero)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (exp_bits, man_bits)
+
+
+def test_fp4dit_fp_weights_and_fp_per_token_activations_export_and_match(tiny_calibrated, tmp_path):
+    """FP4DiT's own row (ExMy weights: the float fallback; FP per-token activations emulated in the graph with
+    the traceable exponent read) exports and runs in ORT with the fake-quant model's outputs."""
+    from pipeline.api import quantize
+    from pipeline.deploy.onnx_export import export_onnx
+    from pipeline.deploy.runtime import deployed_backbone
+
+    fp, calib = tiny_calibrated["dit"]
+    res = quantize(fp, "fp4dit", "W4A8", calib, variant="fp_tok_nearest")
+    info = export_onnx(res.backbone, tmp_path)
+    assert "float" in info["executes"], info["executes"]
+    dep = deployed_backbone(tmp_path, res.backbone)
+    x, t, y = _inputs(calib)
+    with torch.no_grad():
+        _agree(dep(x, t, y), res.backbone(x, t, y))

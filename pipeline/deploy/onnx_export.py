@@ -504,6 +504,54 @@ def _quant_layers(model):
     return list(quant_layers(model))
 
 
+def _rel_exponent_graph(r: torch.Tensor, e_top: int, exact_zero: bool = True, lowest: Optional[int] = None):
+    """floor(log2 r) clamped to [max(1 − e_top, lowest), 0], for r >= 0, as graph operations.
+
+    The FP ExMy fake quantizer (:mod:`pipeline.quant.primitives`) reads the binade from the float32 exponent
+    field (``view(torch.int32)``); the tracer cannot record a dtype view and ONNX has no bit cast. Here
+    log2 gives the exponent to within one next to a power of two, and two comparisons with exact powers of
+    two put it right: k = floor(log2 r), minus one where 2^k > r, plus one where 2^(k+1) <= r. That is the
+    exponent field exactly for every normal r (and frexp's for subnormals), so the graph rounds to the same
+    grid point. r = 0 gives −1 with ``exact_zero`` (frexp's convention), else −127 (the exponent field 0), then
+    the clamp, as the bit read does."""
+    k = torch.floor(torch.log2(r))
+    p = torch.pow(2.0, k)  # exact for integer k (ONNX has no exp2)
+    k = k - (p > r).to(k.dtype) + (2 * p <= r).to(k.dtype)
+    # zero: frexp's −1 with exact_zero, else what the bit read gives for field 0 (−127)
+    k = torch.where(r == 0, torch.full_like(k, -1.0 if exact_zero else -127.0), k)
+    lo = 1 - e_top if lowest is None else max(1 - e_top, lowest)
+    return k.clamp(min=lo, max=0).to(torch.int32)
+
+
+def _fp_step_graph(x_abs: torch.Tensor, maxval: torch.Tensor, exp_bits: int, man_bits: int,
+                   exact_zero: bool = True):
+    """:func:`pipeline.quant.primitives.fp_step` as graph operations: the exponent by
+    :func:`_rel_exponent_graph`, and 2^n as ``pow(2, n)`` (ONNX has no exp2; both are exact at integer n)."""
+    base = maxval / (2.0 - 2.0 ** (-man_bits))
+    rel = _rel_exponent_graph((x_abs / base).detach(), 2 ** exp_bits - 1, exact_zero)
+    step = base * torch.pow(2.0, (rel - man_bits).to(base.dtype))
+    return step.clamp_min(torch.finfo(step.dtype).tiny), rel
+
+
+@contextlib.contextmanager
+def _graph_fp_exponent():
+    """While tracing: FP fake quantization (FP4DiT's per-token activations, FP attention quantizers) through
+    its straight-through reference formulation (``primitives.reference_fp_path``: no in-place buffers, which
+    the exporter cannot express; bit-identical to the inference fast path), with its step from
+    :func:`_fp_step_graph` (no bit cast, no exp2) and plain rounding."""
+    from pipeline.quant import primitives
+
+    saved = primitives.fp_step, primitives.round_ste
+    # round_ste is an autograd Function (no ONNX symbolic); without gradients it is torch.round (half to even,
+    # as ONNX Round)
+    primitives.fp_step, primitives.round_ste = _fp_step_graph, torch.round
+    try:
+        with primitives.reference_fp_path():
+            yield
+    finally:
+        primitives.fp_step, primitives.round_ste = saved
+
+
 @contextlib.contextmanager
 def export_module(backbone, int4_linear: bool = True):
     """Context: ``(module to trace, plans)``, with every wrapped layer of ``backbone`` replaced in place by its
@@ -567,13 +615,15 @@ def export_onnx(backbone, out_dir, *, int4_linear: bool = True, batch: int = 2) 
     buf = io.BytesIO()
     import warnings
 
-    with warnings.catch_warnings(), export_module(backbone, int4_linear) as (module, plans), torch.no_grad():
+    with warnings.catch_warnings(), export_module(backbone, int4_linear) as (module, plans), torch.no_grad(), \
+            contextlib.ExitStack() as stack:
         warnings.simplefilter("ignore")
         x, t, labels = example_inputs(backbone, batch)  # the backbone was checked on entering export_module
         names = ["sample", "timestep"] + ([] if labels is None else ["labels"])
         args = (x, t) if labels is None else (x, t, labels)
         dyn = {n: {0: "batch"} for n in names + ["prediction"]}
         custom = {MS_DOMAIN: 1} if any(p.executes in ("int4-wo", "int8") for p in plans) else None
+        stack.enter_context(_graph_fp_exponent())
         torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=names,
                           output_names=["prediction"], dynamic_axes=dyn, do_constant_folding=True,
                           custom_opsets=custom, autograd_inlining=False)
