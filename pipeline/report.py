@@ -514,6 +514,7 @@ def plot_deploy_speed(deployed: list, path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
     colors: dict[str, str] = {}
@@ -532,6 +533,8 @@ def plot_deploy_speed(deployed: list, path: Path) -> bool:
         batch = rows[0]["timing"]["speedup"]["batch"]
         ax.set_xlabel(f"speed-up of the deployed denoiser call over {what} (batch {batch})")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2gx"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].set_ylabel("FID of the deployed images (lower is better)")
     axes[0].legend(fontsize=8)
     threads = rows[0]["timing"].get("threads")
