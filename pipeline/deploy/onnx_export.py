@@ -504,8 +504,8 @@ def _quant_layers(model):
     return list(quant_layers(model))
 
 
-def _rel_exponent_graph(r: torch.Tensor, e_top: int, exact_zero: bool = True, lowest: Optional[int] = None):
-    """floor(log2 r) clamped to [max(1 − e_top, lowest), 0], for r >= 0, as graph operations.
+def _rel_exponent_graph(r: torch.Tensor, e_top: int, exact_zero: bool = True):
+    """floor(log2 r) clamped to [1 − e_top, 0], for r >= 0, as graph operations.
 
     The FP ExMy fake quantizer (:mod:`pipeline.quant.primitives`) reads the binade from the float32 exponent
     field (``view(torch.int32)``); the tracer cannot record a dtype view and ONNX has no bit cast. Here
@@ -519,8 +519,7 @@ def _rel_exponent_graph(r: torch.Tensor, e_top: int, exact_zero: bool = True, lo
     k = k - (p > r).to(k.dtype) + (2 * p <= r).to(k.dtype)
     # zero: frexp's −1 with exact_zero, else what the bit read gives for field 0 (−127)
     k = torch.where(r == 0, torch.full_like(k, -1.0 if exact_zero else -127.0), k)
-    lo = 1 - e_top if lowest is None else max(1 - e_top, lowest)
-    return k.clamp(min=lo, max=0).to(torch.int32)
+    return k.clamp(min=1 - e_top, max=0).to(torch.int32)
 
 
 def _fp_step_graph(x_abs: torch.Tensor, maxval: torch.Tensor, exp_bits: int, man_bits: int,
